@@ -1,0 +1,73 @@
+"""`t5lite <command> ...`: the single command-line entry point.
+
+User mistakes (UserError) print one line `t5lite: error: ...` and exit with code 2.
+"""
+
+import argparse
+import sys
+
+from t5lite.errors import UserError
+
+
+def _convert_from_hf(args):
+    from t5lite.convert.hf import from_hf
+    from t5lite.train.checkpoint import save_params
+    config, params = from_hf(args.hf_dir)
+    save_params(args.out, config, params)
+    print(f"wrote t5lite params checkpoint {args.out} ({config.num_encoder_layers}+{config.num_decoder_layers} "
+          f"layers, d_model {config.emb_dim}, vocab {config.vocab_size})")
+
+
+def _convert_to_hf(args):
+    from t5lite.convert.hf import to_hf
+    from t5lite.train.checkpoint import load_params
+    config, params = load_params(args.checkpoint)
+    to_hf(config, params, args.out)
+    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
+
+
+def _vocab_train(args):
+    from t5lite.data.vocab import Vocabulary, train_vocabulary
+    model_path = train_vocabulary(args.input, args.vocab_size, args.out, model_type=args.model_type)
+    vocab = Vocabulary(model_path)
+    print(f"wrote {model_path}: {vocab.vocab_size} pieces, <extra_id_0> = {vocab.sentinel_id(0)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser("convert", help="convert checkpoints to and from HF transformers T5")
+    directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+    p = directions.add_parser("from-hf", help="HF T5 directory (config.json + model.safetensors) -> t5lite")
+    p.add_argument("--hf_dir", required=True, help="directory written by HF save_pretrained")
+    p.add_argument("--out", required=True, help="new directory for the t5lite params checkpoint")
+    p.set_defaults(run=_convert_from_hf)
+    p = directions.add_parser("to-hf", help="t5lite params checkpoint -> HF T5 directory")
+    p.add_argument("--checkpoint", required=True, help="t5lite params checkpoint directory")
+    p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
+    p.set_defaults(run=_convert_to_hf)
+
+    vocab = commands.add_parser("vocab", help="SentencePiece vocabularies")
+    actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("train", help="train a vocabulary with T5's layout (100 sentinels on top)")
+    p.add_argument("--input", required=True, nargs="+", help="text files (one sentence or document per line)")
+    p.add_argument("--vocab_size", required=True, type=int, help="total pieces, sentinels included")
+    p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
+    p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    p.set_defaults(run=_vocab_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"t5lite: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""HF transformers T5 <-> t5lite, both directions, with NumPy only (no torch needed).
+
+HF layout facts this relies on: linear weights are (out, in); the relative attention bias
+[buckets, heads] lives only in block 0 of each stack; the decoder block has layer.0 self-
+attention, layer.1 cross-attention, layer.2 MLP. Tied (v1.0) checkpoints have no
+`lm_head.weight` and scale the decoder output by d_model**-0.5; v1.1 ones store a separate
+`lm_head.weight` and do not scale (transformers 5 writes `scale_decoder_outputs: false`,
+transformers 4 `tie_word_embeddings: false`).
+"""
+
+import json
+import os
+import shutil
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
+from t5lite.errors import UserError
+from t5lite.model.config import T5Config
+from t5lite.model.params import abstract_params, param_shapes, unscan_params
+
+# HF feed_forward_proj <-> t5lite mlp_activations. HF's "gated-gelu" means the tanh GELU.
+_HF_TO_ACTIVATIONS = {
+    "relu": ("relu",), "gated-relu": ("relu", "linear"),
+    "gelu": ("gelu_exact",), "gelu_new": ("gelu_new",), "gated-gelu": ("gelu", "linear"),
+    "gated-gelu_new": ("gelu", "linear"), "silu": ("silu",), "gated-silu": ("silu", "linear"),
+}
+_ACTIVATIONS_TO_HF = {
+    ("relu",): "relu", ("relu", "linear"): "gated-relu", ("gelu_exact",): "gelu", ("gelu_new",): "gelu_new",
+    ("gelu",): "gelu_new", ("gelu", "linear"): "gated-gelu", ("gelu_new", "linear"): "gated-gelu",
+    ("silu",): "silu", ("swish",): "silu", ("silu", "linear"): "gated-silu", ("swish", "linear"): "gated-silu",
+}
+
+# (t5lite path, HF key, HF array -> t5lite array, t5lite array -> HF array)
+Mapping = Tuple[str, str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _same(x):
+    return x
+
+
+def _attention_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
+    d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+    maps = []
+    for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+        # [D, H, Dh] <-> (H*Dh, D)
+        maps.append((f"{t5}/{ours}/kernel", f"{hf}.{theirs}.weight",
+                     lambda w: w.T.reshape(d, h, dh), lambda k: k.reshape(d, h * dh).T))
+    # [H, Dh, D] <-> (D, H*Dh)
+    maps.append((f"{t5}/out/kernel", f"{hf}.o.weight", lambda w: w.T.reshape(h, dh, d), lambda k: k.reshape(h * dh, d).T))
+    return maps
+
+
+def _mlp_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
+    names = ["wi"] if len(cfg.mlp_activations) == 1 else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
+    return [(f"{t5}/{n}/kernel", f"{hf}.{n}.weight", np.transpose, np.transpose) for n in names + ["wo"]]
+
+
+def parameter_map(cfg: T5Config) -> List[Mapping]:
+    """Every parameter of an (unscanned) t5lite EncoderDecoder and its HF counterpart."""
+    maps: List[Mapping] = [("token_embedder/embedding", "shared.weight", _same, _same)]
+    for stack, n_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        maps.append((f"{stack}/relpos_bias/rel_embedding",
+                     f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", np.transpose, np.transpose))
+        for i in range(n_layers):
+            t5, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
+            if stack == "encoder":
+                maps.append((f"{t5}/pre_attention_layer_norm/scale", f"{hf}.0.layer_norm.weight", _same, _same))
+                maps += _attention_maps(f"{t5}/attention", f"{hf}.0.SelfAttention", cfg)
+                mlp = 1
+            else:
+                maps.append((f"{t5}/pre_self_attention_layer_norm/scale", f"{hf}.0.layer_norm.weight", _same, _same))
+                maps += _attention_maps(f"{t5}/self_attention", f"{hf}.0.SelfAttention", cfg)
+                maps.append((f"{t5}/pre_cross_attention_layer_norm/scale", f"{hf}.1.layer_norm.weight", _same, _same))
+                maps += _attention_maps(f"{t5}/encoder_decoder_attention", f"{hf}.1.EncDecAttention", cfg)
+                mlp = 2
+            maps.append((f"{t5}/pre_mlp_layer_norm/scale", f"{hf}.{mlp}.layer_norm.weight", _same, _same))
+            maps += _mlp_maps(f"{t5}/mlp", f"{hf}.{mlp}.DenseReluDense", cfg)
+        maps.append((f"{stack}/{stack}_norm/scale", f"{stack}.final_layer_norm.weight", _same, _same))
+    if not cfg.logits_via_embedding:
+        maps.append(("decoder/logits_dense/kernel", "lm_head.weight", np.transpose, np.transpose))
+    return maps
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}; is this an HF T5 checkpoint directory?") from None
+
+
+def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
+    """T5Config from an HF config.json dict (transformers 4 or 5)."""
+    if hf.get("model_type") not in ("t5", "mt5"):
+        raise UserError(f"config.json has model_type {hf.get('model_type')!r}, expected 't5' or 'mt5'")
+    proj = hf.get("feed_forward_proj", "relu")
+    if proj not in _HF_TO_ACTIVATIONS:
+        raise UserError(f"unsupported feed_forward_proj {proj!r}; supported: {', '.join(_HF_TO_ACTIVATIONS)}")
+    if "scale_decoder_outputs" in hf:
+        scale = bool(hf["scale_decoder_outputs"])
+    else:
+        scale = hf.get("tie_word_embeddings", True) is not False
+    if scale and has_separate_lm_head:
+        raise UserError("checkpoint has a separate lm_head.weight but scales decoder outputs; t5lite supports "
+                        "tied+scaled (v1.0) or untied+unscaled (v1.1) logits only")
+    return T5Config(
+        vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
+        mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
+        num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
+        mlp_activations=_HF_TO_ACTIVATIONS[proj], logits_via_embedding=scale,
+        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
+
+
+def _nest(flat: Dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        out.update(_flatten(v, path + "/") if isinstance(v, dict) else {path: np.asarray(v)})
+    return out
+
+
+def from_hf(path: str) -> Tuple[T5Config, dict]:
+    """Reads an HF T5 directory (config.json + model.safetensors, or a sharded index) -> (config, params)."""
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path} is not an HF T5 checkpoint directory (expected config.json and model.safetensors)")
+    hf_cfg = _read_json(os.path.join(path, "config.json"))
+    tensors = read_safetensors(path)
+    lm_head = tensors.get("lm_head.weight")
+    separate_head = lm_head is not None and not np.array_equal(lm_head, tensors.get("shared.weight"))
+    cfg = config_from_hf(hf_cfg, separate_head)
+    if not cfg.logits_via_embedding and lm_head is None:
+        # Unscaled logits through the shared embedding: an untied head that starts equal to it.
+        tensors["lm_head.weight"] = tensors.get("shared.weight")
+
+    expected = param_shapes(abstract_params(cfg))
+    flat = {}
+    for ours, theirs, to_t5, _ in parameter_map(cfg):
+        if tensors.get(theirs) is None:
+            raise UserError(f"{path}: tensor {theirs!r} is missing; the checkpoint does not match its config.json")
+        value = to_t5(np.asarray(tensors[theirs], np.float32))
+        if list(value.shape) != expected[ours]:
+            raise UserError(f"{path}: tensor {theirs!r} has shape {tuple(tensors[theirs].shape)}, which does not "
+                            f"match config.json (t5lite expects {tuple(expected[ours])} for {ours})")
+        flat[ours] = np.ascontiguousarray(value)
+    return cfg, _nest(flat)
+
+
+def config_to_hf(cfg: T5Config) -> dict:
+    """An HF config.json dict that transformers 4 and 5 read as this architecture."""
+    if cfg.mlp_activations not in _ACTIVATIONS_TO_HF:
+        raise UserError(f"mlp_activations {cfg.mlp_activations} have no HF T5 equivalent")
+    return {
+        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+        "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,
+        "num_heads": cfg.num_heads, "num_layers": cfg.num_encoder_layers, "num_decoder_layers": cfg.num_decoder_layers,
+        "feed_forward_proj": _ACTIVATIONS_TO_HF[cfg.mlp_activations],
+        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+        "relative_attention_max_distance": cfg.relative_attention_max_distance,
+        "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "tie_word_embeddings": cfg.logits_via_embedding, "scale_decoder_outputs": cfg.logits_via_embedding,
+        "initializer_factor": 1.0, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        "use_cache": True, "dtype": "float32",
+    }
+
+
+def to_hf(config: T5Config, params: dict, path: str) -> None:
+    """Writes `path/config.json` + `path/model.safetensors` for T5ForConditionalGeneration.from_pretrained.
+
+    The directory is assembled under a temporary name and renamed into place, so a failure
+    never leaves a half-written checkpoint at `path`.
+    """
+    if os.path.exists(path) and os.listdir(path):
+        raise UserError(f"output directory {path} is not empty; choose a new --out or remove it")
+    hf_cfg = config_to_hf(config)
+    flat = _flatten(unscan_params(params) if config.scan_layers else params)
+    expected = param_shapes(abstract_params(config.replace(scan_layers=False)))
+    tensors = {}
+    for ours, theirs, _, to_hf_fn in parameter_map(config):
+        if ours not in flat:
+            raise UserError(f"parameter {ours} is missing; the params do not match the config")
+        if list(flat[ours].shape) != expected[ours]:
+            raise UserError(f"parameter {ours} has shape {flat[ours].shape}, config expects {tuple(expected[ours])}")
+        tensors[theirs] = np.ascontiguousarray(to_hf_fn(np.asarray(flat[ours], np.float32)))
+
+    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=False)
+    try:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+        write_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        if os.path.isdir(path):
+            os.rmdir(path)  # empty (checked above)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

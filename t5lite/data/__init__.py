@@ -1,0 +1,1 @@
+"""Data: vocabularies, sources, preprocessors, tasks and the grain pipeline."""

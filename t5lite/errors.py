@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make (bad config, missing file, bad input).
+
+The CLI prints its message as a single line and exits with code 2; library callers can catch it.
+Messages say what is wrong and name the fix.
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input or configuration, reported as one clear line."""

@@ -1,0 +1,90 @@
+"""Parameter-tree utilities: abstract shapes, counts, logical axes and scan-layout conversion.
+
+Scanned models store each stack's layers as one tree with a leading `layers` axis
+(`encoder/layers/...`); unscanned ones as `encoder/layers_0/...`, `layers_1/...`. The
+conversion is a pure restacking, so the same weights give the same logits in either layout.
+"""
+
+import re
+from typing import Any, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5lite.model.config import T5Config
+from t5lite.model.transformer import DecoderOnly, EncoderDecoder
+
+Params = Dict[str, Any]
+_STACKS = ("encoder", "decoder")
+
+
+def model_class(decoder_only: bool = False):
+    return DecoderOnly if decoder_only else EncoderDecoder
+
+
+def dummy_inputs(config: T5Config, decoder_only: bool = False, batch: int = 1, length: int = 8) -> dict:
+    tokens = jnp.ones((batch, length), jnp.int32)
+    if decoder_only:
+        return dict(decoder_input_tokens=tokens)
+    return dict(encoder_input_tokens=tokens, decoder_input_tokens=tokens)
+
+
+def init_params(config: T5Config, rng: jax.Array, decoder_only: bool = False) -> Params:
+    """Randomly initialised, unboxed float32 parameters."""
+    variables = model_class(decoder_only)(config).init(rng, **dummy_inputs(config, decoder_only))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: T5Config, decoder_only: bool = False) -> Params:
+    """Boxed (logically annotated) ShapeDtypeStructs, computed without allocating memory."""
+    model = model_class(decoder_only)(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), **dummy_inputs(config, decoder_only)))
+    return variables["params"]
+
+
+def logical_axes(config: T5Config, decoder_only: bool = False) -> Params:
+    """The tree of logical axis names (PartitionSpecs of names like 'embed', 'mlp') per parameter."""
+    return nn.get_partition_spec(abstract_params(config, decoder_only))
+
+
+def param_shapes(params: Params) -> Dict[str, list]:
+    """{'encoder/layers_0/mlp/wi_0/kernel': [512, 1024], ...} for golden files and error messages."""
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(params))[0]
+    return {"/".join(k.key for k in path): list(leaf.shape) for path, leaf in flat}
+
+
+def count_params(params: Params) -> int:
+    return int(sum(np.prod(shape) for shape in param_shapes(params).values()))
+
+
+def unscan_params(params: Params) -> Params:
+    """encoder/layers/<leaf [N, ...]>  ->  encoder/layers_i/<leaf [...]> for each stack."""
+    params = dict(params)
+    for stack in _STACKS:
+        if stack not in params or "layers" not in params[stack]:
+            continue
+        tree = dict(params[stack])
+        stacked = tree.pop("layers")
+        num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        for i in range(num_layers):
+            tree[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        params[stack] = tree
+    return params
+
+
+def scan_params(params: Params) -> Params:
+    """encoder/layers_i/<leaf>  ->  encoder/layers/<leaf stacked on a new leading axis>."""
+    params = dict(params)
+    for stack in _STACKS:
+        if stack not in params:
+            continue
+        tree = dict(params[stack])
+        names = sorted((k for k in tree if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k.split("_")[1]))
+        if not names:
+            continue
+        layers = [tree.pop(k) for k in names]
+        tree["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        params[stack] = tree
+    return params

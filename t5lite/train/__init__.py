@@ -1,0 +1,1 @@
+"""Training: partitioning, optimizers, the train step, the loop and checkpoints."""

@@ -20,7 +20,7 @@ def make_hf_checkpoint(path, *, untied=False, seed=0, **config):
     tie_word_embeddings false in config.json.
     """
     torch.manual_seed(seed)
-    cfg = HFConfig(dropout_rate=0.0, tie_word_embeddings=not untied, **config)
+    cfg = HFConfig(dropout_rate=0.0, tie_word_embeddings=not untied, decoder_start_token_id=0, **config)
     model = T5ForConditionalGeneration(cfg)
     if untied:
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.05)

@@ -53,7 +53,11 @@ def _bucket_table(q_len: int, k_len: int, bidirectional: bool, num_buckets: int,
 
 
 class RelativePositionBias(nn.Module):
-    """The learned [heads, buckets] table, expanded to a [1, H, q, k] additive score bias."""
+    """The learned [heads, buckets] table, expanded to a [1, H, q, k] additive score bias.
+
+    With `q_offset` (decoding on a cache) the queries are positions q_offset..q_offset+q_len-1
+    against keys 0..k_len-1.
+    """
 
     num_buckets: int
     max_distance: int
@@ -61,14 +65,18 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+    def __call__(self, q_len: int, k_len: int, q_offset: Optional[jax.Array] = None) -> jax.Array:
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                                          ("heads", "relpos_buckets")),
             (self.num_heads, self.num_buckets), jnp.float32)
-        buckets = _bucket_table(q_len, k_len, self.bidirectional, self.num_buckets, self.max_distance)
-        bias = jnp.take(table, jnp.asarray(buckets), axis=1)  # [H, q, k]
+        if q_offset is None:
+            buckets = jnp.asarray(_bucket_table(q_len, k_len, self.bidirectional, self.num_buckets, self.max_distance))
+        else:
+            full = jnp.asarray(_bucket_table(k_len, k_len, self.bidirectional, self.num_buckets, self.max_distance))
+            buckets = jax.lax.dynamic_slice_in_dim(full, q_offset, q_len, axis=0)  # [q, k]
+        bias = jnp.take(table, buckets, axis=1)  # [H, q, k]
         return bias[None]  # [1, H, q, k]
 
 
@@ -98,16 +106,26 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
 
 
 class MultiHeadAttention(nn.Module):
-    """Bias-free multi-head attention (self or cross) under an additive float32 score bias."""
+    """Bias-free multi-head attention (self or cross) under an additive float32 score bias.
+
+    Decoding (`decode=True`) keeps keys/values in the 'cache' collection. The first call
+    creates it: self-attention allocates [B, cache_length, H, Dh] zeros; cross-attention
+    projects the encoder output once. Later calls take one query
+    at `decode_position`, write its key/value there and attend over the whole cache (the
+    caller's bias masks positions not yet written).
+    """
 
     num_heads: int
     head_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    is_cross: bool = False
+    decode: bool = False
+    cache_length: Optional[int] = None  # self-attention cache slots; default: the first call's length
 
     @nn.compact
-    def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, bias: jax.Array,
-                 deterministic: bool) -> jax.Array:
+    def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array], bias: jax.Array,
+                 deterministic: bool, decode_position: Optional[jax.Array] = None) -> jax.Array:
         emb_dim = inputs_q.shape[-1]
         heads = (self.num_heads, self.head_dim)
         qkv_axes = ("embed", "heads", "kv")
@@ -116,11 +134,16 @@ class MultiHeadAttention(nn.Module):
         query_init = lambda *a: fan_in(*a) / math.sqrt(self.head_dim)  # noqa: E731
         project = functools.partial(DenseGeneral, heads, qkv_axes, dtype=self.dtype)
         q = project(kernel_init=query_init, name="query")(inputs_q)  # [B, q, H, Dh]
-        k = project(kernel_init=fan_in, name="key")(inputs_kv)  # [B, k, H, Dh]
-        v = project(kernel_init=fan_in, name="value")(inputs_kv)  # [B, k, H, Dh]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
+        key, value = project(kernel_init=fan_in, name="key"), project(kernel_init=fan_in, name="value")
+        if self.decode and self.is_cross and self.has_variable("cache", "cross_key"):
+            k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+        else:
+            k, v = key(inputs_kv), value(inputs_kv)  # [B, k, H, Dh]
         k = nn.with_logical_constraint(k, ("batch", "length", "heads", "kv"))
         v = nn.with_logical_constraint(v, ("batch", "length", "heads", "kv"))
+        if self.decode:
+            k, v = self._use_cache(k, v, decode_position)
 
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # [B, H, q, k]
         weights = jax.nn.softmax(scores + bias, axis=-1)
@@ -129,3 +152,20 @@ class MultiHeadAttention(nn.Module):
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return DenseGeneral(emb_dim, ("heads", "kv", "embed"), num_contracting=2, dtype=self.dtype,
                             kernel_init=fan_in, name="out")(out)
+
+    def _use_cache(self, k: jax.Array, v: jax.Array, decode_position: Optional[jax.Array]):
+        if self.is_cross:
+            if not self.has_variable("cache", "cross_key"):
+                self.put_variable("cache", "cross_key", k)
+                self.put_variable("cache", "cross_value", v)
+            return k, v
+        initialized = self.has_variable("cache", "cached_key")
+        shape = (k.shape[0], self.cache_length or k.shape[1], *k.shape[2:])  # [B, Lmax, H, Dh]
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        if not initialized or decode_position is None:
+            return k, v
+        start = (0, decode_position, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
+        return cached_k.value, cached_v.value

@@ -51,20 +51,23 @@ class DecoderLayer(nn.Module):
     config: T5Config
     deterministic: bool
     decoder_only: bool = False
+    decode: bool = False  # read/write the key-value cache (see MultiHeadAttention)
+    cache_length: Optional[int] = None
     scanned: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, self_bias: jax.Array, encoded: Optional[jax.Array],
-                 cross_bias: Optional[jax.Array]):
+                 cross_bias: Optional[jax.Array], decode_position: Optional[jax.Array] = None):
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # noqa: E731
-        attention = lambda name: MultiHeadAttention(  # noqa: E731
-            cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, name=name)
+        attention = lambda name, is_cross: MultiHeadAttention(  # noqa: E731
+            cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, is_cross=is_cross, decode=self.decode,
+            cache_length=self.cache_length, name=name)
         h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-        x = x + dropout(attention("self_attention")(h, h, self_bias, self.deterministic))
+        x = x + dropout(attention("self_attention", False)(h, h, self_bias, self.deterministic, decode_position))
         if not self.decoder_only:
             h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-            x = x + dropout(attention("encoder_decoder_attention")(h, encoded, cross_bias, self.deterministic))
+            x = x + dropout(attention("encoder_decoder_attention", True)(h, encoded, cross_bias, self.deterministic))
         h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
         h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dtype, name="mlp")(h, self.deterministic)
         x = nn.with_logical_constraint(x + dropout(h), BATCH_LENGTH_EMBED)  # [B, L, D]
@@ -82,7 +85,7 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
         return x
     scanned = nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),
         length=num_layers,
@@ -119,7 +122,12 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Runs the decoder stack over shifted targets and projects to float32 logits [B, T, V]."""
+    """Runs the decoder stack over shifted targets and projects to float32 logits [B, T, V].
+
+    Decoding on a cache: a first call with `decode=True`, `max_decode_length` and no
+    `decode_position` allocates the cache (and projects the encoder output for cross-attention);
+    later calls pass the tokens at positions decode_position.. (one per step, or a prompt).
+    """
 
     config: T5Config
     token_embedder: Embed
@@ -132,20 +140,37 @@ class Decoder(nn.Module):
                  encoder_segment_ids: Optional[jax.Array] = None,
                  decoder_segment_ids: Optional[jax.Array] = None,
                  decoder_causal_attention: Optional[jax.Array] = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, decode: bool = False,
+                 decode_position: Optional[jax.Array] = None,
+                 max_decode_length: Optional[int] = None,
+                 decoder_key_valid: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         length = decoder_input_tokens.shape[-1]
+        relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
+                                           cfg.num_heads, bidirectional=False, name="relpos_bias")
         prefix = decoder_causal_attention if cfg.decoder_only_prefix_lm else None
-        self_mask = make_causal_mask(length, prefix)  # [1 or B, 1, T, T]
+        stepping = decode and decode_position is not None
         # Without targets every decoder position counts as real (token 0 is also the start token).
-        valid = decoder_target_tokens > 0 if decoder_target_tokens is not None else None
-        if valid is not None:
-            self_mask = jnp.logical_and(self_mask, make_attention_mask(valid, valid))
-        if decoder_segment_ids is not None:
-            self_mask = jnp.logical_and(self_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
-        relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                      cfg.num_heads, bidirectional=False, name="relpos_bias")(length, length)
-        self_bias = mask_to_bias(self_mask) + relpos  # [B, H, T, T]
+        valid = decoder_target_tokens > 0 if decoder_target_tokens is not None and not stepping else None
+        if stepping:
+            # Queries at decode_position + [0, length) against the whole cache [0, max_decode_length).
+            q_pos = decode_position + jnp.arange(length)
+            k_pos = jnp.arange(max_decode_length)
+            self_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, q, Lmax]
+            if prefix is not None:  # prefix flags cover the cache positions: [B, Lmax]
+                q_prefix = jax.lax.dynamic_slice_in_dim(prefix, decode_position, length, axis=1)
+                self_mask = jnp.logical_or(self_mask, make_attention_mask(q_prefix, prefix))
+            if decoder_key_valid is not None:  # e.g. left padding of prompts
+                self_mask = jnp.logical_and(self_mask, decoder_key_valid[:, None, None, :].astype(bool))
+            relpos = relpos_bias(length, max_decode_length, q_offset=decode_position)
+        else:
+            self_mask = make_causal_mask(length, prefix)  # [1 or B, 1, T, T]
+            if valid is not None:
+                self_mask = jnp.logical_and(self_mask, make_attention_mask(valid, valid))
+            if decoder_segment_ids is not None:
+                self_mask = jnp.logical_and(self_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
+            relpos = relpos_bias(length, length)
+        self_bias = mask_to_bias(self_mask) + relpos  # [B, H, T, T or Lmax]
 
         cross_bias = None
         if not self.decoder_only:
@@ -158,7 +183,8 @@ class Decoder(nn.Module):
         x = self.token_embedder(decoder_input_tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = _run_layers(self, DecoderLayer, cfg.num_decoder_layers, x, self_bias, encoded, cross_bias,
-                        config=cfg, deterministic=deterministic, decoder_only=self.decoder_only)
+                        decode_position, config=cfg, deterministic=deterministic,
+                        decoder_only=self.decoder_only, decode=decode, cache_length=max_decode_length)
         x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="decoder_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if cfg.logits_via_embedding:
@@ -185,10 +211,12 @@ class EncoderDecoder(nn.Module):
         return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic=not enable_dropout)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
-               encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False):
-        """Teacher-forced decoder pass over `encoded` -> logits [B, T, V]."""
+               encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False, decode=False,
+               decode_position=None, max_decode_length=None):
+        """Decoder pass over `encoded` -> logits [B, T, V]; teacher-forced, or on a cache with `decode`."""
         return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, decoder_target_tokens,
-                            encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout)
+                            encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout,
+                            decode=decode, decode_position=decode_position, max_decode_length=max_decode_length)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
@@ -212,10 +240,16 @@ class DecoderOnly(nn.Module):
         self.decoder = Decoder(cfg, self.token_embedder, decoder_only=True)
 
     def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
-                 decoder_positions=None, decoder_causal_attention=None, enable_dropout=False, **unused_features):
-        """`decoder_causal_attention` [B, T] marks the prefix (1) that attends bidirectionally."""
+                 decoder_positions=None, decoder_causal_attention=None, enable_dropout=False, decode=False,
+                 decode_position=None, max_decode_length=None, decoder_key_valid=None, **unused_features):
+        """`decoder_causal_attention` [B, T] marks the prefix (1) that attends bidirectionally.
+
+        When decoding on a cache it covers all cache positions [B, max_decode_length], and
+        `decoder_key_valid` [B, max_decode_length] masks cache slots that hold no token (padding).
+        """
         del decoder_positions, unused_features
         return self.decoder(decoder_input_tokens, decoder_target_tokens=decoder_target_tokens,
                             decoder_segment_ids=decoder_segment_ids,
                             decoder_causal_attention=decoder_causal_attention,
-                            deterministic=not enable_dropout)
+                            deterministic=not enable_dropout, decode=decode, decode_position=decode_position,
+                            max_decode_length=max_decode_length, decoder_key_valid=decoder_key_valid)

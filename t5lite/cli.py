@@ -33,6 +33,16 @@ def _vocab_train(args):
     print(f"wrote {model_path}: {vocab.vocab_size} pieces, <extra_id_0> = {vocab.sentinel_id(0)}")
 
 
+def _bench_decode(args):
+    import json
+    from t5lite.bench import decode_benchmark
+    rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
+                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -56,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
     p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
     p.set_defaults(run=_vocab_train)
+    bench = commands.add_parser("bench", help="throughput benchmarks (compare numbers from one run only)")
+    kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
+    p = kinds.add_parser("decode", help="greedy and beam decoding tokens/s, side by side with HF generate")
+    p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights)")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--input_length", type=int, default=128)
+    p.add_argument("--max_decode_length", type=int, default=64)
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up; best is kept")
+    p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=_bench_decode)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Shipped public-domain corpora (compressed JSON lines), their TFDS builders and build script."""

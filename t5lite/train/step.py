@@ -1,0 +1,257 @@
+"""Loss, train step and eval step: pure functions of (state, batch), composed like T5X's.
+
+    train_step = compute grads (per microbatch, summed with lax.scan) -> normalise -> apply grads
+
+Losses are *sums* over weighted target tokens until the very end, where they are divided by
+the number of weighted tokens in the whole batch (or a constant `loss_normalizing_factor`), so
+4 microbatches of 2 rows give exactly the update of one batch of 8. Dropout keys come from
+fold_in(key(seed), step), so a resumed run repeats the same step bit for bit. `make_train_step`
+jits the step with the state / batch shardings of t5lite/train/partitioning.py; under jit the
+sums run over the global (sharded) batch, so every metric is global.
+"""
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from t5lite.errors import UserError
+
+Batch = Dict[str, jax.Array]
+Metrics = Dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint must hold to continue training: the step, params, optimizer state."""
+
+    step: jax.Array  # int32 scalar: number of updates applied so far
+    params: Any  # unboxed float32 parameter tree
+    opt_state: Any  # optax state; its param-shaped leaves are sharded like params
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss.
+# ---------------------------------------------------------------------------------------------
+
+def _cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array], *,
+                        z_loss: float = 0.0, label_smoothing: float = 0.0):
+    """Weighted sums over tokens of T5X's `cross_entropy_with_logits` -> (loss, z_loss, weight, correct).
+
+    Per token, with soft targets q (1 - ls on the target, ls / (V - 1) elsewhere):
+      loss = -sum_v q_v log_softmax(logits)_v + z_loss * logZ^2 - H(q)
+    where H(q) (T5X's `normalizing_constant`) makes a perfect prediction score 0. Written
+    without a [B, T, V] one-hot: sum_v q_v l_v = (on - off) l_target + off sum_v l_v.
+    """
+    if logits.ndim != targets.ndim + 1:
+        raise UserError(f"logits {logits.shape} must have one more axis than targets {targets.shape}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32)  # [B, T, V]
+    on = 1.0 - label_smoothing
+    off = label_smoothing / (vocab - 1)
+    entropy = -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))  # H(q), 0 when ls == 0
+
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    soft_logit = (on - off) * target_logit + off * jnp.sum(logits, axis=-1)  # [B, T] = sum_v q_v l_v
+    token_z_loss = z_loss * jnp.square(log_z)  # [B, T]
+    token_loss = log_z - soft_logit + token_z_loss - entropy  # [B, T]
+    correct = jnp.argmax(logits, axis=-1) == targets  # [B, T]
+
+    weights = jnp.ones_like(token_loss) if weights is None else weights.astype(jnp.float32)
+    return (jnp.sum(token_loss * weights), jnp.sum(token_z_loss * weights), jnp.sum(weights),
+            jnp.sum(correct * weights))
+
+
+def _normaliser(weight_sum: jax.Array, loss_normalizing_factor: Optional[float]) -> jax.Array:
+    """What loss sums are divided by: the weighted-token count, or a fixed constant (T5X style)."""
+    if loss_normalizing_factor is not None:
+        return jnp.asarray(loss_normalizing_factor, jnp.float32)
+    return jnp.maximum(weight_sum, 1e-8)  # an all-padding batch has zero sums: loss 0, not NaN
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None, *,
+                       z_loss: float = 0.0, label_smoothing: float = 0.0,
+                       loss_normalizing_factor: Optional[float] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, T, V] float, targets [B, T] int, weights [B, T] or None -> (loss, z_loss, weight_sum).
+
+    `loss` (which includes the z-loss term) and `z_loss` are summed over weighted tokens and
+    divided by the weight sum (a per-token mean) or by `loss_normalizing_factor` when given.
+    """
+    loss_sum, z_sum, weight_sum, _ = _cross_entropy_sums(logits, targets, weights, z_loss=z_loss,
+                                                         label_smoothing=label_smoothing)
+    norm = _normaliser(weight_sum, loss_normalizing_factor)
+    return loss_sum / norm, z_sum / norm, weight_sum
+
+
+def loss_weights(batch: Batch) -> jax.Array:
+    """`decoder_loss_weights` when the batch has them, else 1 on every non-padding target."""
+    if "decoder_loss_weights" in batch:
+        return batch["decoder_loss_weights"]
+    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+
+
+def _model_features(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Train step: compute grads -> accumulate over microbatches -> apply grads.
+# ---------------------------------------------------------------------------------------------
+
+def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Module, z_loss: float = 0.0,
+                  label_smoothing: float = 0.0):
+    """Gradient of the *summed* weighted loss of one (micro)batch -> (grads, sums dict)."""
+
+    def loss_fn(p):
+        logits = model.apply({"params": p}, **_model_features(batch), enable_dropout=True,
+                             rngs={"dropout": dropout_rng})  # [B, T, V] float32
+        loss, z, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch),
+                                                       z_loss=z_loss, label_smoothing=label_smoothing)
+        return loss, dict(loss=loss, z_loss=z, weight_sum=weight, correct=correct)
+
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+
+def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microbatches: int = 1,
+                     grad_shardings=None, **grad_kwargs):
+    """Sums `compute_grads` over `num_microbatches` slices of the batch with `lax.scan`.
+
+    Microbatch i holds rows i, i + M, i + 2M, ... : reshaping [B] -> [B/M, M] keeps every
+    device's rows on that device when the batch axis is sharded. Microbatch i uses dropout key
+    fold_in(dropout_rng, i). `grad_shardings` (the params' shardings) pins the accumulator's layout.
+    """
+    constrain = (lambda g: g) if grad_shardings is None else (
+        lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
+    if num_microbatches <= 1:
+        grads, sums = compute_grads(params, batch, dropout_rng, **grad_kwargs)
+        return constrain(grads), sums
+    batch_size = batch["decoder_target_tokens"].shape[0]
+    if batch_size % num_microbatches:
+        raise UserError(f"batch size {batch_size} is not divisible by num_microbatches={num_microbatches}; "
+                        "choose a num_microbatches that divides the batch size")
+
+    def split(x):  # [B, ...] -> [M, B/M, ...]
+        x = x.reshape((batch_size // num_microbatches, num_microbatches) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    microbatches = jax.tree.map(split, batch)
+
+    def body(carry, xs):
+        index, microbatch = xs
+        grads, sums = compute_grads(params, microbatch, jax.random.fold_in(dropout_rng, index), **grad_kwargs)
+        carry_grads, carry_sums = carry
+        return (constrain(jax.tree.map(jnp.add, carry_grads, grads)), jax.tree.map(jnp.add, carry_sums, sums)), None
+
+    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight_sum", "correct")}
+    init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero_sums)
+    (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), microbatches))
+    return grads, sums
+
+
+def apply_grads(state: TrainState, grads, optimizer: optax.GradientTransformation) -> TrainState:
+    """One optimizer update with already-normalised grads; step + 1."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
+               dropout_seed: int = 0, num_microbatches: int = 1, z_loss: float = 0.0, label_smoothing: float = 0.0,
+               loss_normalizing_factor: Optional[float] = None, grad_shardings=None) -> Tuple[TrainState, Metrics]:
+    """One update on `batch` -> (new_state, metrics).
+
+    metrics: loss (incl. z-loss) and z_loss per weighted token (or / loss_normalizing_factor),
+    accuracy (argmax == target over weighted tokens), weight_sum, grad_norm (global, before
+    any clipping), learning_rate (of this update; NaN for an optimizer without a schedule).
+    """
+    dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+    grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
+                                   grad_shardings=grad_shardings, model=model, z_loss=z_loss,
+                                   label_smoothing=label_smoothing)
+    norm = _normaliser(sums["weight_sum"], loss_normalizing_factor)
+    grads = jax.tree.map(lambda g: g / norm, grads)
+    new_state = apply_grads(state, grads, optimizer)
+
+    lr_fn = getattr(optimizer, "learning_rate_fn", None)
+    metrics = dict(
+        loss=sums["loss"] / norm,
+        z_loss=sums["z_loss"] / norm,
+        accuracy=sums["correct"] / jnp.maximum(sums["weight_sum"], 1e-8),
+        weight_sum=sums["weight_sum"],
+        grad_norm=optax.tree.norm(grads),
+        learning_rate=jnp.asarray(lr_fn(state.step) if lr_fn else jnp.nan, jnp.float32),
+    )
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model: nn.Module) -> Metrics:
+    """Sums over one batch, to be added over many: loss_sum (plain CE), correct, weight_sum.
+
+    Mean loss = loss_sum / weight_sum, perplexity = exp(that), accuracy = correct / weight_sum.
+    """
+    logits = model.apply({"params": params}, **_model_features(batch), enable_dropout=False)  # [B, T, V]
+    loss, _, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch))
+    return dict(loss_sum=loss, correct=correct, weight_sum=weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Jitted, partitioned steps.
+# ---------------------------------------------------------------------------------------------
+
+def _batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
+    """Rows over whatever mesh axes the rules give the logical 'batch' axis; the rest replicated."""
+    return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
+
+
+def _under_mesh(jitted: Callable, mesh, rules) -> Callable:
+    """Calls `jitted` inside the mesh + logical-rules context, so the model's activation
+    constraints (nn.with_logical_constraint) take effect when it is traced."""
+
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(*args)
+
+    def lower(*args):  # for compiled-cost analysis (FLOPs, memory) in bench / MFU
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
+                    state_shardings: TrainState, *, donate: bool = True, **step_kwargs) -> Callable:
+    """jit(train_step) with sharded inputs/outputs: (state, batch) -> (state, metrics).
+
+    `state_shardings` comes from partitioning.state_shardings (or `jax.tree.map(lambda x:
+    x.sharding, state)`); the batch is split over the logical 'batch' axis; metrics are
+    replicated. The input state is donated (its buffers are reused), so do not use it after.
+    step_kwargs: dropout_seed, num_microbatches, z_loss, label_smoothing, loss_normalizing_factor.
+    """
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(state, batch):
+        return train_step(state, batch, model=model, optimizer=optimizer, grad_shardings=state_shardings.params,
+                          **step_kwargs)
+
+    jitted = jax.jit(step, in_shardings=(state_shardings, _batch_sharding(mesh, rules)),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
+    return _under_mesh(jitted, mesh, rules)
+
+
+def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, rules, param_shardings) -> Callable:
+    """jit(eval_step): (params, batch) -> replicated sums {loss_sum, correct, weight_sum}."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(lambda params, batch: eval_step(params, batch, model=model),
+                     in_shardings=(param_shardings, _batch_sharding(mesh, rules)), out_shardings=replicated)
+    return _under_mesh(jitted, mesh, rules)

@@ -215,12 +215,19 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
                                  process_id: Optional[int] = None, **kwargs) -> bool:
     """Calls jax.distributed.initialize when the run spans processes; returns whether it did.
 
-    Explicit arguments win; otherwise the environment decides (JAX_COORDINATOR_ADDRESS, SLURM,
-    Open MPI, GKE TPU, T5LITE_DISTRIBUTED=1) and jax auto-detects the rest. Call it before any
+    Explicit arguments win, then JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID;
+    otherwise the environment decides (SLURM, Open MPI, GKE TPU, T5LITE_DISTRIBUTED=1 on TPU
+    VMs) and jax auto-detects the rest. Call it before any
     other jax call.
     """
     if jax.distributed.is_initialized():
         return True
+    env = os.environ  # launch/gpu_multihost.sh sets these three
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
     explicit = coordinator_address is not None or (num_processes or 1) > 1
     if not explicit and not _multi_process_env():
         return False

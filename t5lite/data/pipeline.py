@@ -4,6 +4,7 @@ Deterministic and resumable: every random choice derives from (seed, process_ind
 index), never from wall clock or thread timing, so the same seed and process count give the
 same batches, and `it.get_state()` / `it.set_state()` (JSON-serialisable) resume exactly.
 Each process reads a disjoint slice of the source and yields its share of the global batch.
+Several sources (tasks) can be mixed at fixed rates before packing: make_mixture_pipeline.
 """
 
 from __future__ import annotations
@@ -183,27 +184,29 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return int(process_index), int(process_count)
 
 
-def make_dataset(source, preprocessors: Sequence = (), *, feature_lengths: Mapping[str, int],
-                 batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
-                 pack: bool = True, decoder_only: bool = False, process_index: int | None = None,
-                 process_count: int | None = None, pack_window: int | None = None,
-                 shuffle_window: int = 128, num_threads: int = 2,
-                 prefetch: int = 0) -> grain.IterDataset:
-    """The pipeline as a grain IterDataset of batches; see make_pipeline."""
+def _check(batch_size: int, seed: int, num_epochs: int | None, feature_lengths: Mapping[str, int],
+           decoder_only: bool, process_index: int | None, process_count: int | None
+           ) -> tuple[int, int, int]:
+    """Validate the pipeline arguments before any data is read; (process_index, count, local batch)."""
     process_index, process_count = _process(process_index, process_count)
     if batch_size <= 0 or batch_size % process_count:
         raise UserError(f"global batch_size {batch_size} must be a positive multiple of the "
                         f"process count {process_count}: change the batch size")
-    local_batch = batch_size // process_count
     if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise UserError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if num_epochs is not None and num_epochs <= 0:
         raise UserError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
-    packing.row_lengths(feature_lengths, decoder_only)  # validate early, before any data is read
+    packing.row_lengths(feature_lengths, decoder_only)
+    return process_index, process_count, batch_size // process_count
+
+
+def _examples(source, preprocessors: Sequence, *, seed: int, shuffle: bool, num_epochs: int | None,
+              process_index: int, process_count: int, local_batch: int, shuffle_window: int,
+              num_threads: int) -> grain.IterDataset:
+    """One source's preprocessed examples (before packing) for this process's shard."""
     if len(source) < process_count:
         raise UserError(f"the source has {len(source)} examples, fewer than the {process_count} "
                         "processes that each need a disjoint share: use more data or fewer hosts")
-
     # Per-document stage (random access): shard by index, then shuffle and repeat per epoch.
     ds = grain.MapDataset.source(source)[process_index::process_count]
     if shuffle:
@@ -223,13 +226,67 @@ def make_dataset(source, preprocessors: Sequence = (), *, feature_lengths: Mappi
         if fns:
             ds = ds.random_map(_chain(fns), seed=_derive_seed(seed, process_index, i))
             ds = ds.filter(lambda ex: ex is not None)
+    return ds
 
+
+def _batches(ds: grain.IterDataset, feature_lengths: Mapping[str, int], *, decoder_only: bool,
+             pack: bool, local_batch: int, pack_window: int | None, prefetch: int) -> grain.IterDataset:
+    """Examples -> packed (or padded) rows -> batches of int32 [local_batch, L]."""
     ds = packing.pack_or_pad(ds, feature_lengths, decoder_only=decoder_only, pack=pack,
                              pack_window=pack_window or max(local_batch, 16))
     ds = ds.batch(local_batch, drop_remainder=True)  # dict of int32 [local_batch, L]
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
+
+
+def make_dataset(source, preprocessors: Sequence = (), *, feature_lengths: Mapping[str, int],
+                 batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                 pack: bool = True, decoder_only: bool = False, process_index: int | None = None,
+                 process_count: int | None = None, pack_window: int | None = None,
+                 shuffle_window: int = 128, num_threads: int = 2,
+                 prefetch: int = 0) -> grain.IterDataset:
+    """The pipeline as a grain IterDataset of batches; see make_pipeline."""
+    process_index, process_count, local_batch = _check(
+        batch_size, seed, num_epochs, feature_lengths, decoder_only, process_index, process_count)
+    ds = _examples(source, preprocessors, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                   process_index=process_index, process_count=process_count,
+                   local_batch=local_batch, shuffle_window=shuffle_window, num_threads=num_threads)
+    return _batches(ds, feature_lengths, decoder_only=decoder_only, pack=pack,
+                    local_batch=local_batch, pack_window=pack_window, prefetch=prefetch)
+
+
+_MIXTURE_TAG = 0x6D6978  # "mix": the seeds of mixture streams derive from (seed, tag, stream index)
+
+
+def make_mixture_dataset(streams: Sequence[tuple[Any, Sequence, float]], *,
+                         feature_lengths: Mapping[str, int], batch_size: int, seed: int,
+                         shuffle: bool = True, num_epochs: int | None = None, pack: bool = True,
+                         decoder_only: bool = False, process_index: int | None = None,
+                         process_count: int | None = None, pack_window: int | None = None,
+                         shuffle_window: int = 128, num_threads: int = 2,
+                         prefetch: int = 0) -> grain.IterDataset:
+    """Several (source, preprocessors, weight) streams mixed BEFORE packing and batching.
+
+    Each stream is preprocessed as in make_dataset with its own seed; grain interleaves the
+    examples deterministically in the ratio of the weights (not by random draws), so the
+    mixture resumes exactly. With num_epochs set it stops when the first stream runs out.
+    """
+    if not streams:
+        raise UserError("a mixture needs at least one (source, preprocessors, weight) stream")
+    weights = [float(weight) for _, _, weight in streams]
+    if any(not np.isfinite(w) or w <= 0 for w in weights):
+        raise UserError(f"mixture weights must be positive numbers, got {weights}: fix the rates")
+    process_index, process_count, local_batch = _check(
+        batch_size, seed, num_epochs, feature_lengths, decoder_only, process_index, process_count)
+    parts = [_examples(source, preprocessors, seed=_derive_seed(seed, _MIXTURE_TAG, k),
+                       shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                       process_count=process_count, local_batch=local_batch,
+                       shuffle_window=shuffle_window, num_threads=num_threads)
+             for k, (source, preprocessors, _) in enumerate(streams)]
+    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
+    return _batches(ds, feature_lengths, decoder_only=decoder_only, pack=pack,
+                    local_batch=local_batch, pack_window=pack_window, prefetch=prefetch)
 
 
 def make_pipeline(source, preprocessors: Sequence = (), *, feature_lengths: Mapping[str, int],
@@ -247,6 +304,14 @@ def make_pipeline(source, preprocessors: Sequence = (), *, feature_lengths: Mapp
                              batch_size=batch_size, seed=seed, shuffle=shuffle,
                              num_epochs=num_epochs, pack=pack, decoder_only=decoder_only,
                              process_index=process_index, process_count=process_count, **options))
+
+
+def make_mixture_pipeline(streams: Sequence[tuple[Any, Sequence, float]], *,
+                          feature_lengths: Mapping[str, int], batch_size: int, seed: int,
+                          **options) -> grain.DatasetIterator:
+    """A resumable iterator over a mixture of streams; see make_mixture_dataset and make_pipeline."""
+    return iter(make_mixture_dataset(streams, feature_lengths=feature_lengths,
+                                     batch_size=batch_size, seed=seed, **options))
 
 
 # --- State and throughput ----------------------------------------------------------------------

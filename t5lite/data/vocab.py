@@ -191,6 +191,7 @@ def _write_atomic(path: str, data: bytes):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a vocabulary is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -43,9 +43,57 @@ def _bench_decode(args):
             json.dump(rows, f, indent=2)
 
 
+def _add_training(commands, name: str, help_text: str, finetune: bool):
+    from t5lite import commands as run
+    p = commands.add_parser(name, help=help_text, description=help_text + ". Bind anything with "
+                            "--gin.NAME=VALUE (macros like --gin.TRAIN_STEPS=30 or --gin.train.learning_rate=0.01); "
+                            "later files and flags win.")
+    p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
+    p.add_argument("--model_dir", help="where checkpoints, metrics.jsonl and TensorBoard logs go (sets MODEL_DIR)")
+    p.add_argument("--print_config", action="store_true", help="print the parsed gin config and exit")
+    if finetune:
+        p.add_argument("--init_checkpoint", help="checkpoint to start from (sets INITIAL_CHECKPOINT_PATH)")
+    p.set_defaults(run=lambda args: run.run_training(args, finetune=finetune), init_checkpoint=None)
+
+
+def _add_decoding_flags(p):
+    p.add_argument("--checkpoint", required=True, help="a training model_dir or a converted params checkpoint")
+    p.add_argument("--vocab", help="SentencePiece model (default: the checkpoint's, else the shipped one)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--max_examples", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--input_length", type=int, default=128, help="inputs are padded/truncated to this")
+    p.add_argument("--max_decode_length", type=int, default=64)
+    p.add_argument("--strict", action="store_true", help="reject inputs longer than --input_length")
+    p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from t5lite import commands as run
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training(commands, "train", "train a model from gin run files (pre-training or any training)", False)
+    _add_training(commands, "finetune", "train starting from a checkpoint's parameters", True)
+
+    p = commands.add_parser("eval", help="metrics of a checkpoint on a task split (decoding + perplexity)")
+    p.add_argument("--task", required=True, help="task name, e.g. bible_translate_en_es")
+    p.add_argument("--output", help="also write per-example predictions as JSONL")
+    _add_decoding_flags(p)
+    p.set_defaults(run=run.run_eval)
+
+    p = commands.add_parser("infer", help="decode a task split or a text/JSONL file to JSONL")
+    p.add_argument("--task", help="decode this task's --split")
+    p.add_argument("--input", help="a text file (one input per line) or JSONL (see --input_key)")
+    p.add_argument("--input_key", default="inputs", help="field of each JSONL record to decode")
+    p.add_argument("--output", required=True, help="JSONL to write: input, output, score per line, in order")
+    _add_decoding_flags(p)
+    p.set_defaults(run=run.run_infer)
 
     convert = commands.add_parser("convert", help="convert checkpoints to and from HF transformers T5")
     directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
@@ -81,8 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_gin_flags(argv):
+    """--gin.NAME=VALUE flags are not argparse options: pull them out in order."""
+    gin_flags, rest = [], []
+    for arg in argv:
+        (gin_flags.append(arg[len("--gin."):]) if arg.startswith("--gin.") else rest.append(arg))
+    return gin_flags, rest
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(rest)
+    args.gin = gin_flags
+    if gin_flags and args.command not in ("train", "finetune"):
+        print(f"t5lite: error: --gin.* flags apply to train and finetune, not {args.command}", file=sys.stderr)
+        return 2
     try:
         args.run(args)
     except UserError as e:

@@ -351,4 +351,19 @@ def _register_shipped():
                                          ("bible_translate_en_es", 1.0))))
 
 
+def _register_tfds_recipes():
+    """T5's public recipes on TFDS datasets the user prepares (ArrayRecord; see README 'Real datasets').
+
+    Registering reads nothing: the dataset is opened when a pipeline is built, and an
+    unprepared one fails then with the `tfds build` command that prepares it.
+    """
+    register(Task("c4_span_corruption", lambda s: sources.TfdsSource("c4/en:3.1.0", s),
+                  span_corruption_preprocessors("text"), splits=("train", "validation"),
+                  objective="span_corruption", description="T5 span corruption of C4 (c4/en)"))
+    register(Task("wmt14_translate_en_de", lambda s: sources.TfdsSource("wmt14_translate/de-en", s),
+                  text_to_text_preprocessors("translate English to German: ", "en", "de"),
+                  metrics=("bleu", "chrf"), description="WMT14 English -> German"))
+
+
 _register_shipped()
+_register_tfds_recipes()

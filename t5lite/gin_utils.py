@@ -1,0 +1,170 @@
+"""gin for experiments: parse run files and --gin.NAME=VALUE bindings, report mistakes in one line.
+
+What differs from plain gin, on purpose:
+- `include 'x.gin'` is resolved relative to the including file first, then to experiments/,
+  then to the working directory, so run files include each other by relative path.
+- `--gin.NAME=VALUE` takes unquoted strings where unambiguous (`--gin.MIXTURE_OR_TASK_NAME=wmt`).
+- A typo in a binding fails with the closest valid names instead of a stack trace.
+Files and flags apply in order, so the last file and flag win.
+"""
+
+import difflib
+import os
+import re
+from typing import List, Optional, Sequence
+
+import gin
+
+from t5lite.errors import UserError
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1\s*(#.*)?$""")
+_CONFIGURED = {}
+
+
+def register_configurables() -> None:
+    """Makes t5lite's entry points and model config bindable from gin (idempotent)."""
+    if _CONFIGURED:
+        return
+    from t5lite.data import tasks
+    from t5lite.model.config import T5Config
+    from t5lite.train import trainer
+    _CONFIGURED["T5Config"] = gin.external_configurable(T5Config, "T5Config")
+    _CONFIGURED["train"] = gin.external_configurable(trainer.train, "train")
+    _CONFIGURED["text_to_text_task"] = gin.external_configurable(tasks.text_to_text_task, "text_to_text_task")
+    _CONFIGURED["register_mixture"] = gin.external_configurable(tasks.register_mixture, "register_mixture")
+
+
+def configured(name: str):
+    """The gin-configured callable registered as `name` ('train', 'T5Config', ...)."""
+    register_configurables()
+    return _CONFIGURED[name]
+
+
+def model_config():
+    """The T5Config the bound T5Config.* parameters describe (a plain T5Config, not gin's subclass)."""
+    from t5lite.model.config import T5Config
+    return T5Config.from_dict(configured("T5Config")().to_dict())
+
+
+def _resolve_include(name: str, including_dir: str) -> str:
+    for base in (including_dir, EXPERIMENTS_DIR, os.getcwd()):
+        path = os.path.normpath(os.path.join(base, name))
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"include {name!r} not found next to the including file, in {EXPERIMENTS_DIR} or in the "
+                    "working directory; fix the path")
+
+
+def expand_includes(path: str, _seen: Optional[List[str]] = None) -> str:
+    """The text of gin file `path` with every `include` replaced by the included file's text."""
+    path = os.path.abspath(path)
+    seen = _seen or []
+    if path in seen:
+        raise UserError(f"gin include cycle: {' -> '.join(seen + [path])}")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        raise UserError(f"gin file {path} not found; check --gin_file") from None
+    out = [f"# --- {path}"]
+    for line in lines:
+        match = _INCLUDE.match(line)
+        out.append(expand_includes(_resolve_include(match.group(2), os.path.dirname(path)), seen + [path])
+                   if match else line)
+    return "\n".join(out)
+
+
+def _as_gin_binding(flag: str) -> str:
+    """'NAME=VALUE' -> a gin binding, quoting VALUE when it is a bare word gin would reject."""
+    if "=" not in flag:
+        raise UserError(f"--gin.{flag} needs a value: --gin.NAME=VALUE")
+    name, value = flag.split("=", 1)
+    value = value.strip()
+    bare_word = re.fullmatch(r"[A-Za-z_][\w./:-]*", value) and value not in ("True", "False", "None")
+    needs_quotes = bare_word or re.fullmatch(r"[\w./:-]*[/.:-][\w./:-]*", value) and not _is_number(value)
+    return f"{name.strip()} = {value!r}" if needs_quotes else f"{name.strip()} = {value}"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+_MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=", re.MULTILINE)
+
+
+def _check_macro_flags(bindings: Sequence[str], files_text: str) -> None:
+    """gin silently accepts a macro nobody reads, so a typo'd --gin.MACRO=... must fail here."""
+    defined = set(_MACRO.findall(files_text)) | {"MODEL_DIR"}
+    for flag in bindings:
+        name = flag.split("=", 1)[0].strip()
+        if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in defined:
+            close = difflib.get_close_matches(name, sorted(defined), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"the gin files define {', '.join(sorted(defined))}"
+            raise UserError(f"--gin.{name}: no gin file defines the macro {name}; {hint}")
+
+
+def _parameters(configurable_name: str) -> List[str]:
+    import inspect
+    register_configurables()
+    fn = _CONFIGURED.get(configurable_name)
+    if fn is None:
+        return []
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    return [p for p in inspect.signature(target).parameters if p not in ("self", "args", "kwargs")]
+
+
+def _friendly(error: Exception) -> UserError:
+    """gin's error -> one line, with the closest valid names for a typo."""
+    text = str(error).strip()
+    message = text.splitlines()[0].rstrip(".") if text else type(error).__name__
+    hint = ""
+    param = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", text)
+    unknown = re.search(r"No configurable matching '([\w.]+)'", text)
+    if param:
+        close = difflib.get_close_matches(param.group(2), _parameters(param.group(1)), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(param.group(1) + '.' + c for c in close)}?" if close else ""
+    elif unknown:
+        close = difflib.get_close_matches(unknown.group(1), sorted(_CONFIGURED), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; configurables: {', '.join(sorted(_CONFIGURED))}"
+    return UserError(f"gin: {message}{hint}")
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), model_dir: Optional[str] = None) -> None:
+    """Clears gin, then applies the files and bindings in order (MODEL_DIR from --model_dir first)."""
+    register_configurables()
+    gin.clear_config()
+    texts = [expand_includes(path) for path in gin_files]
+    _check_macro_flags(bindings, "\n".join(texts))
+    if model_dir is not None:
+        texts.append(f"MODEL_DIR = {model_dir!r}")
+    texts += [_as_gin_binding(b) for b in bindings]
+    text = "\n".join(texts)
+    try:
+        gin.parse_config(text)
+    except (ValueError, KeyError, SyntaxError, TypeError, NameError) as e:
+        raise _friendly(e) from None
+
+
+def call_configured(fn):
+    """Calls a gin-configured entry point, turning gin's binding errors into one-line UserErrors."""
+    try:
+        return fn()
+    except (ValueError, TypeError) as e:
+        text = str(e)
+        if "gin" in text.lower() or "configurable" in text.lower() or "missing" in text.lower():
+            raise _friendly(e) from None
+        raise
+
+
+def operative_config() -> str:
+    return gin.operative_config_str()
+
+
+def config_text() -> str:
+    """Everything bound so far (before running, the operative config is still empty)."""
+    return gin.config_str()

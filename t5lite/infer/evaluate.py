@@ -1,0 +1,129 @@
+"""Batch decoding of texts and evaluation of a task split: metrics by name plus perplexity.
+
+Inputs are padded to one fixed length and every batch to one size, so decoding compiles
+once. Inputs longer than `input_length` are truncated (keeping EOS) with a counted warning,
+or rejected when `strict=True`.
+"""
+
+import logging
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5lite import metrics as metrics_lib
+from t5lite.errors import UserError
+from t5lite.infer.decoding import generate
+from t5lite.model import EncoderDecoder
+
+
+def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: int = 1,
+               strict: bool = False) -> (np.ndarray, int):
+    """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated."""
+    out = np.zeros((len(token_lists), input_length), np.int32)
+    truncated = 0
+    for i, tokens in enumerate(token_lists):
+        tokens = list(tokens)
+        if len(tokens) > input_length:
+            if strict:
+                raise UserError(f"input {i} has {len(tokens)} tokens, more than input_length {input_length}; "
+                                "raise --input_length or drop --strict to truncate")
+            truncated += 1
+            tokens = tokens[:input_length - 1] + [eos_id]
+        out[i, :len(tokens)] = tokens
+    return out, truncated
+
+
+def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_decode_length: int,
+                   decoder_only: bool = False, progress=None, **decode_kwargs):
+    """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N])."""
+    tokens, scores = [], []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start:start + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # pad the last batch so the compiled shape never changes
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+        out, score = generate(config, params, chunk, max_decode_length=max_decode_length,
+                              decoder_only=decoder_only, **decode_kwargs)
+        tokens.append(np.asarray(out)[:n])
+        scores.append(np.asarray(score)[:n])
+        if progress is not None:
+            progress.update(n)
+    if not tokens:
+        return np.zeros((0, max_decode_length), np.int32), np.zeros((0,), np.float32)
+    return np.concatenate(tokens), np.concatenate(scores)
+
+
+def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int):
+    """Sum of log p(target token) per example under teacher forcing -> (log-likelihoods [N], token counts [N])."""
+    model = EncoderDecoder(config)
+
+    @jax.jit
+    def score(enc, tgt):
+        dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+        logits = model.apply({"params": params}, enc, dec_in, decoder_target_tokens=tgt)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
+        return jnp.sum(picked * (tgt > 0), axis=1)
+
+    totals = []
+    for start in range(0, len(inputs), batch_size):
+        enc, tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
+        n = len(enc)
+        if n < batch_size:
+            enc = np.concatenate([enc, np.repeat(enc[:1], batch_size - n, axis=0)])
+            tgt = np.concatenate([tgt, np.repeat(tgt[:1], batch_size - n, axis=0)])
+        totals.append(np.asarray(score(enc, tgt))[:n])
+    return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
+
+
+def evaluate_task(config, params, task, vocab, *, split: str = "validation", max_examples: Optional[int] = None,
+                  batch_size: int = 32, input_length: int = 128, max_decode_length: int = 64,
+                  strict: bool = False, progress=None, **decode_kwargs) -> (Dict[str, float], List[dict]):
+    """Decodes `split` of `task`, scores it with the task's metrics -> (metrics, per-example records).
+
+    Besides the task's metrics: `perplexity` of the reference targets under teacher forcing
+    (exp of the mean negative log-likelihood per target token) and `num_examples`.
+    """
+    examples = task.eval_examples(split, vocab, max_examples=max_examples)
+    if not examples:
+        raise UserError(f"split {split!r} of task {task.name!r} has no examples to evaluate")
+    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict)
+    if truncated:
+        logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
+                        truncated, len(examples), input_length)
+    tokens, scores = decode_batches(config, params, inputs, batch_size=batch_size,
+                                    max_decode_length=max_decode_length, progress=progress, **decode_kwargs)
+    predictions = [task.postprocess(vocab.decode(row)) for row in tokens]
+    targets = [ex["targets_pretokenized"] for ex in examples]
+    results = metrics_lib.compute(list(task.metrics), targets, predictions)
+
+    target_tokens = [vocab.encode(t) + [vocab.eos_id] for t in targets]
+    target_length = max(max(len(t) for t in target_tokens), 1)
+    tgt, _ = pad_inputs(target_tokens, target_length, vocab.eos_id)
+    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size)
+    results["perplexity"] = math.exp(min(-float(log_likelihood.sum()) / max(int(counts.sum()), 1), 50.0))
+    results["num_examples"] = len(examples)
+    records = [dict(input=ex["inputs_pretokenized"], target=t, prediction=p, score=float(s))
+               for ex, t, p, s in zip(examples, targets, predictions, scores)]
+    return results, records
+
+
+def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: int = 128,
+                 batch_size: int = 32, max_decode_length: int = 64, strict: bool = False,
+                 decoder_only: bool = False, progress=None, **decode_kwargs) -> List[dict]:
+    """Raw input texts -> [{'input', 'output', 'score'}] in order (what `t5lite infer` writes)."""
+    texts = list(texts)
+    tokens = [vocab.encode(t) + ([] if decoder_only else [vocab.eos_id]) for t in texts]
+    inputs, truncated = pad_inputs(tokens, input_length, vocab.eos_id, strict)
+    if truncated:
+        logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
+                        truncated, len(texts), input_length)
+    out, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
+                                 decoder_only=decoder_only, progress=progress, **decode_kwargs)
+    return [dict(input=t, output=vocab.decode(row), score=float(s)) for t, row, s in zip(texts, out, scores)]
+
+
+__all__ = ["evaluate_task", "decode_texts", "decode_batches", "pad_inputs", "target_log_likelihoods"]

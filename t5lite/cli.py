@@ -151,7 +151,9 @@ def main(argv=None) -> int:
     try:
         args.run(args)
     except UserError as e:
-        print(f"t5lite: error: {e}", file=sys.stderr)
+        # One line: gin appends "In call to configurable ..." context on further lines.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
+        print(f"t5lite: error: {message}", file=sys.stderr)
         return 2
     return 0
 

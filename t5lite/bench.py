@@ -94,3 +94,93 @@ def _format_row(row: Dict) -> str:
     if "hf_s" in row:
         text += f" | HF {row['hf_tok_s']:9.1f} tok/s ({row['hf_s']:.3f} s) | t5lite/HF speed {row['speedup']:.2f}x"
     return text
+
+
+def train_benchmark(model: str = "tiny", batch_size: int = 8, input_length: int = 128, target_length: int = 32,
+                    steps: int = 10, optimizer: str = "adafactor", with_hf: bool = False, vocab_size=None,
+                    peak_flops=None, seed: int = 0) -> Dict:
+    """Step time, tokens/s and MFU of the jitted, sharded train step on random tokens (all local devices)."""
+    from t5lite.train import partitioning
+    from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
+    from t5lite.train.optimizers import make_optimizer
+    from t5lite.train.step import make_train_step
+    from t5lite.model import EncoderDecoder
+
+    config = get_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
+    opt = make_optimizer(optimizer, "constant", 1e-3, 0)
+    mesh = partitioning.make_mesh()
+    rules = partitioning.rules_for(mesh)
+    shardings = partitioning.state_shardings(config, opt, mesh, rules)
+    state = partitioning.init_train_state(config, opt, mesh, rules, jax.random.key(seed))
+    step = make_train_step(EncoderDecoder(config), opt, mesh, rules, shardings)
+    batch = _random_batch(config, batch_size, input_length, target_length, seed)
+    global_batch = partitioning.global_batch_from_local(batch, mesh, rules)
+
+    state, metrics = step(state, global_batch)  # compile
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step(state, global_batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    flops = model_flops_per_step(config, batch_size, input_length, target_length)
+    peak = peak_flops_per_device(override=peak_flops) * jax.device_count()
+    row = dict(model=model, batch=batch_size, lengths=f"{input_length}/{target_length}", step_s=seconds,
+               tokens_per_sec=batch_size * (input_length + target_length) / seconds, mfu=flops / seconds / peak,
+               devices=jax.device_count(), device_kind=jax.devices()[0].device_kind)
+    if with_hf:
+        row["hf_step_s"] = _hf_train_step_seconds(config, state.params, batch, steps)
+        row["speedup"] = row["hf_step_s"] / seconds
+    print(f"{model:>14} batch {batch_size} {input_length}/{target_length}: {seconds * 1000:.1f} ms/step, "
+          f"{row['tokens_per_sec']:.0f} tok/s, MFU {100 * row['mfu']:.1f}% of {peak / 1e9:.0f} GFLOP/s"
+          + (f" | HF {row['hf_step_s'] * 1000:.1f} ms/step, t5lite/HF speed {row['speedup']:.2f}x" if with_hf else ""),
+          flush=True)
+    return row
+
+
+def _random_batch(config, batch_size, input_length, target_length, seed) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    enc = rng.integers(2, config.vocab_size, (batch_size, input_length)).astype(np.int32)
+    tgt = rng.integers(2, config.vocab_size, (batch_size, target_length)).astype(np.int32)
+    dec = np.concatenate([np.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+    return dict(encoder_input_tokens=enc, decoder_input_tokens=dec, decoder_target_tokens=tgt,
+                decoder_loss_weights=np.ones_like(tgt))
+
+
+def _hf_train_step_seconds(config, params, batch, steps) -> float:
+    """The same model and batch in HF transformers (PyTorch, AdamW): fwd + bwd + update, best practice threads."""
+    import torch
+    model = _hf_model(config, jax.device_get(params))
+    if model is None:
+        return float("nan")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.tensor(batch["encoder_input_tokens"], dtype=torch.long)
+    labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
+
+    def one_step():
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return (time.perf_counter() - start) / steps
+
+
+def data_benchmark(task: str = "bible_span_corruption_en_es", batch_size: int = 32, input_length: int = 512,
+                   num_batches: int = 30, pack: bool = True) -> Dict:
+    """Batches/s and tokens/s of a task's training pipeline (span corruption by default, 32 x 512)."""
+    from t5lite.data import tasks
+    from t5lite.data.pipeline import benchmark_pipeline
+    from t5lite.data.preprocessors import span_corruption_lengths
+    entry = tasks.get(task)
+    lengths = {"inputs": input_length, "targets": span_corruption_lengths(input_length)[1]}
+    iterator = entry.pipeline("train", feature_lengths=lengths, batch_size=batch_size, seed=0, pack=pack)
+    result = dict(task=task, batch=batch_size, lengths=f"{lengths['inputs']}/{lengths['targets']}",
+                  **benchmark_pipeline(iterator, num_batches))
+    print(f"{task}: {result}", flush=True)
+    return result

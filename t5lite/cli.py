@@ -74,6 +74,22 @@ def _add_decoding_flags(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _bench_train(args):
+    import json
+    from t5lite.bench import train_benchmark
+    rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
+                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
+            for model in args.models]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _bench_data(args):
+    from t5lite.bench import data_benchmark
+    data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from t5lite import commands as run
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
@@ -126,6 +142,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_bench_decode)
+    p = kinds.add_parser("train", help="train-step time, tokens/s and MFU on random tokens (optionally vs HF)")
+    p.add_argument("--models", nargs="+", default=["tiny", "t5_1_1_small"], help="preset names")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--input_length", type=int, default=128)
+    p.add_argument("--target_length", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed steps after one compile step")
+    p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
+    p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
+                   "accelerators, or 150e9 measured on a 2-core CPU)")
+    p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=_bench_train)
+    p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
+    p.add_argument("--task", default="bible_span_corruption_en_es")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--input_length", type=int, default=512)
+    p.add_argument("--num_batches", type=int, default=30)
+    p.add_argument("--no_pack", action="store_true")
+    p.set_defaults(run=_bench_data)
     return parser
 
 

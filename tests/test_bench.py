@@ -1,0 +1,23 @@
+"""The benchmarks run and report sane numbers (tiny shapes; speed itself is measured by `t5lite bench`)."""
+
+import math
+
+from t5lite.bench import data_benchmark, decode_benchmark, train_benchmark
+
+
+def test_train_benchmark_reports_throughput_and_mfu():
+    row = train_benchmark("tiny", batch_size=2, input_length=16, target_length=8, steps=2, with_hf=True)
+    assert row["step_s"] > 0 and row["tokens_per_sec"] == 2 * 24 / row["step_s"]
+    assert 0 < row["mfu"] < 1 and math.isfinite(row["hf_step_s"])
+
+
+def test_decode_benchmark_compares_with_hf_on_identical_outputs():
+    rows = decode_benchmark("tiny", batch_sizes=(2,), input_length=8, max_decode_length=4, repeats=1)
+    assert [r["method"] for r in rows] == ["greedy", "beam4"]
+    for row in rows:
+        assert row["tokens"] > 0 and row["t5lite_tok_s"] > 0 and row["hf_tok_s"] > 0
+
+
+def test_data_benchmark_counts_tokens():
+    result = data_benchmark(batch_size=4, input_length=64, num_batches=3)
+    assert result["batches_per_s"] > 0 and result["tokens_per_s"] > 4 * 64

@@ -11,7 +11,7 @@ def test_train_benchmark_reports_throughput_and_mfu():
     assert 0 < row["mfu"] < 1 and math.isfinite(row["hf_step_s"])
 
 
-def test_decode_benchmark_compares_with_hf_on_identical_outputs():
+def test_decode_benchmark_times_t5lite_and_hf():
     rows = decode_benchmark("tiny", batch_sizes=(2,), input_length=8, max_decode_length=4, repeats=1)
     assert [r["method"] for r in rows] == ["greedy", "beam4"]
     for row in rows:

@@ -134,7 +134,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference_run, tmp
     from t5lite.model import get_config
     from t5lite.train import partitioning
     from t5lite.train.optimizers import make_optimizer
-    from t5lite.train.trainer import _abstract
 
     model_dir = tmp_path / "run"
     shutil.copytree(reference_run, model_dir)
@@ -151,7 +150,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference_run, tmp
     data = tasks.get(RUN["task"]).pipeline("train", feature_lengths=RUN["feature_lengths"], batch_size=8, seed=3)
     checkpointer = TrainCheckpointer(str(model_dir))
     with caplog.at_level(logging.WARNING):
-        step, state, meta = checkpointer.restore_latest(_abstract(shardings, config, opt, False), data)
+        step, state, meta = checkpointer.restore_latest(
+            partitioning.abstract_train_state(config, opt, shardings), data)
     checkpointer.close()
     assert step == 15 and int(state.step) == 15 and meta["format"] == "t5lite-train"
     assert any("step 20" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)

@@ -147,6 +147,13 @@ def _abstract_state(config: T5Config, optimizer, decoder_only: bool = False) -> 
     return jax.eval_shape(lambda: TrainState.create(init_params(config, jax.random.key(0), decoder_only), optimizer))
 
 
+def abstract_train_state(config: T5Config, optimizer, shardings: TrainState,
+                         decoder_only: bool = False) -> TrainState:
+    """ShapeDtypeStructs of a TrainState carrying `shardings`: the restore target for orbax."""
+    shapes = _abstract_state(config, optimizer, decoder_only)
+    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def state_shardings(config: T5Config, optimizer, mesh: Mesh, rules, decoder_only: bool = False) -> TrainState:
     """A TrainState of NamedShardings: params by logical axes, opt state like params, step replicated."""
     boxed = abstract_params(config, decoder_only)  # ShapeDtypeStructs boxed with logical names

@@ -55,11 +55,6 @@ def _resolve_config(model: Union[str, T5Config], vocab: Vocabulary, overrides: O
     return config
 
 
-def _abstract(shardings: TrainState, config, optimizer, decoder_only) -> TrainState:
-    shapes = partitioning._abstract_state(config, optimizer, decoder_only)
-    return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 def _initial_state(config, optimizer, mesh, rules, shardings, seed, decoder_only, init_checkpoint):
     state = partitioning.init_train_state(config, optimizer, mesh, rules, jax.random.key(seed), decoder_only)
     if init_checkpoint:
@@ -133,7 +128,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     os.makedirs(model_dir, exist_ok=True)
     checkpointer = TrainCheckpointer(model_dir, max_to_keep=keep_checkpoints, keep_period=keep_period,
                                      async_save=async_checkpoints)
-    restored = checkpointer.restore_latest(_abstract(shardings, config, opt, decoder_only), data)
+    restored = checkpointer.restore_latest(
+        partitioning.abstract_train_state(config, opt, shardings, decoder_only), data)
     if restored is not None:
         start_step, state, _ = restored
         logging.info("resumed from %s at step %d", checkpointer.directory, start_step)

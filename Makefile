@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Pre-train, fine-tune and fine-tune from scratch on the shipped Bible text, then compare (~15 min, 2 CPU cores).
+# Finished stages are skipped on a re-run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
-	$(PY) -m t5lite.demo
+	$(PY) -m t5lite.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

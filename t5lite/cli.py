@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps after one compile step")
     p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
     p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
-                   "accelerators, or 150e9 measured on a 2-core CPU)")
+                   "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_bench_train)

@@ -14,7 +14,7 @@ import pytest
 
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, get_config, init_params
 from t5lite.train import monitor
-from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device, plot_metrics
+from t5lite.train.monitor import PEAK_FLOPS, Monitor, model_flops_per_step, peak_flops_per_device, plot_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +83,7 @@ def test_flops_match_xla_cost_analysis():
 @pytest.mark.parametrize("kind, peak", [
     ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
     ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("cpu", 150e9),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("cpu", os.cpu_count() * 32 * 3.5e9),
 ])
 def test_peak_known_kinds(kind, peak):
     assert peak_flops_per_device(kind) == peak
@@ -91,11 +91,11 @@ def test_peak_known_kinds(kind, peak):
 
 def test_peak_override_default_and_unknown(caplog):
     assert peak_flops_per_device("TPU v4", override=1e12) == 1e12
-    assert peak_flops_per_device() == 150e9  # this machine's jax device kind is 'cpu'
+    assert peak_flops_per_device() == PEAK_FLOPS["cpu"]  # this machine's jax device kind is 'cpu'
     monitor._warned_kinds.discard("Mystery Accelerator 9000")
     with caplog.at_level(logging.WARNING, logger="t5lite.train.monitor"):
-        assert peak_flops_per_device("Mystery Accelerator 9000") == 150e9
-        assert peak_flops_per_device("Mystery Accelerator 9000") == 150e9
+        assert peak_flops_per_device("Mystery Accelerator 9000") == PEAK_FLOPS["cpu"]
+        assert peak_flops_per_device("Mystery Accelerator 9000") == PEAK_FLOPS["cpu"]
     warnings = [r for r in caplog.records if "Mystery Accelerator 9000" in r.getMessage()]
     assert len(warnings) == 1 and "peak_flops" in warnings[0].getMessage()
 

@@ -37,6 +37,7 @@ class _StepFn(NamedTuple):
 
 def _encoder_decoder_steps(config, params, encoder_input_tokens, max_decode_length, repeat) -> _StepFn:
     model = EncoderDecoder(config)
+    cache_length = max_decode_length + 1  # start token + generated tokens (+1 unused beam-search step)
     enc = jnp.repeat(encoder_input_tokens, repeat, axis=0)  # [N, L] with beams adjacent
     encoded = model.apply({"params": params}, enc, method=model.encode)  # [N, L, D]
     start = jnp.zeros((enc.shape[0], 1), jnp.int32)
@@ -44,12 +45,12 @@ def _encoder_decoder_steps(config, params, encoder_input_tokens, max_decode_leng
     def init():
         # Allocates the cache and projects cross-attention keys/values; then decodes the start token.
         _, variables = model.apply({"params": params}, encoded, enc, start, decode=True,
-                                   max_decode_length=max_decode_length, method=model.decode, mutable=["cache"])
+                                   max_decode_length=cache_length, method=model.decode, mutable=["cache"])
         return step(variables["cache"], start, jnp.int32(0))
 
     def step(cache, tokens, position):
         logits, variables = model.apply({"params": params, "cache": cache}, None, enc, tokens, decode=True,
-                                        decode_position=position, max_decode_length=max_decode_length,
+                                        decode_position=position, max_decode_length=cache_length,
                                         method=model.decode, mutable=["cache"])
         return logits[:, -1], variables["cache"]
 
@@ -230,9 +231,9 @@ def _beam_search(steps: _StepFn, batch, k, max_decode_length, alpha, style, earl
         flat_source = (jnp.arange(batch)[:, None] * k + source_beam).reshape(-1)
         cache = _reorder_cache(s.cache, flat_source, batch_axis)
         tokens = running[:, :, s.t].reshape(-1, 1)
-        logits, cache = jax.lax.cond(
-            s.t + 1 < T, lambda c: steps.step(c, tokens, steps.first_position + s.t),
-            lambda c: (s.logits, c), cache)
+        # Unconditional: after the last token this computes one unused step (the cache has a slot
+        # for it), which is cheaper than a lax.cond that copies the whole cache through its branches.
+        logits, cache = steps.step(cache, tokens, steps.first_position + s.t)
         return _Beams(s.t + 1, cache, logits, running, alive_scores, finished, finished_scores, finished_flags,
                       can_improve, jnp.all(hits))
 

@@ -10,7 +10,6 @@ from t5lite.errors import UserError
 
 def run_training(args, finetune: bool = False) -> None:
     """Parses the gin files and --gin.* bindings, saves the config to model_dir, then trains."""
-    import gin
     from t5lite import gin_utils
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
@@ -32,13 +31,7 @@ def run_training(args, finetune: bool = False) -> None:
                             "--gin.INITIAL_CHECKPOINT_PATH=DIR")
         if not os.path.exists(init):
             raise UserError(f"initial checkpoint {init} does not exist; train or convert one first")
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(config_text)
-    train = gin_utils.configured("train")
-    metrics = gin_utils.call_configured(lambda: train(operative_gin=config_text))
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+    metrics = gin_utils.train_into(model_dir, config_text)
     print(json.dumps({"model_dir": model_dir, **{k: v for k, v in (metrics or {}).items()}}))
 
 

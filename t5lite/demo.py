@@ -99,15 +99,9 @@ def run_stage(name: str, gin_file: str, init: Optional[str], out: str, quick: bo
         return record
     print(f"== {name}: {steps} steps of {gin.query_parameter('%MIXTURE_OR_TASK_NAME')} "
           f"({' + '.join(os.path.relpath(f) for f in files)}) -> {model_dir}", flush=True)
-    os.makedirs(model_dir, exist_ok=True)
-    with open(saved_config, "w") as f:
-        f.write(config_text)
-    train = gin_utils.configured("train")
     start = time.perf_counter()
-    metrics = gin_utils.call_configured(lambda: train(operative_gin=config_text))
+    metrics = gin_utils.train_into(model_dir, config_text)
     wall = time.perf_counter() - start
-    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
     record = {"stage": name, "gin_file": gin_file, "model_dir": model_dir, "steps": steps, "wall_s": wall,
               "final_loss": (metrics or {}).get("loss"), "init": os.path.join(out, init) if init else None}
     if not _finished(model_dir, steps):  # e.g. SIGTERM: the trainer saved and returned early

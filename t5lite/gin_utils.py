@@ -161,8 +161,16 @@ def call_configured(fn):
         raise
 
 
-def operative_config() -> str:
-    return gin.operative_config_str()
+def train_into(model_dir: str, config_text: str):
+    """Runs the gin-configured `train`, saving the bound config before and the operative one after."""
+    os.makedirs(model_dir, exist_ok=True)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(config_text)
+    train = configured("train")
+    metrics = call_configured(lambda: train(operative_gin=config_text))
+    with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    return metrics
 
 
 def config_text() -> str:

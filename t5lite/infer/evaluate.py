@@ -36,15 +36,19 @@ def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: 
     return out, truncated
 
 
+def _fill_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Repeats the first row up to `batch_size` rows, so the last batch keeps the compiled shape."""
+    missing = batch_size - len(rows)
+    return np.concatenate([rows, np.repeat(rows[:1], missing, axis=0)]) if missing > 0 else rows
+
+
 def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_decode_length: int,
                    decoder_only: bool = False, progress=None, **decode_kwargs):
     """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N])."""
     tokens, scores = [], []
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        n = len(chunk)
-        if n < batch_size:  # pad the last batch so the compiled shape never changes
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+        n = len(inputs[start:start + batch_size])
+        chunk = _fill_batch(inputs[start:start + batch_size], batch_size)
         out, score = generate(config, params, chunk, max_decode_length=max_decode_length,
                               decoder_only=decoder_only, **decode_kwargs)
         tokens.append(np.asarray(out)[:n])
@@ -70,11 +74,9 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
 
     totals = []
     for start in range(0, len(inputs), batch_size):
-        enc, tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
-        n = len(enc)
-        if n < batch_size:
-            enc = np.concatenate([enc, np.repeat(enc[:1], batch_size - n, axis=0)])
-            tgt = np.concatenate([tgt, np.repeat(tgt[:1], batch_size - n, axis=0)])
+        n = len(inputs[start:start + batch_size])
+        enc = _fill_batch(inputs[start:start + batch_size], batch_size)
+        tgt = _fill_batch(targets[start:start + batch_size], batch_size)
         totals.append(np.asarray(score(enc, tgt))[:n])
     return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
 

@@ -76,7 +76,11 @@ def load_params(path: str, config: T5Config = None) -> Tuple[T5Config, dict]:
                                     nn.meta.unbox(abstract_params(stored)))
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(params_dir, target)
-    config = config or stored
+    return _in_layout(config or stored, stored, params)
+
+
+def _in_layout(config: T5Config, stored: T5Config, params: dict) -> Tuple[T5Config, dict]:
+    """Restacks the layers when the wanted config's scan_layers differs from the stored one."""
     if config.scan_layers != stored.scan_layers:
         params = scan_params(params) if config.scan_layers else unscan_params(params)
     return config, params
@@ -179,7 +183,4 @@ def load_any_params(path: str, config: Optional[T5Config] = None) -> Tuple[T5Con
     if os.path.isfile(os.path.join(path, "config.json")):
         return load_params(path, config)
     stored, params, _ = load_train_checkpoint_params(path)
-    config = config or stored
-    if config.scan_layers != stored.scan_layers:
-        params = scan_params(params) if config.scan_layers else unscan_params(params)
-    return config, params
+    return _in_layout(config or stored, stored, params)

@@ -104,7 +104,7 @@ def _add_sweep(commands):
         p.add_argument("--params", default="params_non_embedding", choices=["params_non_embedding", "params"],
                        help="N of the fit: non-embedding (Kaplan et al.) or total parameters")
         p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
-        p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+        p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
 
     def spec_flags(p):
         p.add_argument("sweep_file", nargs="?", help="a sweep file (TOML; see experiments/scaling/tiny.toml)")
@@ -112,7 +112,7 @@ def _add_sweep(commands):
         p.add_argument("--gin_file", action="append", default=[], help="base gin run file (repeatable)")
         p.add_argument("--grid", action="append", default=[], metavar="NAME=[V1,V2,...]",
                        help="an axis of the grid, e.g. 'T5Config.emb_dim=[64,128]' (repeatable: cartesian product)")
-        p.add_argument("--seeds", type=int, help="run every point with RANDOM_SEED = 0..N-1 (default: the sweep "
+        p.add_argument("--seeds", type=int, metavar="N", help="run every point with RANDOM_SEED = 0..N-1 (default: the sweep "
                        "file's seeds, else 1)")
         p.add_argument("--fit", action="store_true", help="also fit the scaling laws (like `t5lite sweep fit`)")
         fit_flags(p)

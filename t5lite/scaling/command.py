@@ -93,7 +93,7 @@ def fit_root(root: str, args) -> dict:
     from t5lite.scaling.plots import fit_plots
     rows = summary_lib.read_rows(root)
     loss = args.loss or ("eval_loss" if any(r.get("eval_loss") is not None for r in rows) else "train_loss")
-    result = fit_sweep(rows, loss=loss, params=args.params, bootstrap_samples=args.bootstrap, seed=args.seed)
+    result = fit_sweep(rows, loss=loss, params=args.params, bootstrap_samples=args.bootstrap, seed=args.bootstrap_seed)
     result["plots"] = fit_plots(result, rows, root)
     with open(os.path.join(root, "fit.json"), "w") as f:
         json.dump(result, f, indent=2)

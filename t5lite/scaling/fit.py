@@ -83,7 +83,7 @@ def _inits(k: int) -> np.ndarray:
 
 
 def _lbfgs(start, log_x, log_l, delta, tight: bool):
-    options = dict(maxiter=20_000, ftol=1e-15, gtol=1e-12) if tight else {}
+    options = {"maxiter": 20_000, "ftol": 1e-15, "gtol": 1e-12} if tight else {}
     res = optimize.minimize(_objective, start, args=(log_x, log_l, delta), jac=True, method="L-BFGS-B",
                             options=options)
     return res.x, float(res.fun)
@@ -102,7 +102,7 @@ def _minimise(log_x, log_l, starts, delta):
             raise ValueError("every L-BFGS start diverged; the losses cannot be fitted by a power law")
         results.sort(key=lambda r: r[1])
         polished = [_lbfgs(theta, log_x, log_l, delta, True) for theta, _ in _distinct(results, POLISHED)]
-    return sorted(polished + results[len(polished):], key=lambda r: r[1])
+    return sorted([r for r in polished if np.isfinite(r[1])] + results, key=lambda r: r[1])
 
 
 def _distinct(results, limit: int):

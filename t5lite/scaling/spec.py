@@ -284,7 +284,10 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
         files = [_resolve_gin_file(f, here) for f in spec.get("gin_files", [])]
         file_axes = _file_axes(spec, sweep_file)
         extra, held_out = _file_extra(spec, file_axes, sweep_file)
-    files += [display_path(f) if os.path.isfile(f) else f for f in gin_files]
+    for f in gin_files:
+        if not os.path.isfile(f):
+            raise UserError(f"gin file {f} not found; check --gin_file")
+        files.append(display_path(f))
     if not files:
         raise UserError("give a sweep file or at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
     axes = file_axes + [parse_grid_flag(g) for g in grid]

@@ -148,13 +148,14 @@ def _plus_minus(mean, std) -> str:
 
 
 def tables(rows: List[dict], groups: List[dict], axis_names: Sequence[str]) -> str:
-    """The per-point table and the over-seeds table, as Markdown."""
+    """The per-point table and, when some variant ran with several seeds, the over-seeds table, as Markdown."""
     point_columns = [("name", "point"), ("status", "status"), ("train_loss", "train loss"),
                      ("eval_loss", "eval loss"), ("params_non_embedding", "N (non-emb.)"), ("params", "N (total)"),
                      ("tokens", "D (tokens)"), ("flops", "C (FLOPs)"), ("wall_s", "wall s"), ("error", "error")]
+    point_columns[4:4] = [(k, k) for k in dict.fromkeys(k for r in rows for k in r if k.startswith("task/"))]
     text = markdown([{**r, "wall_s": None if r.get("wall_s") is None else round(r["wall_s"])} for r in rows],
                     point_columns)
-    if not groups:
+    if not any(g["n"] > 1 for g in groups):  # one seed per variant: the per-point table says it all
         return text
     compared = groups[0]["compared"]
     display = []

@@ -225,38 +225,48 @@ class _Stop(Exception):
 
 
 def _run_logged(cmd: List[str], log_path: str, verbose: bool) -> Tuple[int, List[str]]:
-    """Runs `cmd`, appending its output to log_path (and echoing it if verbose); SIGTERM is passed on."""
-    tail = collections.deque(maxlen=200)
-    stopping = []
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    """Runs `cmd`, appending its output to log_path (and echoing it if verbose); returns (exit code, last lines).
 
-        def forward(signum, frame):
-            stopping.append(signum)
+    A SIGTERM to the sweep (a preempted VM, a scheduler) is passed on to the running point, which
+    saves a checkpoint and exits; then _Stop is raised so no further point starts.
+    """
+    tail = collections.deque(maxlen=200)
+    stopping, running = [], []
+
+    def forward(signum, frame):
+        stopping.append(signum)
+        for proc in running:
             proc.send_signal(signum)
 
-        try:
-            previous = signal.signal(signal.SIGTERM, forward)
-        except ValueError:  # not the main thread
-            previous = None
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                tail.append(line)
-                if verbose:
-                    sys.stderr.write(line)
-            returncode = proc.wait()
-        except KeyboardInterrupt:  # the child got the terminal's SIGINT too: let it finish its exit
+    try:
+        previous = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: no forwarding
+        previous = None
+    try:
+        with open(log_path, "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace")
+            running.append(proc)
+            if stopping:  # the signal came while starting it
+                proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                for line in proc.stdout:
+                    log.write(line)
+                    tail.append(line)
+                    if verbose:
+                        sys.stderr.write(line)
+                returncode = proc.wait()
+            except KeyboardInterrupt:  # the child got the terminal's SIGINT too: let it finish its exit
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if stopping:
         raise _Stop()
     return returncode, list(tail)

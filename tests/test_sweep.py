@@ -1,9 +1,13 @@
-"""Sweep definitions (grid flags, sweep files, point names), planning, summaries and Welch's t-test (no training)."""
+"""Sweeps without training: definitions (grid flags, sweep files, names), planning, the runner around a stand-in
+process, summaries and Welch's t-test."""
 
 import glob
 import math
 import os
 import shlex
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -152,6 +156,47 @@ def test_a_run_directory_of_another_configuration_is_not_resumed(tmp_path):
         f.write(plan.config_text.replace("TRAIN_STEPS = 2", "TRAIN_STEPS = 7"))
     assert sweep.run_point(plan, python="/bin/false", say=lambda _: None) == "failed"
     assert "another configuration" in summary.point_row(plan)["error"]
+
+
+def _stand_in_python(tmp_path, body: str) -> str:
+    """An executable that takes the place of `python -m t5lite.cli train ...` (its arguments are ignored)."""
+    path = tmp_path / "python"
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_sigterm_reaches_the_running_point_and_stops_the_sweep(tmp_path):
+    started = tmp_path / "started"
+    python = _stand_in_python(tmp_path, f"trap 'echo saved a checkpoint; exit 0' TERM\ntouch {started}\n"
+                                        "while true; do sleep 0.05; done\n")
+    plans = sweep.plan_sweep(spec.build_sweep(gin_files=BASE, grid=["TRAIN_STEPS=[2, 3]"]), str(tmp_path / "root"))
+
+    def terminate_once_started():
+        deadline = time.time() + 60
+        while not started.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    counts = sweep.run_sweep(plans, str(tmp_path / "root"), python=python, say=lambda _: None)
+    assert counts == {"interrupted": 1}
+    first, second = (summary.point_row(p) for p in plans)
+    assert first["status"] == "interrupted" and "run the sweep again" in first["error"]
+    with open(os.path.join(plans[0].model_dir, "train.log")) as f:
+        assert "saved a checkpoint" in f.read()
+    assert second["status"] == "not run" and not os.path.exists(plans[1].model_dir)
+
+
+def test_a_crashing_point_is_recorded_with_the_last_line_of_its_traceback(tmp_path):
+    python = _stand_in_python(tmp_path, "echo 'Traceback (most recent call last):'\n"
+                                        "echo 'jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory'\n"
+                                        "exit 1\n")
+    plan = sweep.plan_sweep(spec.build_sweep(gin_files=BASE, grid=["TRAIN_STEPS=[2]"]), str(tmp_path))[0]
+    assert sweep.run_point(plan, python=python, say=lambda _: None) == "failed"
+    row = summary.point_row(plan)
+    assert row["status"] == "failed"
+    assert row["error"] == "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"
 
 
 def _shipped_sweep_files():

@@ -83,14 +83,16 @@ def _inits(k: int) -> np.ndarray:
 
 
 def _lbfgs(start, log_x, log_l, delta, tight: bool):
-    options = {"maxiter": 20_000, "ftol": 1e-15, "gtol": 1e-12} if tight else {}
+    # Loose: scipy's default tolerances, at most 500 iterations (a start that wanders off costs no more).
+    options = {"maxiter": 20_000, "ftol": 1e-15, "gtol": 1e-12} if tight else {"maxiter": 500}
     res = optimize.minimize(_objective, start, args=(log_x, log_l, delta), jac=True, method="L-BFGS-B",
                             options=options)
     return res.x, float(res.fun)
 
 
-def _minimise(log_x, log_l, starts, delta):
-    """(theta, objective) of L-BFGS from every start, best first; the best few are polished to tight tolerances.
+def _minimise(log_x, log_l, starts, delta, polish: int = POLISHED):
+    """(theta, objective) of L-BFGS from every start, best first; the `polish` best distinct ones are refined
+    to tight tolerances.
 
     scipy's default tolerances stop early on this flat objective (Besiroglu et al. found Chinchilla's
     fit had), hence the polish. BLAS runs single-threaded: for 5 parameters its thread pool only costs.
@@ -101,7 +103,7 @@ def _minimise(log_x, log_l, starts, delta):
         if not results:
             raise ValueError("every L-BFGS start diverged; the losses cannot be fitted by a power law")
         results.sort(key=lambda r: r[1])
-        polished = [_lbfgs(theta, log_x, log_l, delta, True) for theta, _ in _distinct(results, POLISHED)]
+        polished = [_lbfgs(theta, log_x, log_l, delta, True) for theta, _ in _distinct(results, polish)]
     return sorted([r for r in polished if np.isfinite(r[1])] + results, key=lambda r: r[1])
 
 
@@ -132,7 +134,7 @@ def _prepare(xs: Sequence[Sequence[float]], losses: Sequence[float]):
 
 
 def fit_power_law(xs: Sequence[Sequence[float]], losses: Sequence[float], delta: float = HUBER_DELTA,
-                  starts: Optional[np.ndarray] = None, keep_optima: bool = False):
+                  starts: Optional[np.ndarray] = None, keep_optima: bool = False, polish: int = POLISHED):
     """Fits L = E + sum_k A_k / X_k^alpha_k; xs = [N] for L(N), [N, D] for L(N, D).
 
     Every point of the initialisation grid (or `starts`) runs L-BFGS; the lowest Huber loss wins.
@@ -140,7 +142,7 @@ def fit_power_law(xs: Sequence[Sequence[float]], losses: Sequence[float], delta:
     """
     log_x, log_l = _prepare(xs, losses)
     k = log_x.shape[0]
-    results = _minimise(log_x, log_l, _inits(k) if starts is None else starts, delta)
+    results = _minimise(log_x, log_l, _inits(k) if starts is None else starts, delta, polish)
     law = _as_law(*results[0], k, log_l.shape[0])
     if not keep_optima:
         return law
@@ -152,8 +154,9 @@ def bootstrap(xs: Sequence[Sequence[float]], losses: Sequence[float], num_sample
     """Percentile intervals of every parameter from refits on resampled points.
 
     Returns (fits, intervals): the resampled fits and {name: (low, high)} at `level`. Each refit
-    starts from `starts` (by default the best distinct optima of the full-data fit). A resample with
-    fewer distinct points than the law has parameters is drawn again (it cannot identify them).
+    starts from `starts` (by default the best distinct optima of the full-data fit); only its best
+    result is polished. A resample with fewer distinct points than the law has parameters is drawn
+    again (it cannot identify them).
     """
     log_x, _ = _prepare(xs, losses)
     xs_arr, losses_arr = np.exp(log_x), np.asarray(losses, np.float64)
@@ -166,7 +169,7 @@ def bootstrap(xs: Sequence[Sequence[float]], losses: Sequence[float], num_sample
         idx = rng.integers(0, losses_arr.shape[0], losses_arr.shape[0])
         while len(set(idx.tolist())) < min(num_params, losses_arr.shape[0]):  # cannot identify the law: redraw
             idx = rng.integers(0, losses_arr.shape[0], losses_arr.shape[0])
-        fits.append(fit_power_law(xs_arr[:, idx], losses_arr[idx], delta, starts=starts))
+        fits.append(fit_power_law(xs_arr[:, idx], losses_arr[idx], delta, starts=starts, polish=1))
     return fits, intervals([f.to_dict() for f in fits], level)
 
 

@@ -75,6 +75,8 @@ class Point:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
+    """What to run: base gin files, fixed bindings, the grid's axes, seeds, extra points and the baseline."""
+
     gin_files: Tuple[str, ...]
     bindings: Bindings = ()
     axes: Tuple[Axis, ...] = ()

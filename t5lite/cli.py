@@ -9,40 +9,6 @@ import sys
 from t5lite.errors import UserError
 
 
-def _convert_from_hf(args):
-    from t5lite.convert.hf import from_hf
-    from t5lite.train.checkpoint import save_params
-    config, params = from_hf(args.hf_dir)
-    save_params(args.out, config, params)
-    print(f"wrote t5lite params checkpoint {args.out} ({config.num_encoder_layers}+{config.num_decoder_layers} "
-          f"layers, d_model {config.emb_dim}, vocab {config.vocab_size})")
-
-
-def _convert_to_hf(args):
-    from t5lite.convert.hf import to_hf
-    from t5lite.train.checkpoint import load_params
-    config, params = load_params(args.checkpoint)
-    to_hf(config, params, args.out)
-    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
-
-
-def _vocab_train(args):
-    from t5lite.data.vocab import Vocabulary, train_vocabulary
-    model_path = train_vocabulary(args.input, args.vocab_size, args.out, model_type=args.model_type)
-    vocab = Vocabulary(model_path)
-    print(f"wrote {model_path}: {vocab.vocab_size} pieces, <extra_id_0> = {vocab.sentinel_id(0)}")
-
-
-def _bench_decode(args):
-    import json
-    from t5lite.bench import decode_benchmark
-    rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
-                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
-
 def _add_training(commands, name: str, help_text: str, finetune: bool):
     from t5lite import commands as run
     p = commands.add_parser(name, help=help_text, description=help_text + ". Bind anything with "
@@ -74,22 +40,6 @@ def _add_decoding_flags(p):
     p.add_argument("--seed", type=int, default=0)
 
 
-def _bench_train(args):
-    import json
-    from t5lite.bench import train_benchmark
-    rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
-                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
-            for model in args.models]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
-
-def _bench_data(args):
-    from t5lite.bench import data_benchmark
-    data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from t5lite import commands as run
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
@@ -116,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = directions.add_parser("from-hf", help="HF T5 directory (config.json + model.safetensors) -> t5lite")
     p.add_argument("--hf_dir", required=True, help="directory written by HF save_pretrained")
     p.add_argument("--out", required=True, help="new directory for the t5lite params checkpoint")
-    p.set_defaults(run=_convert_from_hf)
+    p.set_defaults(run=run.convert_from_hf)
     p = directions.add_parser("to-hf", help="t5lite params checkpoint -> HF T5 directory")
     p.add_argument("--checkpoint", required=True, help="t5lite params checkpoint directory")
     p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
-    p.set_defaults(run=_convert_to_hf)
+    p.set_defaults(run=run.convert_to_hf)
 
     vocab = commands.add_parser("vocab", help="SentencePiece vocabularies")
     actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -129,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", required=True, type=int, help="total pieces, sentinels included")
     p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
     p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.set_defaults(run=_vocab_train)
+    p.set_defaults(run=run.vocab_train)
     bench = commands.add_parser("bench", help="throughput benchmarks (compare numbers from one run only)")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     p = kinds.add_parser("decode", help="greedy and beam decoding tokens/s, side by side with HF generate")
@@ -141,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up; best is kept")
     p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.set_defaults(run=_bench_decode)
+    p.set_defaults(run=run.bench_decode)
     p = kinds.add_parser("train", help="train-step time, tokens/s and MFU on random tokens (optionally vs HF)")
     p.add_argument("--models", nargs="+", default=["tiny", "t5_1_1_small"], help="preset names")
     p.add_argument("--batch_size", type=int, default=8)
@@ -153,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.set_defaults(run=_bench_train)
+    p.set_defaults(run=run.bench_train)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
     p.add_argument("--task", default="bible_span_corruption_en_es")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--input_length", type=int, default=512)
     p.add_argument("--num_batches", type=int, default=30)
     p.add_argument("--no_pack", action="store_true")
-    p.set_defaults(run=_bench_data)
+    p.set_defaults(run=run.bench_data)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""What `t5lite train | finetune | eval | infer` do once their flags are parsed (see cli.py)."""
+"""What every `t5lite` command does once cli.py has parsed its flags."""
 
 import json
 import logging
@@ -144,3 +144,53 @@ def _write_jsonl(path: str, records) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def convert_from_hf(args) -> None:
+    from t5lite.convert.hf import from_hf
+    from t5lite.train.checkpoint import save_params
+    config, params = from_hf(args.hf_dir)
+    save_params(args.out, config, params)
+    print(f"wrote t5lite params checkpoint {args.out} ({config.num_encoder_layers}+{config.num_decoder_layers} "
+          f"layers, d_model {config.emb_dim}, vocab {config.vocab_size})")
+
+
+def convert_to_hf(args) -> None:
+    from t5lite.convert.hf import to_hf
+    from t5lite.train.checkpoint import load_params
+    config, params = load_params(args.checkpoint)
+    to_hf(config, params, args.out)
+    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
+
+
+def vocab_train(args) -> None:
+    from t5lite.data.vocab import Vocabulary, train_vocabulary
+    model_path = train_vocabulary(args.input, args.vocab_size, args.out, model_type=args.model_type)
+    vocab = Vocabulary(model_path)
+    print(f"wrote {model_path}: {vocab.vocab_size} pieces, <extra_id_0> = {vocab.sentinel_id(0)}")
+
+
+def _write_json(path, rows) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def bench_decode(args) -> None:
+    from t5lite.bench import decode_benchmark
+    rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
+                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
+    _write_json(args.json, rows)
+
+
+def bench_train(args) -> None:
+    from t5lite.bench import train_benchmark
+    rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
+                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
+            for model in args.models]
+    _write_json(args.json, rows)
+
+
+def bench_data(args) -> None:
+    from t5lite.bench import data_benchmark
+    data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)

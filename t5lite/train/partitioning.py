@@ -24,7 +24,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite.errors import UserError
 from t5lite.model import T5Config, abstract_params, init_params
-from t5lite.train.step import TrainState
+from t5lite.train.state import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -32,12 +32,10 @@ BATCH_MESH_AXES = ("data", "fsdp")
 # Logical names that no rule set shards.
 _REPLICATED = (("length", None), ("kv", None), ("relpos_buckets", None), ("layers", None))
 
-DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), ("mlp", None), ("heads", None),
-                 ("joined_kv", None)) + _REPLICATED
-FSDP = (("batch", BATCH_MESH_AXES), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None),
-        ("joined_kv", None)) + _REPLICATED
+DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), ("mlp", None), ("heads", None)) + _REPLICATED
+FSDP = (("batch", BATCH_MESH_AXES), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None)) + _REPLICATED
 FSDP_TENSOR = (("batch", BATCH_MESH_AXES), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"),
-               ("joined_kv", "tensor"), ("embed", "fsdp")) + _REPLICATED
+               ("embed", "fsdp")) + _REPLICATED
 RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
 
 log = logging.getLogger(__name__)
@@ -166,17 +164,6 @@ def state_shardings(config: T5Config, optimizer, mesh: Mesh, rules, decoder_only
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     """Rows split over the mesh axes of the logical 'batch' axis (('data', 'fsdp') in every rule set)."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules or rules_for(mesh)))
-
-
-def batch_shardings(batch, mesh: Mesh, rules=None):
-    """The batch sharding for every array of a batch dict; checks the batch size divides."""
-    sharding = batch_sharding(mesh, rules)
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_MESH_AXES]))
-    for name, x in batch.items():
-        if x.shape[0] % shards:
-            raise UserError(f"batch feature {name!r} has {x.shape[0]} rows, not divisible by the "
-                            f"{shards} data x fsdp shards; use a batch size that is a multiple of {shards}")
-    return {name: sharding for name in batch}
 
 
 # ---------------------------------------------------------------------------------------------

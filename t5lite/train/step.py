@@ -10,31 +10,19 @@ jits the step with the state / batch shardings of t5lite/train/partitioning.py; 
 sums run over the global (sharded) batch, so every metric is global.
 """
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from t5lite.errors import UserError
+from t5lite.train.partitioning import batch_sharding
+from t5lite.train.state import TrainState
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a checkpoint must hold to continue training: the step, params, optimizer state."""
-
-    step: jax.Array  # int32 scalar: number of updates applied so far
-    params: Any  # unboxed float32 parameter tree
-    opt_state: Any  # optax state; its param-shaped leaves are sharded like params
-
-    @classmethod
-    def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +196,6 @@ def eval_step(params, batch: Batch, *, model: nn.Module) -> Metrics:
 # Jitted, partitioned steps.
 # ---------------------------------------------------------------------------------------------
 
-def _batch_sharding(mesh: jax.sharding.Mesh, rules) -> jax.sharding.NamedSharding:
-    """Rows over whatever mesh axes the rules give the logical 'batch' axis; the rest replicated."""
-    return jax.sharding.NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules))
-
-
 def _under_mesh(jitted: Callable, mesh, rules) -> Callable:
     """Calls `jitted` inside the mesh + logical-rules context, so the model's activation
     constraints (nn.with_logical_constraint) take effect when it is traced."""
@@ -244,7 +227,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
         return train_step(state, batch, model=model, optimizer=optimizer, grad_shardings=state_shardings.params,
                           **step_kwargs)
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, _batch_sharding(mesh, rules)),
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
     return _under_mesh(jitted, mesh, rules)
 
@@ -253,5 +236,5 @@ def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, rules, param_shard
     """jit(eval_step): (params, batch) -> replicated sums {loss_sum, correct, weight_sum}."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(lambda params, batch: eval_step(params, batch, model=model),
-                     in_shardings=(param_shardings, _batch_sharding(mesh, rules)), out_shardings=replicated)
+                     in_shardings=(param_shardings, batch_sharding(mesh, rules)), out_shardings=replicated)
     return _under_mesh(jitted, mesh, rules)

@@ -24,7 +24,8 @@ from t5lite.train import partitioning
 from t5lite.train.checkpoint import TrainCheckpointer, checkpoint_meta, load_any_params
 from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device
 from t5lite.train.optimizers import make_optimizer
-from t5lite.train.step import TrainState, make_eval_step, make_train_step
+from t5lite.train.state import TrainState
+from t5lite.train.step import make_eval_step, make_train_step
 
 
 @dataclasses.dataclass

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="decode this task's --split")
     p.add_argument("--input", help="a text file (one input per line) or JSONL (see --input_key)")
     p.add_argument("--input_key", default="inputs", help="field of each JSONL record to decode")
+    p.add_argument("--encoding_errors", default="strict", choices=["strict", "replace"],
+                   help="input that is not UTF-8: stop with the line number (strict) or decode bad bytes as U+FFFD")
     p.add_argument("--output", required=True, help="JSONL to write: input, output, score per line, in order")
     _add_decoding_flags(p)
     p.set_defaults(run=run.run_infer)
@@ -67,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf_dir", required=True, help="directory written by HF save_pretrained")
     p.add_argument("--out", required=True, help="new directory for the t5lite params checkpoint")
     p.set_defaults(run=run.convert_from_hf)
-    p = directions.add_parser("to-hf", help="t5lite params checkpoint -> HF T5 directory")
-    p.add_argument("--checkpoint", required=True, help="t5lite params checkpoint directory")
+    p = directions.add_parser("to-hf", help="t5lite checkpoint (a training model_dir or a params checkpoint) -> HF T5")
+    p.add_argument("--checkpoint", required=True, help="a training model_dir (its newest readable step) or a params "
+                   "checkpoint directory")
+    p.add_argument("--step", type=int, default=None, help="export this step of a training model_dir")
     p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
     p.set_defaults(run=run.convert_to_hf)
 

@@ -9,7 +9,8 @@ from t5lite.errors import UserError
 
 
 def run_training(args, finetune: bool = False) -> None:
-    """Parses the gin files and --gin.* bindings, saves the config to model_dir, then trains."""
+    """Parses the gin files and --gin.* bindings and trains; the run validates everything before it
+    writes into model_dir, then saves the config there (t5lite/train/trainer.py)."""
     from t5lite import gin_utils
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
@@ -22,46 +23,44 @@ def run_training(args, finetune: bool = False) -> None:
         print(config_text)
         return
     model_dir = _query("%MODEL_DIR", "set --model_dir (or MODEL_DIR in a gin file)")
-    if finetune:
-        init = _query("train.init_checkpoint", "")
-        if not isinstance(init, (str, type(None))):  # bound through the INITIAL_CHECKPOINT_PATH macro
-            init = _query("%INITIAL_CHECKPOINT_PATH", "")
-        if not init:
-            raise UserError("finetune needs a checkpoint to start from: --init_checkpoint DIR or "
-                            "--gin.INITIAL_CHECKPOINT_PATH=DIR")
-        if not os.path.exists(init):
-            raise UserError(f"initial checkpoint {init} does not exist; train or convert one first")
+    if finetune and not (_query("train.init_checkpoint", "") or _query("%INITIAL_CHECKPOINT_PATH", "")):
+        raise UserError("finetune needs a checkpoint to start from: --init_checkpoint DIR or "
+                        "--gin.INITIAL_CHECKPOINT_PATH=DIR")
     metrics = gin_utils.train_into(model_dir, config_text)
-    print(json.dumps({"model_dir": model_dir, **{k: v for k, v in (metrics or {}).items()}}))
+    print(json.dumps({"model_dir": model_dir, **(metrics or {})}))
 
 
 def _query(key: str, fix: str):
     import gin
     try:
-        return gin.query_parameter(key)
+        value = gin.query_parameter(key)
     except ValueError:
         if fix:
             raise UserError(f"{key.lstrip('%')} is not set; {fix}") from None
         return None
+    if isinstance(value, gin.config.ConfigurableReference):  # e.g. train.init_checkpoint = %INITIAL_CHECKPOINT_PATH
+        return None
+    return value
 
 
 def load_for_inference(checkpoint: str, vocab_path=None):
-    """(config, params, vocab) from a training model_dir or a params checkpoint."""
+    """(config, params, vocab, decoder_only) from a training model_dir (its newest readable step) or a
+    params checkpoint."""
     from t5lite.data import tasks
     from t5lite.data.vocab import Vocabulary
-    from t5lite.train.checkpoint import load_any_params, load_train_checkpoint_params
-    from t5lite.train.trainer import checkpoint_vocabulary
+    from t5lite.train.checkpoint import (decoder_only_of, is_params_checkpoint, load_any_params,
+                                         load_train_checkpoint_params)
+    from t5lite.train.setup import checkpoint_vocabulary
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist; pass a model_dir or a converted checkpoint")
-    if os.path.isfile(os.path.join(checkpoint, "config.json")):
-        config, params = load_any_params(checkpoint)
-        vocab = None
+    if is_params_checkpoint(checkpoint):
+        (config, params), vocab, decoder_only = load_any_params(checkpoint), None, False
     else:
         config, params, meta = load_train_checkpoint_params(checkpoint)
-        vocab = checkpoint_vocabulary(meta)
+        vocab, decoder_only = checkpoint_vocabulary(meta), decoder_only_of(meta, params)
     if vocab_path:
         vocab = Vocabulary(vocab_path)
-    return config, params, vocab or tasks.default_vocabulary()
+    return config, params, vocab or tasks.default_vocabulary(), decoder_only
 
 
 def _decode_kwargs(args) -> dict:
@@ -78,13 +77,14 @@ def run_eval(args) -> None:
     """Decodes a task split with a checkpoint and prints the task's metrics plus perplexity."""
     from t5lite.data import tasks
     from t5lite.infer.evaluate import evaluate_task
-    config, params, vocab = load_for_inference(args.checkpoint, args.vocab)
+    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
     task = tasks.get(args.task)
     with _progress(args.max_examples or 0, f"eval {args.task}/{args.split}") as bar:
         results, records = evaluate_task(config, params, task, vocab, split=args.split,
                                          max_examples=args.max_examples, batch_size=args.batch_size,
                                          input_length=args.input_length, max_decode_length=args.max_decode_length,
-                                         strict=args.strict, progress=bar, **_decode_kwargs(args))
+                                         strict=args.strict, decoder_only=decoder_only, progress=bar,
+                                         **_decode_kwargs(args))
     if args.output:
         _write_jsonl(args.output, records)
     print(json.dumps({"task": args.task, "split": args.split, **results}))
@@ -93,43 +93,51 @@ def run_eval(args) -> None:
 def run_infer(args) -> None:
     """Decodes a task split or a text / JSONL file and writes JSONL (input, output, score) in order."""
     from t5lite.infer.evaluate import decode_texts
-    config, params, vocab = load_for_inference(args.checkpoint, args.vocab)
-    texts = _read_inputs(args, vocab)
+    texts = _read_inputs(args)
+    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
     with _progress(len(texts), "infer") as bar:
         records = decode_texts(config, params, vocab, texts, input_length=args.input_length,
                                batch_size=args.batch_size, max_decode_length=args.max_decode_length,
-                               strict=args.strict, progress=bar, **_decode_kwargs(args))
+                               strict=args.strict, decoder_only=decoder_only, progress=bar,
+                               **_decode_kwargs(args))
     _write_jsonl(args.output, records)
     logging.info("wrote %d predictions to %s", len(records), args.output)
     print(f"wrote {len(records)} predictions to {args.output}")
 
 
-def _read_inputs(args, vocab):
+def _read_inputs(args):
+    """The input texts, one per line of --input (blank lines stay, as empty inputs) or the task's split."""
     if bool(args.task) == bool(args.input):
         raise UserError("give exactly one of --task (with --split) or --input FILE")
     if args.task:
         from t5lite.data import tasks
-        examples = tasks.get(args.task).eval_examples(args.split, vocab, max_examples=args.max_examples)
+        examples = tasks.get(args.task).eval_examples(args.split, max_examples=args.max_examples)
         return [ex["inputs_pretokenized"] for ex in examples]
     if not os.path.isfile(args.input):
         raise UserError(f"input file {args.input} not found")
+    with open(args.input, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()  # the file's final newline ends the last line; it starts no new one
     texts = []
-    with open(args.input, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if args.input.endswith(".jsonl"):
-                try:
-                    texts.append(str(json.loads(line)[args.input_key]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{args.input}:{number}: not a JSON object with key {args.input_key!r}; "
-                                    "fix the line or pass --input_key") from None
-            else:
-                texts.append(line)
-            if args.max_examples and len(texts) >= args.max_examples:
-                break
+    for number, raw in enumerate(raw_lines[:args.max_examples] if args.max_examples else raw_lines, 1):
+        line = _decode_line(raw.rstrip(b"\r"), args.input, number, args.encoding_errors)
+        if args.input.endswith(".jsonl") and line.strip():
+            try:
+                line = str(json.loads(line)[args.input_key])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{args.input}:{number}: not a JSON object with key {args.input_key!r}; "
+                                "fix the line or pass --input_key") from None
+        texts.append(line)
     return texts
+
+
+def _decode_line(raw: bytes, path: str, number: int, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{number}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                        "convert the file (e.g. iconv -f latin1 -t utf-8) or pass --encoding_errors replace") from None
 
 
 def _write_jsonl(path: str, records) -> None:
@@ -156,9 +164,21 @@ def convert_from_hf(args) -> None:
 
 
 def convert_to_hf(args) -> None:
+    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5."""
     from t5lite.convert.hf import to_hf
-    from t5lite.train.checkpoint import load_params
-    config, params = load_params(args.checkpoint)
+    from t5lite.train.checkpoint import decoder_only_of, is_params_checkpoint, load_params, load_train_checkpoint_params
+    if not os.path.exists(args.checkpoint):
+        raise UserError(f"checkpoint {args.checkpoint} does not exist; pass a training model_dir or a params "
+                        "checkpoint")
+    if is_params_checkpoint(args.checkpoint):
+        if args.step is not None:
+            raise UserError("--step applies to a training model_dir, not to a params checkpoint")
+        config, params = load_params(args.checkpoint)
+    else:
+        config, params, meta = load_train_checkpoint_params(args.checkpoint, args.step)
+        if decoder_only_of(meta, params):
+            raise UserError(f"{args.checkpoint} holds a decoder-only model; HF's T5 is an encoder-decoder, so it "
+                            "has no HF T5 form")
     to_hf(config, params, args.out)
     print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
 

@@ -14,6 +14,7 @@ from t5lite.model import EncoderDecoder, get_config, init_params
 from t5lite.train import optimizers, step
 from t5lite.train.state import TrainState
 
+
 # ---------------------------------------------------------------------------------------------
 # Loss.
 # ---------------------------------------------------------------------------------------------

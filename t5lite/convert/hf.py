@@ -93,8 +93,9 @@ def _read_json(path: str) -> dict:
 
 def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
     """T5Config from an HF config.json dict (transformers 4 or 5)."""
-    if hf.get("model_type") not in ("t5", "mt5"):
-        raise UserError(f"config.json has model_type {hf.get('model_type')!r}, expected 't5' or 'mt5'")
+    if not isinstance(hf, dict) or hf.get("model_type") not in ("t5", "mt5"):
+        raise UserError(f"config.json has model_type {(hf or {}).get('model_type') if isinstance(hf, dict) else None!r}, "
+                        "expected 't5' or 'mt5'")
     proj = hf.get("feed_forward_proj", "relu")
     if proj not in _HF_TO_ACTIVATIONS:
         raise UserError(f"unsupported feed_forward_proj {proj!r}; supported: {', '.join(_HF_TO_ACTIVATIONS)}")
@@ -105,6 +106,9 @@ def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
     if scale and has_separate_lm_head:
         raise UserError("checkpoint has a separate lm_head.weight but scales decoder outputs; t5lite supports "
                         "tied+scaled (v1.0) or untied+unscaled (v1.1) logits only")
+    missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
+    if missing:
+        raise UserError(f"config.json lacks {', '.join(missing)}; it is not a complete HF T5 config")
     return T5Config(
         vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
         mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],

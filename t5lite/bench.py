@@ -12,6 +12,7 @@ from typing import Dict, List
 import jax
 import numpy as np
 
+from t5lite.data.vocab import EOS_ID
 from t5lite.model import get_config, init_params
 
 
@@ -29,7 +30,7 @@ def _best_of(fn, repeats: int) -> float:
 def _generated_tokens(tokens: np.ndarray) -> int:
     """Tokens up to and including each row's EOS (or all of them when there is none)."""
     tokens = np.asarray(tokens)
-    after_eos = np.cumsum(np.cumsum(tokens == 1, axis=1), axis=1) > 1
+    after_eos = np.cumsum(np.cumsum(tokens == EOS_ID, axis=1), axis=1) > 1
     return int((~after_eos).sum())
 
 

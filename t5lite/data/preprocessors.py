@@ -12,10 +12,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from t5lite.data.vocab import EOS_ID, NUM_SENTINELS
 from t5lite.errors import UserError
 
 Example = Mapping[str, Any]
-NUM_SENTINELS = 100
 
 
 def _field(example: Example, key: str, what: str) -> Any:
@@ -217,7 +217,7 @@ def trim(example: Example, lengths: Mapping[str, int]) -> dict:
     return out
 
 
-def append_eos(example: Example, eos_id: int = 1, keys: Sequence[str] = ("inputs", "targets"),
+def append_eos(example: Example, eos_id: int = EOS_ID, keys: Sequence[str] = ("inputs", "targets"),
                lengths: Mapping[str, int] | None = None) -> dict:
     """Append EOS to each token field in `keys`.
 

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config
 
-EOS_ID = 1
 NEG_INF = -1.0e9  # HF's "impossible" score; finite so that sums stay ordered
 METHODS = ("greedy", "beam", "sample")
 

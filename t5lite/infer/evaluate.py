@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5lite import metrics as metrics_lib
+from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
 from t5lite.infer.decoding import generate
 from t5lite.model import EncoderDecoder
 
 
-def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = 1,
+def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = EOS_ID,
                strict: bool = False, numbers: Optional[Sequence[int]] = None) -> (np.ndarray, int):
     """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated.
 

@@ -19,13 +19,12 @@ import shutil
 from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
-import grain
-import grain.checkpoint  # noqa: F401 - registers grain's orbax handlers
 import jax
 import orbax.checkpoint as ocp
 
 from t5lite.errors import UserError
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
+from t5lite.train.data_checkpoint import DataPositionRestore, DataPositionSave
 
 PARAMS_FORMAT = "t5lite-params"
 TRAIN_FORMAT = "t5lite-train"
@@ -208,7 +207,10 @@ def stored_state_shapes(step_dir: str) -> Dict[str, tuple]:
     """{path: shape} of the train state saved in a step, from orbax's metadata (no arrays read)."""
     with ocp.PyTreeCheckpointer() as ckptr:
         metadata = ckptr.metadata(os.path.join(step_dir, "state"))
-    return flat_shapes(getattr(metadata, "item_metadata", metadata))
+    shapes = flat_shapes(getattr(metadata, "item_metadata", metadata))
+    if not shapes:  # orbax answers a damaged metadata file with an empty tree, not an error
+        raise ValueError("the train state's metadata is missing or damaged")
+    return shapes
 
 
 def decoder_only_of(meta: dict, params: Optional[dict] = None) -> bool:
@@ -291,9 +293,9 @@ def stored_model(path: str) -> Tuple[T5Config, bool, Optional[dict]]:
 
 
 class TrainCheckpointer:
-    """orbax CheckpointManager over `model_dir/checkpoints`: train state (sharded arrays),
-    every process's data-iterator state (grain), and meta (model config, operative gin config,
-    vocabulary), saved asynchronously. orbax finalises a step by renaming it into place, so a
+    """orbax CheckpointManager over `model_dir/checkpoints`: train state (sharded arrays), the
+    data position (one state per virtual data shard, t5lite/train/data_checkpoint.py), and meta
+    (model config, operative gin config, vocabulary), saved asynchronously. orbax finalises a step by renaming it into place, so a
     killed save never shows up as a step.
 
     Restoring walks the steps newest first. A step whose saved shapes differ from the configured
@@ -311,7 +313,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator),
+                                  data=DataPositionSave(data_iterator.get_state(), primary=jax.process_index() == 0),
                                   meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
@@ -340,8 +342,10 @@ class TrainCheckpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    data=DataPositionRestore(data_iterator),
                     meta=ocp.args.JsonRestore()))
+            except UserError:
+                raise  # readable, but saved with other settings (e.g. the data shards): a configuration error
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
                 self._set_aside(step, e)
                 continue

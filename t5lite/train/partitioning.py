@@ -233,6 +233,27 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     return True
 
 
+def process_batch_rows(mesh: Mesh, rules, batch_size: int) -> range:
+    """The rows of a [batch_size] global batch that this process's devices hold: one contiguous range
+    (the input pipeline materialises exactly these rows)."""
+    indices = batch_sharding(mesh, rules).addressable_devices_indices_map((batch_size,)).values()
+    rows = sorted({r for index in indices for r in range(*index[0].indices(batch_size))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise UserError(f"this process's devices hold batch rows {rows}, not one contiguous block; order the "
+                        "mesh devices by process (jax.make_mesh does) or use a mesh whose batch axes follow hosts")
+    return range(rows[0], rows[-1] + 1)
+
+
+def data_shards_of_rows(rows: range, batch_size: int, num_shards: int) -> range:
+    """The virtual data shards whose blocks of batch_size / num_shards rows make up `rows`."""
+    per_shard = batch_size // num_shards
+    if rows.start % per_shard or len(rows) % per_shard:
+        raise UserError(f"this process holds batch rows {rows.start}..{rows.stop - 1}, which do not align with "
+                        f"{num_shards} data shards of {per_shard} rows; set train.data_shards to a multiple of the "
+                        "process count that divides BATCH_SIZE")
+    return range(rows.start // per_shard, rows.stop // per_shard)
+
+
 def global_batch_from_local(local_batch, mesh: Mesh, rules=None, global_batch_size: Optional[int] = None):
     """This process's rows [B_local, ...] -> global jax.Arrays [B_global, ...] split over the batch axes.
 

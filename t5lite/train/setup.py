@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from t5lite.data import tasks as tasks_lib
+from t5lite.data.pipeline import default_num_shards
 from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, abstract_params, get_config
@@ -140,11 +141,16 @@ def checkpoint_vocabulary(meta: dict) -> Optional[Vocabulary]:
 # The run.
 # ---------------------------------------------------------------------------------------------
 
-def evaluate_loss(eval_step, params, batches, mesh, rules) -> Dict[str, float]:
-    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided)."""
+def evaluate_loss(eval_step, params, batches, mesh, rules, batch_size: Optional[int] = None) -> Dict[str, float]:
+    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided).
+
+    Stops at the first batch without a weighted token in the whole global batch (the end of a
+    finite split whose shards pad after their end): every process sees the same global sums."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight_sum": 0.0}
     for batch in batches:
-        sums = jax.device_get(eval_step(params, partitioning.global_batch_from_local(batch, mesh, rules)))
+        sums = jax.device_get(eval_step(params, partitioning.global_batch_from_local(batch, mesh, rules, batch_size)))
+        if float(sums["weight_sum"]) == 0:
+            break
         for k in totals:
             totals[k] += float(sums[k])
     weight = max(totals["weight_sum"], 1e-9)
@@ -175,6 +181,7 @@ class Run:
     initial_state: Callable[[], TrainState]
     train_step: Callable
     data: Any
+    batch_size: int
     evaluate: Callable[[Any], Dict[str, float]]
     monitor: Callable[[int], Monitor]
     train_steps: int
@@ -184,6 +191,10 @@ class Run:
     keep_checkpoints: int
     keep_period: Optional[int]
     peer_timeout_s: Optional[float]
+
+    def next_batch(self) -> dict:
+        """The next global batch, sharded over the mesh (this process supplies its rows)."""
+        return partitioning.global_batch_from_local(next(self.data), self.mesh, self.rules, self.batch_size)
 
     def checkpoint_meta(self, operative_gin: str) -> dict:
         return checkpoint_meta(self.config, operative_gin, self.vocab.serialized_model, self.decoder_only)
@@ -204,7 +215,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             model, model_overrides, vocab_path, decoder_only: bool, pack: bool, seed: int, optimizer: str,
             schedule: str, learning_rate: float, warmup_steps: int, clip_grad_norm, optimizer_kwargs,
             num_microbatches: int, z_loss: float, label_smoothing: float, loss_normalizing_factor,
-            mesh_shape: Sequence[int], partition_rules, checkpoint_period: int, keep_checkpoints: int, keep_period,
+            mesh_shape: Sequence[int], partition_rules, data_shards, checkpoint_period: int, keep_checkpoints: int,
+            keep_period,
             log_period: int, eval_period, eval_batches: int, eval_split: str, init_checkpoint, peak_flops,
             progress, peer_timeout_s) -> Run:
     """Checks every setting and builds the run; raises UserError on the first mistake, writes nothing."""
@@ -225,10 +237,16 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
 
     mesh = partitioning.make_mesh(*mesh_shape)
     rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
-    data_shards = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
-    if batch_size % data_shards:
-        raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the {data_shards} data x fsdp shards of the "
-                        f"mesh; use a multiple of {data_shards}")
+    batch_splits = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
+    if batch_size % batch_splits:
+        raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the {batch_splits} data x fsdp shards of the "
+                        f"mesh; use a multiple of {batch_splits}")
+    num_shards = default_num_shards(batch_size) if data_shards is None else data_shards
+    _integer("data_shards", num_shards)
+    if batch_size % num_shards:
+        raise UserError(f"train.data_shards {num_shards} does not divide BATCH_SIZE {batch_size}; choose a divisor")
+    shards = partitioning.data_shards_of_rows(partitioning.process_batch_rows(mesh, rules, batch_size), batch_size,
+                                              num_shards)
     opt = make_optimizer(optimizer, schedule, learning_rate, warmup_steps, total_steps=train_steps,
                          clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
     module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
@@ -237,7 +255,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
     def batches(split, shuffle, num_epochs):
         return task_obj.pipeline(split, vocab, feature_lengths=feature_lengths, batch_size=batch_size, seed=seed,
                                  shuffle=shuffle, num_epochs=num_epochs, pack=pack, decoder_only=decoder_only,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+                                 num_shards=num_shards, shards=shards, pad_after_end=num_epochs is not None,
+                                 prefetch=2 if num_epochs is None else 0)
 
     data = batches("train", True, None)
     _first_batch(data, f"the train split of task {task_obj.name!r}")
@@ -246,10 +265,13 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
         if eval_split not in task_obj.splits:
             raise UserError(f"task {task_obj.name!r} has no split {eval_split!r} to evaluate on (EVAL_PERIOD is set); "
                             f"set train.eval_split to one of {', '.join(task_obj.splits)}, or EVAL_PERIOD = None")
+        if len(task_obj.source(eval_split)) == 0:
+            raise UserError(f"the {eval_split} split of task {task_obj.name!r} is empty; add data or set "
+                            "EVAL_PERIOD = None")
         _first_batch(batches(eval_split, False, 1), f"the {eval_split} split of task {task_obj.name!r}")
         eval_step = make_eval_step(module, mesh, rules, shardings.params)
         eval_fn = lambda params: evaluate_loss(eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
-                                               mesh, rules)
+                                               mesh, rules, batch_size)
 
     def initial_state() -> TrainState:
         state = partitioning.init_train_state(config, opt, mesh, rules, jax.random.key(seed), decoder_only)
@@ -274,7 +296,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                            loss_normalizing_factor=loss_normalizing_factor)
     return Run(model_dir=model_dir, config=config, vocab=vocab, decoder_only=decoder_only, mesh=mesh, rules=rules,
                abstract_state=partitioning.abstract_train_state(config, opt, shardings, decoder_only),
-               initial_state=initial_state, train_step=step, data=data, evaluate=eval_fn, monitor=monitor,
+               initial_state=initial_state, train_step=step, data=data, batch_size=batch_size, evaluate=eval_fn,
+               monitor=monitor,
                train_steps=train_steps, log_period=log_period, eval_period=eval_period,
                checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
                peer_timeout_s=peer_timeout_s)

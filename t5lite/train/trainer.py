@@ -50,7 +50,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
           warmup_steps: int = 10_000, clip_grad_norm: Optional[float] = None, optimizer_kwargs: Optional[dict] = None,
           num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalizing_factor: Optional[float] = None, mesh_shape: Sequence[int] = (-1, 1, 1),
-          partition_rules: Optional[str] = None, checkpoint_period: int = 1000, keep_checkpoints: int = 2,
+          partition_rules: Optional[str] = None, data_shards: Optional[int] = None,
+          checkpoint_period: int = 1000, keep_checkpoints: int = 2,
           keep_period: Optional[int] = None, async_checkpoints: bool = True, log_period: int = 10,
           eval_period: Optional[int] = None, eval_batches: int = 10, eval_split: str = "validation",
           init_checkpoint: Optional[str] = None, peak_flops: Optional[float] = None, progress: Optional[str] = None,
@@ -61,6 +62,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     Resumes automatically from `model_dir/checkpoints`. `init_checkpoint` (a params checkpoint
     from `t5lite convert from-hf` or another run's model_dir) seeds the parameters of a fresh
     run (fine-tuning). mesh_shape is (data, fsdp, tensor); -1 takes the remaining devices.
+    `data_shards`: virtual data shards (default gcd(batch_size, 64)); the batches depend on it but
+    not on the process count, which must divide it.
     `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
     long (a dead peer). `write_configs(model_dir)` is called once the run holds model_dir (the
     CLI writes config.gin / operative_config.gin there).
@@ -75,7 +78,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             learning_rate=learning_rate, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
             optimizer_kwargs=optimizer_kwargs, num_microbatches=num_microbatches, z_loss=z_loss,
             label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor, mesh_shape=mesh_shape,
-            partition_rules=partition_rules, checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints,
+            partition_rules=partition_rules, data_shards=data_shards, checkpoint_period=checkpoint_period,
+            keep_checkpoints=keep_checkpoints,
             keep_period=keep_period, log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
             eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
             peer_timeout_s=peer_timeout_s)
@@ -145,6 +149,7 @@ def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
     finally:
         checkpointer.wait()
         checkpointer.close()
+        run.data.close()  # stops its prefetch thread now, not at interpreter exit
         if monitor is not None:
             monitor.close()
         if watchdog is not None:
@@ -152,27 +157,36 @@ def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
 
 
 def _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta) -> Dict[str, float]:
+    progress = {"step": start_step}
+    try:
+        return _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta, progress)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if jax.process_count() == 1:
+            raise
+        # Collectives are asynchronous: a dead peer surfaces anywhere in the loop (a metric read, a save).
+        log.exception("training failed after step %d", progress["step"])
+        text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        fail(f"training failed after step {progress['step']} of a {jax.process_count()}-process run "
+             f"({type(e).__name__}: {text}); a peer process has probably died: restart the job (it resumes from "
+             "the last checkpoint)")
+
+
+def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta, progress) -> Dict[str, float]:
     last_saved = start_step if start_step > 0 else None
     logged: Dict[str, float] = {}
     step, since, timer = start_step, 0, time.perf_counter()
     stop = False
     while step < run.train_steps and not stop:
-        try:
-            batch = partitioning.global_batch_from_local(next(run.data), run.mesh, run.rules)
-            state, metrics = run.train_step(state, batch)
-            step, since = step + 1, since + 1
-            if step == start_step + 1:  # keep compilation out of the throughput numbers
-                jax.block_until_ready(metrics)
-                log.info("compiled and ran the first step in %.1f s", time.perf_counter() - timer)
-                since, timer = 0, time.perf_counter()
-            stop = preemption.reached(step - start_step)
-        except Exception as e:  # noqa: BLE001
-            if jax.process_count() > 1 and not isinstance(e, UserError):
-                log.exception("step %d failed", step + 1)
-                fail(f"step {step + 1} failed in a {jax.process_count()}-process run ({type(e).__name__}: "
-                     f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); a peer process has "
-                     "probably died: restart the job (it resumes from the last checkpoint)")
-            raise
+        state, metrics = run.train_step(state, run.next_batch())
+        step, since = step + 1, since + 1
+        progress["step"] = step
+        if step == start_step + 1:  # keep compilation out of the throughput numbers
+            jax.block_until_ready(metrics)
+            log.info("compiled and ran the first step in %.1f s", time.perf_counter() - timer)
+            since, timer = 0, time.perf_counter()
+        stop = preemption.reached(step - start_step)
         watchdog.beat(step)
         if step % run.log_period == 0 or step == run.train_steps:
             host = _host_metrics(metrics)

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import gin
 
+from t5lite import provenance
 from t5lite.errors import UserError
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -164,12 +165,13 @@ def call_configured(fn):
 def train_into(model_dir: str, config_text: str):
     """Runs the gin-configured `train`, saving the bound config before and the operative one after."""
     os.makedirs(model_dir, exist_ok=True)
+    code_line = provenance.write(model_dir)  # provenance.json: the code (commit, diff hash) and the hosts
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
         f.write(config_text)
     train = configured("train")
     metrics = call_configured(lambda: train(operative_gin=config_text))
     with open(os.path.join(model_dir, "operative_config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
+        f.write(code_line + gin.operative_config_str())
     return metrics
 
 

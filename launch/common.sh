@@ -75,11 +75,14 @@ and_then() {
 }
 
 # Shell command (for a host) that replaces the directory $1 by the unpacked tree, keeping its .venv,
-# so files deleted here disappear there too and an install survives a sync.
+# so files deleted here disappear there too and an install survives a sync. A directory that is not a
+# t5lite tree (no pyproject.toml: a mistyped REMOTE_DIR) is left alone.
 unpack_command() {
   local dir incoming tarball
   dir=$(shell_quote "$1") incoming=$(shell_quote "$1.incoming") tarball=$(shell_quote "$REMOTE_TARBALL")
-  and_then "rm -rf $incoming" "mkdir -p $incoming" "tar -xzf $tarball -C $incoming" \
+  local refuse="{ echo \"\$(hostname):$dir is not a t5lite tree; not replacing it (set REMOTE_DIR)\" >&2; exit 2; }"
+  and_then "{ [ ! -e $dir ] || [ -f $dir/pyproject.toml ] || $refuse; }" \
+    "rm -rf $incoming" "mkdir -p $incoming" "tar -xzf $tarball -C $incoming" \
     "{ [ ! -d $dir/.venv ] || mv $dir/.venv $incoming/; }" "rm -rf $dir" "mv $incoming $dir" "rm -f $tarball" \
     "echo \"synced into \$(hostname):$dir\""
 }
@@ -109,6 +112,6 @@ t5lite_command() {
   shift
   local missing
   missing="t5lite is not installed in $dir on \$(hostname): run launch/$(basename "$0") install"
-  printf '%s\n' "{ [ -x $dir/.venv/bin/t5lite ] || { echo \"$missing\" >&2; exit 2; }; } && cd $dir &&\
- ${assignments[*]} .venv/bin/t5lite $(quote_words "$@")"
+  and_then "{ [ -x $dir/.venv/bin/t5lite ] || { echo \"$missing\" >&2; exit 2; }; }" "cd $dir" \
+    "${assignments[*]} .venv/bin/t5lite $(quote_words "$@")"
 }

@@ -48,6 +48,37 @@ fi
 first=${hosts[0]}
 coordinator=${COORDINATOR:-${first#*@}:${PORT:-8476}}
 
+# Runs `$1 HOST INDEX` for every host at once (one after the other, printing, under DRY_RUN=1) and
+# fails naming the hosts where it failed.
+on_every_host() {
+  local step=$1 what=$2 i pids=() failed=()
+  for i in "${!hosts[@]}"; do
+    if [[ ${DRY_RUN:-0} == 1 ]]; then
+      "$step" "${hosts[i]}" "$i"
+    else
+      "$step" "${hosts[i]}" "$i" </dev/null &
+      pids[i]=$!
+    fi
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[i]}" || failed+=("${hosts[i]}")
+  done
+  [[ ${#failed[@]} -eq 0 ]] || die "$what failed on ${failed[*]}"
+}
+
+# Copies the packed tree to host $1 and unpacks it there, then runs $then_install there, if set.
+ship_to() {
+  run_or_print scp -q "$PACKED_TREE" "$1:$REMOTE_TARBALL" &&
+    run_or_print ssh "$1" "$(and_then "$(unpack_command "$tree")" "${then_install[@]}")"
+}
+
+# Starts process $2 of the run on host $1. -tt: when this script stops, the hung-up remote shell
+# stops its t5lite too.
+start_on() {
+  run_or_print ssh -tt "$1" "$(t5lite_command "$tree" JAX_COORDINATOR_ADDRESS="$coordinator" \
+    JAX_NUM_PROCESSES="${#hosts[@]}" JAX_PROCESS_ID="$2" T5LITE_HOSTS="${hosts[*]}" -- "${t5lite_args[@]}")"
+}
+
 case "${1:-}" in
   sync | install)
     [[ ${SHARED_FS:-0} != 1 || $1 == install ]] || die "SHARED_FS=1: the hosts run $PWD in place; nothing to sync"
@@ -61,30 +92,13 @@ case "${1:-}" in
       exit 0
     fi
     pack_tree
-    for host in "${hosts[@]}"; do
-      run_or_print scp -q "$PACKED_TREE" "$host:$REMOTE_TARBALL"
-      run_or_print ssh "$host" "$(and_then "$(unpack_command "$tree")" "${then_install[@]}")"
-    done ;;
+    on_every_host ship_to "$1" ;;
   run)
     shift
     [[ ${1:-} != t5lite ]] || shift
     [[ $# -gt 0 ]] || die "run needs t5lite arguments, e.g. run train --gin_file=... --model_dir=/nfs/runs/x"
-    pids=()
-    for i in "${!hosts[@]}"; do
-      command=$(t5lite_command "$tree" JAX_COORDINATOR_ADDRESS="$coordinator" JAX_NUM_PROCESSES="${#hosts[@]}" \
-        JAX_PROCESS_ID="$i" T5LITE_HOSTS="${hosts[*]}" -- "$@")
-      if [[ ${DRY_RUN:-0} == 1 ]]; then
-        quote_words ssh -tt "${hosts[i]}" "$command"
-      else  # -tt: when this script stops, the hung-up remote shells stop their t5lite too
-        ssh -tt "${hosts[i]}" "$command" </dev/null &
-        pids[i]=$!
-      fi
-    done
-    failed=()
-    for i in "${!pids[@]}"; do
-      wait "${pids[i]}" || failed+=("${hosts[i]}")
-    done
-    [[ ${#failed[@]} -eq 0 ]] || die "t5lite failed on ${failed[*]}" ;;
+    t5lite_args=("$@")
+    on_every_host start_on t5lite ;;
   *)
     die "$usage" ;;
 esac

@@ -47,7 +47,7 @@ on_all_workers() {
 sync_tree() {
   pack_tree
   run_or_print gcloud compute tpus tpu-vm scp "$PACKED_TREE" "$TPU_NAME:$REMOTE_TARBALL" "${where[@]}" --worker=all
-  on_all_workers "$(and_then "$(unpack_command "$REMOTE_DIR")" "${@}")"
+  on_all_workers "$(and_then "$(unpack_command "$REMOTE_DIR")" "$@")"
 }
 
 case "${1:-}" in

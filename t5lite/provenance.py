@@ -214,7 +214,7 @@ def summary_line(record: Mapping) -> str:
         changes = f"uncommitted changes, diff sha256 {record['diff_sha256']}" if record["dirty"] else "clean"
         code = f"commit {record['commit']} ({changes}) from the {record['source']} {record['tree']}"
     processes = f"{record['process_count']} process{'es' if record['process_count'] > 1 else ''}"
-    hosts = ", ".join(record["hosts"] or [record["hostname"]])
+    hosts = ", ".join(record["hosts"]) if record["hosts"] else f"{record['hostname']} and others"
     return f"# provenance: {code}; {processes} on {hosts}; see {RUN_FILE}\n"
 
 
@@ -229,8 +229,9 @@ def write(model_dir: str, process_index: Optional[int] = None, process_count: Op
         env_index, env_count, env_hosts = process_identity()
         process_index = env_index if process_index is None else process_index
         process_count, hosts = (env_count if process_count is None else process_count), hosts or env_hosts
-    record = {**code_provenance(root), "hostname": socket.gethostname(), "hosts": hosts,
-              "process_count": process_count, "started_at": _now(), "argv": sys.argv, "versions": _versions()}
+    hostname = socket.gethostname()
+    record = {**code_provenance(root), "hostname": hostname,
+              "hosts": hosts or ([hostname] if process_count == 1 else None), "process_count": process_count, "started_at": _now(), "argv": sys.argv, "versions": _versions()}
     line = summary_line(record)
     if process_index != 0:
         return line

@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -122,6 +123,15 @@ def test_tpu_run_on_a_worker_without_install_names_the_fix(tmp_path):
     assert proc.returncode == 2 and "run launch/tpu_vm.sh install" in proc.stderr
 
 
+def test_sync_never_replaces_a_directory_that_is_not_a_t5lite_tree(tmp_path):
+    *_, ssh = lines("tpu_vm.sh", "sync", env={**TPU, "REMOTE_DIR": "data"})
+    (tmp_path / "worker/data").mkdir(parents=True)
+    (tmp_path / "worker/data/corpus.txt").write_text("precious")
+    proc, _ = run_remote(remote_command(ssh), tmp_path / "worker", tmp_path / "argv.json")
+    assert proc.returncode == 2 and "is not a t5lite tree" in proc.stderr
+    assert (tmp_path / "worker/data/corpus.txt").read_text() == "precious"
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["run"], TPU, "run needs t5lite arguments"),
     (["create"], {"TPU_NAME": "t5"}, "set TPU_NAME and ZONE"),
@@ -167,22 +177,6 @@ def test_gpu_shared_filesystem_runs_this_tree_in_place(tmp_path):
     assert f"cd {shlex.quote(str(ROOT))} &&" in remote_command(run0, flag=None)
 
 
-def test_gpu_run_fails_when_any_host_fails(tmp_path):
-    """Through a stand-in ssh that runs each host's command in its own directory: host gpu1 exits 3."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ssh").write_text('#!/usr/bin/env bash\n[[ $1 == -tt ]] && shift\nhost=$1\n'
-                                 'cd "$FAKE/$host" && HOME=$PWD RECORD=$PWD/argv.json EXIT=$(cat exit) bash -c "$2"\n')
-    (bin_dir / "ssh").chmod(0o755)
-    for host, code in (("gpu0", 0), ("gpu1", 3)):
-        fake_t5lite(tmp_path / host)
-        (tmp_path / host / "exit").write_text(str(code))
-    proc = script("gpu_multihost.sh", "run", "train", check=False, env={
-        "DRY_RUN": "0", "HOSTS": "gpu0 gpu1", "FAKE": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
-    assert proc.returncode == 2 and "t5lite failed on gpu1" in proc.stderr
-    assert json.loads((tmp_path / "gpu0/argv.json").read_text())["argv"] == ["train"]
-
-
 def test_local_dry_run():
     assert lines("local.sh", *ARGS) == [shlex.join(["cd", str(ROOT)]), "make install",
                                         shlex.join([".venv/bin/t5lite", *ARGS])]
@@ -205,7 +199,7 @@ def edited_checkout(tmp_path):
     """A git checkout of the launch scripts and a model module, with an uncommitted edit, an untracked
     module, and a .venv / runs / __pycache__ that no .gitignore hides (so the exclusion itself is tested)."""
     repo = tmp_path / "checkout"
-    for name in ("launch/tpu_vm.sh", "launch/common.sh", "pyproject.toml", "t5lite/__init__.py",
+    for name in ("launch/tpu_vm.sh", "launch/gpu_multihost.sh", "launch/common.sh", "pyproject.toml", "t5lite/__init__.py",
                  "t5lite/errors.py", "t5lite/provenance.py", "t5lite/model/layers.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
@@ -233,7 +227,8 @@ def test_sync_ships_edits_and_new_files_without_venv_runs_or_caches(edited_check
 
     tree = worker / "t5lite"
     shipped = sorted(str(p.relative_to(tree)) for p in tree.rglob("*") if p.is_file())
-    assert shipped == sorted([".gitignore", ".t5lite_tree.json", "launch/common.sh", "launch/tpu_vm.sh",
+    assert shipped == sorted([".gitignore", ".t5lite_tree.json", "launch/common.sh", "launch/gpu_multihost.sh",
+                              "launch/tpu_vm.sh",
                               "pyproject.toml", "t5lite/__init__.py", "t5lite/errors.py", "t5lite/model/layers.py",
                               "t5lite/model/my_attention.py", "t5lite/provenance.py"])
     assert (tree / "t5lite/model/layers.py").read_text().endswith("ABLATION = 'my edit'\n")
@@ -252,6 +247,39 @@ def test_sync_ships_edits_and_new_files_without_venv_runs_or_caches(edited_check
     (tree / ".venv/installed").write_text("")
     script("tpu_vm.sh", "sync", env=env, root=edited_checkout)
     assert not (tree / "t5lite/model/my_attention.py").exists() and (tree / ".venv/installed").exists()
+
+
+FAKE_SSH = """#!/usr/bin/env bash
+# ssh [-tt] HOST CMD: runs CMD in $FAKE/HOST, its home (t5lite exits with the number in $FAKE/HOST/exit)
+[[ $1 == -tt ]] && shift
+cd "$FAKE/$1" && HOME=$PWD RECORD=$PWD/argv.json EXIT=$(cat exit 2>/dev/null || echo 0) bash -c "$2"
+"""
+FAKE_SCP = """#!/usr/bin/env bash
+# scp -q SRC HOST:DEST: copies into $FAKE/HOST
+cp "$2" "$FAKE/${3%%:*}/${3#*:}"
+"""
+
+
+def test_gpu_sync_reaches_every_host_at_once_and_run_fails_when_any_host_fails(edited_checkout, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("ssh", FAKE_SSH), ("scp", FAKE_SCP)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    for host in ("gpu0", "gpu1"):
+        (tmp_path / host).mkdir()
+    env = {"DRY_RUN": "0", "HOSTS": "gpu0 gpu1", "FAKE": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    script("gpu_multihost.sh", "sync", env=env, root=edited_checkout)
+    for host in ("gpu0", "gpu1"):
+        assert (tmp_path / host / "t5lite/t5lite/model/layers.py").read_text().endswith("ABLATION = 'my edit'\n")
+        assert (tmp_path / host / "t5lite/.t5lite_tree.json").exists()
+
+    for host, code in (("gpu0", 0), ("gpu1", 3)):
+        fake_t5lite(tmp_path / host)
+        (tmp_path / host / "exit").write_text(str(code))
+    proc = script("gpu_multihost.sh", "run", "train", env=env, root=edited_checkout, check=False)
+    assert proc.returncode == 2 and "t5lite failed on gpu1" in proc.stderr
+    assert json.loads((tmp_path / "gpu0/argv.json").read_text())["argv"] == ["train"]
 
 
 # --- provenance of real training runs --------------------------------------------------------------------
@@ -278,7 +306,7 @@ def test_local_train_records_the_checkout_in_model_dir(tmp_path):
     assert record["source"] == "git checkout" and record["tree"] == str(ROOT) and record["commit"] == head.strip()
     assert (record["modified"], record["untracked"], record["dirty"]) == (modified, untracked, bool(modified + untracked))
     assert (record["diff_sha256"] is None) == (not record["dirty"])
-    assert record["process_count"] == 1 and record["hostname"] and record["started_at"]
+    assert record["process_count"] == 1 and record["hosts"] == [socket.gethostname()] and record["started_at"]
     first_line = (tmp_path / "run" / "operative_config.gin").read_text().splitlines()[0]
     assert first_line.startswith(f"# provenance: commit {record['commit']}")
 

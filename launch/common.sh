@@ -1,17 +1,20 @@
 # shellcheck shell=bash
 # Sourced by the launch scripts (not run): dry-run, quoting, and shipping the working tree to hosts.
 #
-# DRY_RUN=1 makes every script print the commands it would run, one per line, each word quoted
-# like Python's shlex.quote, so a line can be pasted into a shell as it is.
+# DRY_RUN=1 makes every script print the commands it would run, one per line, each word quoted so
+# that a line pasted into a shell gives the same words.
 
 (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 404 )) ||
   { echo "$0 needs bash 4.4 or newer (macOS: brew install bash)" >&2; exit 2; }
 
-# One word as a shell reads it back: bare when that is safe, else single-quoted.
+# One word as a shell reads it back: bare when that is safe; in double quotes when it holds a ' and
+# nothing double quotes would expand (--gin.NAME="'my task'", as one would type it); else in single quotes.
 shell_quote() {
   local quote_in_quotes="'\"'\"'"  # ends the quotes, a ' in double quotes, reopens them
   if [[ $1 =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
     printf '%s' "$1"
+  elif [[ $1 == *\'* && $1 != *[\"\$\`\\!]* ]]; then
+    printf '"%s"' "$1"
   else
     printf "'%s'" "${1//\'/$quote_in_quotes}"
   fi

@@ -77,6 +77,17 @@ def test_shellcheck_passes_on_every_launch_script():
     assert proc.returncode == 0, proc.stdout
 
 
+def test_quoted_words_read_back_unchanged():
+    """launch/common.sh's quoting against bash itself, on every printable ASCII character and then some."""
+    words = ["", " ", "plain", "it's", "'", '"', "a'b\"c", "$HOME", "`id`", "\\", "!x", "a\nb\tc", "é ✓", "*", "~",
+             "it's $HOME", "it's `id`", "it's \\n", "it's $(id)",
+             *[chr(c) for c in range(33, 127)], "".join(chr(c) for c in range(32, 127))]
+    quoted = subprocess.run(["bash", "-c", 'source launch/common.sh && quote_words "$@"', "_", *words], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    read_back = subprocess.run(["bash", "-c", f"printf '%s\\0' {quoted}"], capture_output=True, text=True).stdout
+    assert read_back.split("\0")[:-1] == words
+
+
 def test_tpu_create_and_delete_commands():
     env = {**TPU, "ACCELERATOR": "v5litepod-16", "VERSION": "v2-alpha-tpuv5-lite", "SPOT": "1", "PROJECT": "my-proj"}
     assert lines("tpu_vm.sh", "create", env=env) == [shlex.join(
@@ -178,8 +189,8 @@ def test_gpu_shared_filesystem_runs_this_tree_in_place(tmp_path):
 
 
 def test_local_dry_run():
-    assert lines("local.sh", *ARGS) == [shlex.join(["cd", str(ROOT)]), "make install",
-                                        shlex.join([".venv/bin/t5lite", *ARGS])]
+    assert [shlex.split(line) for line in lines("local.sh", *ARGS)] == [
+        ["cd", str(ROOT)], ["make", "install"], [".venv/bin/t5lite", *ARGS]]
 
 
 # --- shipping an edited tree through a stand-in gcloud --------------------------------------------------

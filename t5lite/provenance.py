@@ -231,7 +231,8 @@ def write(model_dir: str, process_index: Optional[int] = None, process_count: Op
         process_count, hosts = (env_count if process_count is None else process_count), hosts or env_hosts
     hostname = socket.gethostname()
     record = {**code_provenance(root), "hostname": hostname,
-              "hosts": hosts or ([hostname] if process_count == 1 else None), "process_count": process_count, "started_at": _now(), "argv": sys.argv, "versions": _versions()}
+              "hosts": hosts or ([hostname] if process_count == 1 else None), "process_count": process_count,
+              "started_at": _now(), "argv": sys.argv, "versions": _versions()}
     line = summary_line(record)
     if process_index != 0:
         return line

@@ -177,7 +177,7 @@ def test_gpu_sync_and_install_reach_every_host():
     assert shlex.split(remote_command(out[3], flag=None))[-1] == f"jax[cuda12]=={pinned_jax()}"
 
 
-def test_gpu_shared_filesystem_runs_this_tree_in_place(tmp_path):
+def test_gpu_shared_filesystem_runs_this_tree_in_place():
     env = {"HOSTS": "gpu0 gpu1", "SHARED_FS": "1"}
     refused = script("gpu_multihost.sh", "sync", env=env, check=False)
     assert refused.returncode == 2 and "nothing to sync" in refused.stderr
@@ -210,8 +210,8 @@ def edited_checkout(tmp_path):
     """A git checkout of the launch scripts and a model module, with an uncommitted edit, an untracked
     module, and a .venv / runs / __pycache__ that no .gitignore hides (so the exclusion itself is tested)."""
     repo = tmp_path / "checkout"
-    for name in ("launch/tpu_vm.sh", "launch/gpu_multihost.sh", "launch/common.sh", "pyproject.toml", "t5lite/__init__.py",
-                 "t5lite/errors.py", "t5lite/provenance.py", "t5lite/model/layers.py"):
+    for name in ("launch/tpu_vm.sh", "launch/gpu_multihost.sh", "launch/common.sh", "pyproject.toml",
+                 "t5lite/__init__.py", "t5lite/errors.py", "t5lite/provenance.py", "t5lite/model/layers.py"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     (repo / ".gitignore").write_text("*.secret\n")
@@ -315,7 +315,8 @@ def test_local_train_records_the_checkout_in_model_dir(tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     modified, untracked = _git_status(ROOT)
     assert record["source"] == "git checkout" and record["tree"] == str(ROOT) and record["commit"] == head.strip()
-    assert (record["modified"], record["untracked"], record["dirty"]) == (modified, untracked, bool(modified + untracked))
+    assert (record["modified"], record["untracked"]) == (modified, untracked)
+    assert record["dirty"] == bool(modified + untracked)
     assert (record["diff_sha256"] is None) == (not record["dirty"])
     assert record["process_count"] == 1 and record["hosts"] == [socket.gethostname()] and record["started_at"]
     first_line = (tmp_path / "run" / "operative_config.gin").read_text().splitlines()[0]

@@ -107,14 +107,25 @@ def checkout_provenance(root: str) -> Dict:
             "untracked": untracked}
 
 
+def _read_json(path: str) -> Optional[Dict]:
+    """The JSON object in `path`; None when there is none (a damaged file is reported, never fatal)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError) as e:
+        logging.warning("ignoring unreadable %s (%s)", path, e)
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def code_provenance(root: str = PACKAGE_ROOT) -> Dict:
     """What code `root` holds: from git in a checkout, else from a packed tree's TREE_FILE, else unknown."""
     if is_git_checkout(root):
         return {"source": "git checkout", "tree": root, **checkout_provenance(root)}
-    tree_file = os.path.join(root, TREE_FILE)
-    if os.path.isfile(tree_file):
-        with open(tree_file) as f:
-            packed = json.load(f)
+    packed = _read_json(os.path.join(root, TREE_FILE))
+    if packed is not None:
         return {**packed, "source": "synced tree", "tree": root}
     return {"source": NOT_A_GIT_CHECKOUT, "tree": root, "commit": NOT_A_GIT_CHECKOUT, "dirty": None,
             "diff_sha256": None}
@@ -238,9 +249,8 @@ def write(model_dir: str, process_index: Optional[int] = None, process_count: Op
         return line
     path = os.path.join(model_dir, RUN_FILE)
     earlier = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            previous = json.load(f)
+    previous = _read_json(path)
+    if previous is not None:
         earlier = previous.pop("earlier_starts", []) + [previous]
         if (previous.get("commit"), previous.get("diff_sha256")) != (record["commit"], record["diff_sha256"]):
             logging.warning("%s was started with other code (commit %s, diff %s); both are kept in %s",

@@ -152,3 +152,10 @@ def test_only_process_zero_writes_and_a_resume_keeps_earlier_starts(repo, tmp_pa
     assert again["dirty"] and again["diff_sha256"] in line and "other code" in caplog.text
     assert [e["started_at"] for e in again["earlier_starts"]] == [first["started_at"]]
     assert again["earlier_starts"][0]["diff_sha256"] is None
+
+
+def test_a_damaged_provenance_file_is_replaced_not_fatal(repo, tmp_path):
+    (tmp_path / provenance.RUN_FILE).write_text('{"commit": "abc", "dirty"')  # a run killed mid-write elsewhere
+    provenance.write(str(tmp_path), process_index=0, process_count=1, root=str(repo))
+    record = json.loads((tmp_path / provenance.RUN_FILE).read_text())
+    assert record["commit"] == git(repo, "rev-parse", "HEAD").strip() and record["earlier_starts"] == []

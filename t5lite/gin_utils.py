@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import gin
 
+from t5lite import provenance
 from t5lite.errors import UserError
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -199,9 +200,10 @@ def call_configured(fn):
 def train_into(model_dir: str, config_text: str):
     """Runs the gin-configured `train`. Once the run holds model_dir (everything validated, the lock
     taken), config.gin (the bindings) and operative_config.gin (every value used) are written there."""
-    def write_configs(directory: str) -> None:
+    def write_configs(directory: str) -> None:  # process 0 only
+        code_line = provenance.write(directory, process_index=0)  # provenance.json: the code and the hosts
         _write_text(os.path.join(directory, "config.gin"), config_text)
-        _write_text(os.path.join(directory, "operative_config.gin"), gin.operative_config_str())
+        _write_text(os.path.join(directory, "operative_config.gin"), code_line + gin.operative_config_str())
 
     train = configured("train")
     return call_configured(lambda: train(operative_gin=config_text, write_configs=write_configs))

@@ -199,14 +199,31 @@ def _write_json(path, rows) -> None:
 def bench_decode(args) -> None:
     from t5lite.bench import decode_benchmark
     rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
-                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
+                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats, rounds=args.rounds)
     _write_json(args.json, rows)
+
+
+def _overrides(pairs) -> dict:
+    """['scan_layers=True', 'dtype=bfloat16'] -> {'scan_layers': True, 'dtype': 'bfloat16'}."""
+    import ast
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--override {pair!r} needs FIELD=VALUE, e.g. --override scan_layers=True")
+        name, value = pair.split("=", 1)
+        try:
+            out[name.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value  # a bare string such as bfloat16
+    return out
 
 
 def bench_train(args) -> None:
     from t5lite.bench import train_benchmark
     rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
-                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
+                            rounds=args.rounds, optimizer=args.optimizer, dropout=args.dropout,
+                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops,
+                            overrides=_overrides(args.override))
             for model in args.models]
     _write_json(args.json, rows)
 

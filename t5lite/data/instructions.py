@@ -164,9 +164,9 @@ def instruction_task(name: str, source_fn: Callable[[str], object], templates: S
         return [render, *tasks_lib.text_to_text_preprocessors()(vocab, feature_lengths)]
 
     _FORMS[name] = family or name
-    return tasks_lib.register(tasks_lib.Task(name, source_fn, build, metrics=metrics, splits=tuple(splits),
-                                     description=description or f"instructions over {len(templates)} templates"),
-                          replace=True)
+    task = tasks_lib.Task(name, source_fn, build, metrics=metrics, splits=tuple(splits),
+                          description=description or f"instructions over {len(templates)} templates")
+    return tasks_lib.register(task, replace=True)
 
 
 def instruction_mixture(name: str = "instruct_mix", tasks: Sequence[str] | None = None,

@@ -314,6 +314,7 @@ def examples_proportional_mixture(name: str, tasks: Sequence[str], cap: int | No
         raise UserError(f"mixture {name!r}: tasks and held_out are lists of task names, not one string")
     if cap is not None and (not isinstance(cap, (int, np.integer)) or cap <= 0):
         raise UserError(f"mixture {name!r}: cap {cap!r} must be a positive integer or None")
+
     def leaves(entry_name):
         entry = get(entry_name)
         return entry.tasks if isinstance(entry, Mixture) else [entry]

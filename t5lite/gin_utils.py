@@ -35,6 +35,10 @@ def register_configurables() -> None:
     _CONFIGURED["train"] = gin.external_configurable(trainer.train, "train")
     _CONFIGURED["text_to_text_task"] = gin.external_configurable(tasks.text_to_text_task, "text_to_text_task")
     _CONFIGURED["register_mixture"] = gin.external_configurable(tasks.register_mixture, "register_mixture")
+    from t5lite.data import instructions  # objectives (issue 12): UL2 tasks, instruction tasks and mixtures
+    for fn in (tasks.ul2_task, tasks.examples_proportional_mixture, instructions.instruction_mixture,
+               instructions.instruction_jsonl_task):
+        _CONFIGURED[fn.__name__] = gin.external_configurable(fn, fn.__name__)
 
 
 def configured(name: str):

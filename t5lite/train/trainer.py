@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import jax
 
@@ -47,12 +47,60 @@ class _Preemption:
         return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+def resolve_config(model: Union[str, T5Config], overrides: Optional[dict] = None) -> T5Config:
+    """train()'s `model` (a preset name or a T5Config) with `model_overrides` applied."""
+    return get_config(model, **(overrides or {})) if isinstance(model, str) else model.replace(**(overrides or {}))
+
+
 def _resolve_config(model: Union[str, T5Config], vocab: Vocabulary, overrides: Optional[dict]) -> T5Config:
-    config = get_config(model, **(overrides or {})) if isinstance(model, str) else model.replace(**(overrides or {}))
+    config = resolve_config(model, overrides)
     if config.vocab_size < vocab.vocab_size:
         raise UserError(f"the model's vocab_size {config.vocab_size} is smaller than the vocabulary's "
                         f"{vocab.vocab_size}; set vocab_size >= {vocab.vocab_size} in the model config")
     return config
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted steps of a run and what they were built from (train() and `t5lite compile` share it)."""
+
+    config: T5Config
+    optimizer: Any
+    module: Any
+    mesh: Any
+    rules: Any
+    shardings: TrainState  # of NamedShardings
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence] = None,
+                mesh_shape: Sequence[int] = (-1, 1, 1), partition_rules: Optional[str] = None,
+                optimizer: str = "adafactor", schedule: str = "rsqrt", learning_rate: float = 1.0,
+                warmup_steps: int = 10_000, train_steps: Optional[int] = None, clip_grad_norm: Optional[float] = None,
+                optimizer_kwargs: Optional[dict] = None, decoder_only: bool = False, seed: int = 0,
+                num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+                loss_normalizing_factor: Optional[float] = None, **unused_train_args) -> Steps:
+    """Mesh (over `devices`, default all), rules, optimizer, shardings and jitted steps from train()'s arguments."""
+    del unused_train_args  # the rest of train()'s arguments (data, checkpoints, logging)
+    mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
+    if partition_rules is not None and partition_rules not in partitioning.RULE_SETS:
+        raise UserError(f"unknown train.partition_rules {partition_rules!r}; choose from "
+                        f"{', '.join(partitioning.RULE_SETS)} (or None for the mesh's default)")
+    rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
+    data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % data_shards:
+        raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the {data_shards} data x fsdp shards of the "
+                        f"mesh; use a multiple of {data_shards}")
+    opt = make_optimizer(optimizer, schedule, learning_rate, warmup_steps, total_steps=train_steps,
+                         clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
+    module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
+    shardings = partitioning.state_shardings(config, opt, mesh, rules, decoder_only)
+    train_step = make_train_step(module, opt, mesh, rules, shardings, dropout_seed=seed,
+                                 num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+                                 loss_normalizing_factor=loss_normalizing_factor)
+    eval_step = make_eval_step(module, mesh, rules, shardings.params)
+    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step)
 
 
 def _initial_state(config, optimizer, mesh, rules, shardings, seed, decoder_only, init_checkpoint):
@@ -111,12 +159,13 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     task_obj = tasks_lib.get(task)
     vocab = Vocabulary(vocab_path) if vocab_path else tasks_lib.default_vocabulary()
     config = _resolve_config(model, vocab, model_overrides)
-    mesh = partitioning.make_mesh(*mesh_shape)
-    rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
-    opt = make_optimizer(optimizer, schedule, learning_rate, warmup_steps, total_steps=train_steps,
-                         clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
-    module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
-    shardings = partitioning.state_shardings(config, opt, mesh, rules, decoder_only)
+    steps = build_steps(config, batch_size=batch_size, mesh_shape=mesh_shape, partition_rules=partition_rules,
+                        optimizer=optimizer, schedule=schedule, learning_rate=learning_rate,
+                        warmup_steps=warmup_steps, train_steps=train_steps, clip_grad_norm=clip_grad_norm,
+                        optimizer_kwargs=optimizer_kwargs, decoder_only=decoder_only, seed=seed,
+                        num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+                        loss_normalizing_factor=loss_normalizing_factor)
+    mesh, rules, opt, shardings = steps.mesh, steps.rules, steps.optimizer, steps.shardings
 
     def batches(split, shuffle, num_epochs, data_seed):
         return task_obj.pipeline(split, vocab, feature_lengths=feature_lengths, batch_size=batch_size,
@@ -138,10 +187,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
         state = _initial_state(config, opt, mesh, rules, shardings, seed, decoder_only, init_checkpoint)
     meta = checkpoint_meta(config, operative_gin, vocab.serialized_model)
 
-    step_fn = make_train_step(module, opt, mesh, rules, shardings, dropout_seed=seed,
-                              num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
-                              loss_normalizing_factor=loss_normalizing_factor)
-    eval_fn = make_eval_step(module, mesh, rules, shardings.params) if eval_period else None
+    step_fn = steps.train_step
+    eval_fn = steps.eval_step if eval_period else None
     lengths = (feature_lengths.get("inputs", 0), feature_lengths["targets"])
     monitor = Monitor(model_dir, total_steps=train_steps, start_step=start_step,
                       flops_per_step=model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only),
@@ -201,4 +248,4 @@ def checkpoint_vocabulary(meta: dict) -> Optional[Vocabulary]:
     return Vocabulary.from_bytes(base64.b64decode(meta["vocab"])) if meta.get("vocab") else None
 
 
-__all__ = ["train", "evaluate_loss", "checkpoint_vocabulary"]
+__all__ = ["train", "build_steps", "resolve_config", "evaluate_loss", "checkpoint_vocabulary"]

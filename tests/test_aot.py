@@ -1,0 +1,167 @@
+"""`t5lite compile`: TPU slices by name, ahead-of-time compiles whose memory we check by hand, the
+XLA warnings of the shipped recipes, and one-line errors. Needs libtpu (the [tpu] extra)."""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from t5lite import aot, cli, program_stats
+from t5lite.errors import UserError
+from t5lite.model import abstract_params, logical_axes, param_shapes
+
+libtpu = pytest.importorskip("libtpu", reason="compiling for TPU needs the [tpu] extra")
+TPU_TILE_BYTES = 512  # XLA:TPU gives every buffer at least one tile: a scalar takes 128 x 4 bytes
+
+
+@pytest.mark.parametrize("name,chip,shape", [
+    # Cloud TPU's tables: v5e-N and v6e-N count chips; v4-N and v5p-N count TensorCores (2 per chip).
+    ("v5e-4", "v5e", (2, 2)), ("v5e-8", "v5e", (2, 4)), ("v5e-64", "v5e", (8, 8)), ("v5e-256", "v5e", (16, 16)),
+    ("v5litepod-16", "v5e", (4, 4)), ("v6e-256", "v6e", (16, 16)), ("v4-8", "v4", (2, 2, 1)),
+    ("v4-32", "v4", (2, 2, 4)), ("v4-128", "v4", (4, 4, 4)), ("v5p-64", "v5p", (2, 4, 4)),
+    ("v5p-256", "v5p", (4, 4, 8)), ("v5p-1024", "v5p", (8, 8, 8)), ("v5e:4x8", "v5e", (4, 8)),
+    ("v5p:4x4x12", "v5p", (4, 4, 12)),
+])
+def test_topology_names_follow_cloud_tpu(name, chip, shape):
+    topology = aot.parse_topology(name)
+    assert (topology.chip, topology.shape) == (chip, shape)
+    assert topology.hbm_bytes == {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}[chip] * 2**30
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5e-48", "v4-7", "v5e:4x4x4", "tpu", "v5e-"])
+def test_unknown_topologies_are_user_errors(name):
+    with pytest.raises(UserError):
+        aot.parse_topology(name)
+
+
+def test_largest_batch_search_finds_the_boundary():
+    calls = []
+
+    def fits(batch):
+        calls.append(batch)
+        return batch <= 40
+
+    result = aot.largest_batch(fits, unit=8, start=8)
+    assert result["largest"] == 40 and result["exact"]
+    assert calls[:3] == [8, 16, 32] and len(calls) <= 8
+
+
+def test_collective_bytes_multiply_by_loop_trip_counts():
+    hlo = """HloModule m
+
+%cond (p: (s32[])) -> pred[] {
+  %p = (s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %constant.1 = s32[]{:T(128)} constant(24)
+  ROOT %lt = pred[] compare(%i, %constant.1), direction=LT
+}
+
+%body (p: (s32[])) -> (s32[]) {
+  %p = (s32[]) parameter(0)
+  %all-gather.1 = bf16[64,128]{1,0} all-gather(%x), channel_id=7, dimensions={0}
+  %all-gather.2 = bf16[64,128]{1,0} all-gather(%x), channel_id=7, dimensions={0}
+  ROOT %t = (s32[]) tuple(%p)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %w = (s32[]) while(%init), condition=%cond, body=%body
+  ROOT %all-reduce.3 = (f32[16]{0}, f32[8]{0}) all-reduce(%a, %b), channel_id=9, to_apply=%add
+}
+"""
+    stats = program_stats.collectives(hlo)
+    # channel 7 is one op (split in two by async fusion) run 24 times; the tuple all-reduce once.
+    assert stats["by_kind"]["all-gather"] == {"count": 1, "bytes": 24 * 64 * 128 * 2}
+    assert stats["by_kind"]["all-reduce"] == {"count": 1, "bytes": (16 + 8) * 4}
+
+
+def _tile_aligned_tiny_run(mesh_shape):
+    """A 2+2-layer model whose every parameter shard is a whole number of TPU tiles (no padding)."""
+    from t5lite.model import get_config
+    config = get_config("tiny", emb_dim=512, num_heads=2, head_dim=128, mlp_dim=512, vocab_size=512,
+                        relative_attention_num_buckets=128, dtype="bfloat16", scan_layers=True)
+    return dict(model=config, batch_size=8, feature_lengths={"inputs": 128, "targets": 128}, pack=True,
+                optimizer="adamw", schedule="constant", learning_rate=1e-3, warmup_steps=0,
+                mesh_shape=mesh_shape)
+
+
+@pytest.mark.slow
+def test_tiny_fsdp_argument_memory_is_the_sum_of_the_shards():
+    """v5e 2x2, FSDP over 4 chips: XLA's argument bytes per chip equal, computed by hand from the
+    parameter shapes, AdamW's state and the mesh: params, mu and nu with `embed` split 4 ways."""
+    args = _tile_aligned_tiny_run((1, 4, 1))
+    report = aot.compile_run(args, aot.parse_topology("v5e:2x2"), programs=("train",))
+    train = report["programs"]["train"]
+    assert train["compiled"] and train["memory"]["fits"] and report["rules"] == "fsdp"
+
+    config = args["model"]
+    shapes, axes = param_shapes(abstract_params(config)), logical_axes(config)
+    flat_axes = {"/".join(k.key for k in path): tuple(spec) for path, spec in
+                 jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+    param_bytes = 0
+    for name, shape in shapes.items():
+        shard = [d // 4 if axis == "embed" else d for d, axis in zip(shape, flat_axes[name])]
+        param_bytes += 4 * int(np.prod(shard))  # float32
+    scalars = 3  # TrainState.step, Adam's count, the schedule's count (int32)
+    # Packed: tokens x3, loss weights, segment ids x2; the positions are not read by T5's relative
+    # attention, and jit drops unused arguments from the executable.
+    batch_features = 6
+    batch_bytes = batch_features * (8 // 4) * 128 * 4  # [B/4, 128] int32 on each chip
+    expected = 3 * param_bytes + scalars * TPU_TILE_BYTES + batch_bytes  # params, mu, nu
+    assert train["memory"]["arguments"] == expected
+    # The donated state comes back in place: outputs alias all of it but the replicated metrics.
+    assert train["memory"]["aliased"] == expected - batch_bytes
+    assert train["warnings"]["involuntary_full_rematerialization"] == 0
+    assert train["collectives"]["by_kind"]["all-gather"]["count"] > 0  # FSDP gathers weights
+
+
+def _cli_json(capsys, *argv):
+    assert cli.main(["compile", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["t5_1_1_small_c4", "t5_1_1_base_c4", "t5_1_1_large_c4"])
+def test_shipped_recipes_compile_without_involuntary_rematerialization(capsys, recipe):
+    """Each C4 recipe's train step, as shipped and under FSDP + tensor parallelism (data=2, fsdp=2,
+    tensor=2: where the embedding gather used to be replicated), on a v5e-8, batch 16."""
+    for mesh in (None, "(2,2,2)"):
+        flags = [f"--gin.train.mesh_shape={mesh}"] if mesh else []
+        report = _cli_json(capsys, "--topology", "v5e-8", "--gin_file", f"experiments/pretrain/{recipe}.gin",
+                           "--programs", "train", "--batch_size", "16", "--gin.T5Config.scan_layers=True", *flags)
+        warnings = report["programs"]["train"]["warnings"]
+        assert warnings["involuntary_full_rematerialization"] == 0, (recipe, mesh, warnings["lines"])
+
+
+@pytest.mark.slow
+def test_xl_fits_a_v5e_64_under_fsdp_not_under_data_parallelism():
+    """t5_1_1_xl on 64 v5e chips: FSDP holds 1/64 of the params + Adafactor state per chip and fits;
+    pure data parallelism replicates 11 GiB of float32 params and cannot."""
+    from t5lite.model import get_config
+    from t5lite.train.optimizers import make_optimizer
+    topology = aot.parse_topology("v5e-64")
+    config = get_config("t5_1_1_xl", dtype="bfloat16", scan_layers=True)
+    args = dict(model=config, batch_size=64, feature_lengths={"inputs": 128, "targets": 32}, mesh_shape=(1, -1, 1))
+    train = aot.compile_run(args, topology, programs=("train",))["programs"]["train"]
+    assert train["compiled"] and train["memory"]["fits"]
+    params = nn.meta.unbox(abstract_params(config))
+    state = (params, jax.eval_shape(make_optimizer().init, params))  # Adafactor: factored second moments
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    assert abs(train["memory"]["arguments"] - state_bytes / 64) <= 0.1 * state_bytes / 64
+
+    data_parallel = aot.compile_run({**args, "mesh_shape": (-1, 1, 1)}, topology, programs=("train",))
+    assert not data_parallel["programs"]["train"]["memory"]["fits"]
+
+
+def test_unknown_topology_exits_2_with_one_line(capsys):
+    assert cli.main(["compile", "--topology", "v9-64", "--gin_file", "experiments/pretrain/t5_1_1_small_c4.gin"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown TPU topology 'v9-64'" in err[0]
+
+
+def test_mesh_that_does_not_divide_the_chips_exits_2_with_one_line(capsys):
+    code = cli.main(["compile", "--topology", "v5e-8", "--gin_file", "experiments/pretrain/t5_1_1_small_c4.gin",
+                     "--gin.train.mesh_shape=(3,1,1)"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "needs 3 devices but there are 8" in err[0]

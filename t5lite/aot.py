@@ -141,6 +141,9 @@ def topology_devices(topology: Topology) -> List:
 _WARNING_KINDS = {"involuntary_full_rematerialization": "Involuntary full rematerialization",
                   "memory_rematerialization": "by rematerialization"}
 _LOG_LINE = re.compile(r"^[WE]\d{4} ")
+# Warnings every TPU compile logs here, about libtpu itself rather than the program.
+_ROUTINE = ("Collective matmul V1 is enabled", "Module contains sdy shardings", "slow barrier", "0-iteration loop",
+            "log function has NOT been set", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "InitGoogle")
 
 
 def _libtpu_logs() -> List[str]:
@@ -186,7 +189,8 @@ def compiler_log():
 def _warnings(lines: List[str]) -> dict:
     """Counts of the warnings that cost memory or bandwidth, and the distinct warning lines."""
     counts = {key: sum(pattern in line for line in lines) for key, pattern in _WARNING_KINDS.items()}
-    distinct = list(dict.fromkeys(re.sub(r"^\S+ \S+\s+\d+ ", "", line)[:400] for line in lines))
+    distinct = list(dict.fromkeys(re.sub(r"^\S+ \S+\s+\d+ ", "", line)[:400] for line in lines
+                                  if not any(routine in line for routine in _ROUTINE)))
     return {**counts, "lines": distinct[:20]}
 
 
@@ -412,12 +416,9 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, max_compil
 
 def search_batch(train_args: dict, topology: Topology, start: int, max_compiles: int = 8) -> dict:
     """The largest global batch whose train step fits the topology (a multiple of data x fsdp x microbatches)."""
-    mesh_sizes = {}
-
     def fits(batch: int) -> bool:
-        report = compile_run(train_args, topology, programs=("train",), batch_size=batch)
-        mesh_sizes.update(report["mesh"])
-        return report["programs"]["train"]["memory"]["fits"]
+        return compile_run(train_args, topology, programs=("train",), batch_size=batch)["programs"]["train"][
+            "memory"]["fits"]
 
     mesh = build_steps(_model_config(train_args), devices=topology_devices(topology),
                        **{**train_args, "batch_size": start}).mesh

@@ -215,12 +215,13 @@ def _out_of_memory(message: str, hbm_bytes: int) -> Optional[dict]:
 
 
 def _memory(compiled, hbm_bytes: int) -> dict:
+    """Bytes per chip. `total` is XLA's peak of live buffers (arguments, outputs and the temporaries
+    live at the worst point; below arguments + temporaries, which are not all live at once) plus code."""
     stats = compiled.memory_analysis()
     memory = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
               "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-              "code": stats.generated_code_size_in_bytes}
-    memory["total"] = (memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"]
-                       + memory["code"])
+              "code": stats.generated_code_size_in_bytes, "peak": stats.peak_memory_in_bytes}
+    memory["total"] = memory["peak"] + memory["code"]
     return {**memory, "hbm": hbm_bytes, "fits": memory["total"] <= hbm_bytes}
 
 
@@ -440,9 +441,9 @@ def _program_lines(name: str, program: dict) -> List[str]:
     lines = [f"{name}: {verdict} in {_gib(memory['hbm'])} HBM per chip (compiled in {program['compile_seconds']} s)"]
     if not program["compiled"]:
         return lines + [f"  XLA: {memory['message']}"]
-    lines.append(f"  memory/chip: total {_gib(memory['total'])} = arguments {_gib(memory['arguments'])} + temporaries "
-                 f"{_gib(memory['temporaries'])} + outputs {_gib(memory['outputs'])} - aliased (donated) "
-                 f"{_gib(memory['aliased'])} + code {_gib(memory['code'])}")
+    lines.append(f"  memory/chip: total {_gib(memory['total'])} = peak of live buffers {_gib(memory['peak'])} + code "
+                 f"{_gib(memory['code'])}; arguments {_gib(memory['arguments'])}, outputs {_gib(memory['outputs'])} "
+                 f"(aliased to donated arguments {_gib(memory['aliased'])}), temporaries {_gib(memory['temporaries'])}")
     if "kv_cache_per_chip" in program:
         s = program["setting"]
         lines.append(f"  decode: {s['method']} x{s['beams']}, batch {s['batch']}, {s['input_length']} -> "

@@ -130,6 +130,30 @@ def test_tiny_fsdp_argument_memory_is_the_sum_of_the_shards():
     assert train["collectives"]["by_kind"]["all-gather"]["count"] > 0  # FSDP gathers weights
 
 
+@pytest.mark.slow
+def test_train_eval_and_decode_compile_and_print(capsys):
+    """The whole command on the demo run shrunk to tiny: three programs, a readable report, and a
+    decode program that holds the same parameter shards as eval plus its KV cache."""
+    assert cli.main(["compile", "--topology", "v5e:2x2", "--gin_file", "experiments/demo/pretrain.gin",
+                     "--gin_file", "experiments/models/tiny.gin", "--gin.train.mesh_shape=(1,4,1)",
+                     "--gin.T5Config.scan_layers=True", "--decode_batch", "16", "--max_decode_length", "32"]) == 0
+    text = capsys.readouterr().out
+    for program in ("train", "eval", "decode"):
+        assert f"{program}: FITS in 16.00 GiB HBM per chip" in text, text
+    assert "mesh data=1 fsdp=4 tensor=1, rules fsdp" in text and "KV cache" in text
+    report = _cli_json(capsys, "--topology", "v5e:2x2", "--gin_file", "experiments/demo/pretrain.gin",
+                       "--gin_file", "experiments/models/tiny.gin", "--gin.train.mesh_shape=(1,4,1)",
+                       "--gin.T5Config.scan_layers=True", "--programs", "eval,decode", "--decode_batch", "16",
+                       "--decode_input_length", "64", "--max_decode_length", "32")
+    evaluate, decode = report["programs"]["eval"], report["programs"]["decode"]
+    # tiny: 2 decoder layers x (keys + values) x 4 heads x 16 dims, float32, 16 rows over 4 chips,
+    # 33 self-attention slots (start token + 32) and 64 encoder positions.
+    assert decode["kv_cache_per_chip"] == 2 * 2 * 4 * 16 * 4 * (16 // 4) * (33 + 64)
+    # Both take the parameter shards (~0.6 MiB per chip) plus a few KiB: eval's batch, decode's prompts and seed.
+    assert evaluate["memory"]["arguments"] > 512 * 1024
+    assert abs(decode["memory"]["arguments"] - evaluate["memory"]["arguments"]) < 64 * 1024
+
+
 def _cli_json(capsys, *argv):
     assert cli.main(["compile", "--json", *argv]) == 0
     return json.loads(capsys.readouterr().out)

@@ -143,7 +143,8 @@ _WARNING_KINDS = {"involuntary_full_rematerialization": "Involuntary full remate
 _LOG_LINE = re.compile(r"^[WE]\d{4} ")
 # Warnings every TPU compile logs here, about libtpu itself rather than the program.
 _ROUTINE = ("Collective matmul V1 is enabled", "Module contains sdy shardings", "slow barrier", "0-iteration loop",
-            "log function has NOT been set", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "InitGoogle")
+            "log function has NOT been set", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "InitGoogle",
+            "lowering_emitter.cc", "slow_operation_alarm.cc")
 
 
 def _libtpu_logs() -> List[str]:

@@ -123,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_batches", type=int, default=30)
     p.add_argument("--no_pack", action="store_true")
     p.set_defaults(run=run.bench_data)
+
+    # `t5lite compile`: ahead-of-time compilation for a TPU slice (body: commands.run_compile).
+    p = commands.add_parser("compile", help="compile a run for a TPU slice on this host: memory per chip (fits?), "
+                            "FLOPs, collectives, XLA warnings", description="Compiles the gin run's real train, eval "
+                            "and decode steps for a TPU topology ahead of time (needs libtpu: pip install "
+                            "'t5lite[tpu]'). Bind anything with --gin.NAME=VALUE.")
+    p.add_argument("--topology", required=True, help="v5e-64, v4-128, v5p-256, v6e-16 (Cloud TPU accelerator types) "
+                   "or a slice shape like v5e:4x4, v4:2x2x4")
+    p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
+    p.add_argument("--programs", default="train,eval,decode", help="comma-separated: train, eval, decode")
+    p.add_argument("--batch_size", type=int, help="global batch (default: the run's BATCH_SIZE)")
+    p.add_argument("--decode_batch", type=int, help="serving batch for the decode program (default: the batch size)")
+    p.add_argument("--decode_input_length", type=int, help="default: the run's inputs length")
+    p.add_argument("--max_decode_length", type=int, help="default: the run's targets length")
+    p.add_argument("--decode_method", default="greedy", choices=["greedy", "beam"])
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--max_batch", action="store_true", help="also search the largest global batch whose train step "
+                   "fits (compiles the train step once per candidate)")
+    p.add_argument("--max_batch_compiles", type=int, default=8, help="bound on the compiles of --max_batch")
+    p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run.run_compile)
     return parser
 
 
@@ -142,8 +164,8 @@ def main(argv=None) -> int:
     gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     args.gin = gin_flags
-    if gin_flags and args.command not in ("train", "finetune"):
-        print(f"t5lite: error: --gin.* flags apply to train and finetune, not {args.command}", file=sys.stderr)
+    if gin_flags and args.command not in ("train", "finetune", "compile"):
+        print(f"t5lite: error: --gin.* flags apply to train, finetune and compile, not {args.command}", file=sys.stderr)
         return 2
     try:
         args.run(args)

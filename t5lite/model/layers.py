@@ -75,7 +75,11 @@ class Embed(nn.Module):
             (self.num_embeddings, self.features), jnp.float32)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        x = jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)  # [B, L, D]
+        # Gather from the whole table, like FSDP gathers every weight before use: XLA has no sharded
+        # gather from a table split over vocab / embed into rows split over batch, and would replicate
+        # the result and its gradient instead ("involuntary full rematerialization" under FSDP + TP).
+        table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), (None, None))  # [V, D]
+        x = jnp.take(table, ids, axis=0)  # [B, L, D]
         return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
     def attend(self, x: jax.Array) -> jax.Array:

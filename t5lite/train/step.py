@@ -208,7 +208,11 @@ def _under_mesh(jitted: Callable, mesh, rules) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted.lower(*args)
 
-    call.lower = lower
+    def trace(*args):  # the jaxpr and, via .lower(), the program (`t5lite compile`)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.trace(*args)
+
+    call.lower, call.trace = lower, trace
     return call
 
 

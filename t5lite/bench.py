@@ -7,7 +7,7 @@ the same run only (another busy process halves everything on a 2-core CPU).
 import os
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import jax
 import numpy as np
@@ -98,15 +98,18 @@ def _format_row(row: Dict) -> str:
 
 def train_benchmark(model: str = "tiny", batch_size: int = 8, input_length: int = 128, target_length: int = 32,
                     steps: int = 10, optimizer: str = "adafactor", with_hf: bool = False, vocab_size=None,
-                    peak_flops=None, seed: int = 0) -> Dict:
-    """Step time, tokens/s and MFU of the jitted, sharded train step on random tokens (all local devices)."""
+                    peak_flops=None, seed: int = 0, overrides: Optional[Dict] = None) -> Dict:
+    """Step time, tokens/s and MFU of the jitted, sharded train step on random tokens (all local devices).
+
+    `overrides`: T5Config fields applied to the preset, e.g. {'position_scheme': 'rope'} for an ablation.
+    """
     from t5lite.train import partitioning
     from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
     from t5lite.train.optimizers import make_optimizer
     from t5lite.train.step import make_train_step
     from t5lite.model import EncoderDecoder
 
-    config = get_config(model, **({"vocab_size": vocab_size} if vocab_size else {}))
+    config = get_config(model, **({"vocab_size": vocab_size} if vocab_size else {}), **(overrides or {}))
     opt = make_optimizer(optimizer, "constant", 1e-3, 0)
     mesh = partitioning.make_mesh()
     rules = partitioning.rules_for(mesh)
@@ -125,13 +128,14 @@ def train_benchmark(model: str = "tiny", batch_size: int = 8, input_length: int 
     seconds = (time.perf_counter() - start) / steps
     flops = model_flops_per_step(config, batch_size, input_length, target_length)
     peak = peak_flops_per_device(override=peak_flops) * jax.device_count()
-    row = dict(model=model, batch=batch_size, lengths=f"{input_length}/{target_length}", step_s=seconds,
+    row = dict(model=model, overrides=overrides or {}, batch=batch_size, lengths=f"{input_length}/{target_length}", step_s=seconds,
                tokens_per_sec=batch_size * (input_length + target_length) / seconds, mfu=flops / seconds / peak,
                devices=jax.device_count(), device_kind=jax.devices()[0].device_kind)
     if with_hf:
         row["hf_step_s"] = _hf_train_step_seconds(config, state.params, batch, steps)
         row["speedup"] = row["hf_step_s"] / seconds
-    print(f"{model:>14} batch {batch_size} {input_length}/{target_length}: {seconds * 1000:.1f} ms/step, "
+    label = model + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
+    print(f"{label:>14} batch {batch_size} {input_length}/{target_length}: {seconds * 1000:.1f} ms/step, "
           f"{row['tokens_per_sec']:.0f} tok/s, MFU {100 * row['mfu']:.1f}% of {peak / 1e9:.0f} GFLOP/s"
           + (f" | HF {row['hf_step_s'] * 1000:.1f} ms/step, t5lite/HF speed {row['speedup']:.2f}x" if with_hf else ""),
           flush=True)

@@ -78,11 +78,27 @@ def _bench_train(args):
     import json
     from t5lite.bench import train_benchmark
     rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
-                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
+                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops,
+                            overrides=_config_overrides(args.set))
             for model in args.models]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _config_overrides(pairs) -> dict:
+    """['num_kv_heads=2', 'position_scheme=rope'] -> {'num_kv_heads': 2, 'position_scheme': 'rope'}."""
+    import ast
+    overrides = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair}: expected FIELD=VALUE, e.g. --set num_kv_heads=2")
+        name, value = pair.split("=", 1)
+        try:
+            overrides[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            overrides[name.strip()] = value.strip()  # a bare word: a string
+    return overrides
 
 
 def _bench_data(args):
@@ -152,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="T5Config field for every model (repeatable), e.g. --set position_scheme=rope")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_bench_train)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")

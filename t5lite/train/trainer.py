@@ -77,16 +77,18 @@ def _check_finite(metrics: Dict[str, float], step: int, last_saved: Optional[int
 
 
 def evaluate_loss(eval_step, params, batches, mesh, rules) -> Dict[str, float]:
-    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided)."""
+    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided);
+    plus aux_loss when the model reports auxiliary losses (e.g. MoE load balancing)."""
     totals = {"loss_sum": 0.0, "correct": 0.0, "weight_sum": 0.0}
     for batch in batches:
         sums = _host_metrics(eval_step(params, partitioning.global_batch_from_local(batch, mesh, rules)))
-        for k in totals:
-            totals[k] += sums[k]
+        for k in sums:
+            totals[k] = totals.get(k, 0.0) + sums[k]
     weight = max(totals["weight_sum"], 1e-9)
     loss = totals["loss_sum"] / weight
+    aux = {"aux_loss": totals["aux_loss_sum"] / weight} if "aux_loss_sum" in totals else {}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct"] / weight,
-            "tokens": totals["weight_sum"]}
+            "tokens": totals["weight_sum"], **aux}
 
 
 def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, feature_lengths: Dict[str, int],

@@ -15,16 +15,16 @@ from t5lite.model import (DecoderOnly, EncoderDecoder, T5Config, abstract_params
                           param_shapes, scan_params, unscan_params)
 
 SCHEMES = ("t5_relative_bias", "absolute_learned", "sinusoidal", "rope", "alibi", "none")
-# Every position scheme under grouped-query attention with QK-norm and logit soft-capping; then multi-head
-# and multi-query attention, partial rotary, the other norms and layouts, and a top-2 mixture of experts.
+# Every position scheme under grouped-query attention with QK-norm and logit soft-capping (two of them also
+# with the other norm layouts); then multi-head and multi-query attention, partial rotary, and a top-2 MoE.
+_GQA = dict(num_kv_heads=2, qk_norm=True, attention_logit_softcap=5.0)
 VARIANTS = {
-    **{scheme: dict(position_scheme=scheme, num_kv_heads=2, qk_norm=True, attention_logit_softcap=5.0)
-       for scheme in SCHEMES},
+    **{scheme: dict(position_scheme=scheme, **_GQA) for scheme in SCHEMES},
+    "sinusoidal": dict(position_scheme="sinusoidal", norm_layout="sandwich", **_GQA),
+    "alibi": dict(position_scheme="alibi", norm="layer_norm", norm_layout="post", **_GQA),
     "rope+mha": dict(position_scheme="rope"),
     "absolute_learned+mha": dict(position_scheme="absolute_learned"),
     "rope_half+mqa": dict(position_scheme="rope", rope_fraction=0.5, num_kv_heads=1),
-    "alibi+layer_norm+post": dict(position_scheme="alibi", norm="layer_norm", norm_layout="post"),
-    "sandwich": dict(norm_layout="sandwich"),
     "moe_top2_every2": dict(mlp="moe", num_experts=4, experts_per_token=2, moe_every=2),
 }
 FAST = ("rope", "moe_top2_every2")  # the rest run with the slow tests
@@ -115,9 +115,11 @@ def test_decoder_only_prompts_with_left_padding_decode_like_the_full_forward(sch
 
 @pytest.mark.slow
 def test_beam_search_scores_are_the_models_log_probs_on_a_scanned_multi_query_cache():
-    """Beam search reorders the (scanned, one-kv-head) cache between steps; a wrong reorder changes the scores."""
-    cfg = get_config("tiny", position_scheme="rope", num_kv_heads=1, scan_layers=True)
-    params = scan_params(init_params(cfg.replace(scan_layers=False), jax.random.key(0)))
+    """Beam search reorders the cache between steps (here one kv head, scanned in blocks of a dense and an
+    MoE layer); a wrong reorder changes the scores."""
+    cfg = get_config("tiny", position_scheme="rope", num_kv_heads=1, mlp="moe", num_experts=4, moe_every=2,
+                     scan_layers=True)
+    params = scan_params(init_params(cfg.replace(scan_layers=False), jax.random.key(0)), cfg.layers_per_scan_block)
     enc = np.array([[5, 6, 7, 1], [8, 9, 1, 0]])
     tokens, scores = generate(cfg, params, enc, max_decode_length=6, method="beam", num_beams=3, length_penalty=0.0)
     tokens = np.asarray(tokens)
@@ -173,6 +175,24 @@ def test_grouped_query_equals_multi_head_with_repeated_key_value_heads():
 
 
 # --- Layouts, scan, remat ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["absolute_learned", "rope_half+mqa", "alibi", "moe_top2_every2"])
+def test_every_parameter_of_a_variant_has_logical_axes(name):
+    cfg = get_config("tiny", **VARIANTS[name], scan_layers=True)
+    boxed = abstract_params(cfg)
+    shapes = param_shapes(boxed)
+    flat = jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(boxed),
+                                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    assert len(flat) == len(shapes)
+    for path, spec in flat:
+        key = "/".join(k.key for k in path)
+        assert len(spec) == len(shapes[key]) and all(isinstance(a, str) for a in spec), (key, spec)
+        assert spec[0] == "layers" if "/layers/" in key else "layers" not in spec
+        if "/expert/" in key:
+            assert spec[1] == "expert"
+        if key.endswith(("/key/kernel", "/value/kernel")):
+            assert tuple(spec)[-3:] == ("embed", "kv_heads", "kv")
 
 
 def test_norm_layouts_name_their_norms_like_t5x():

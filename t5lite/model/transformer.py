@@ -99,8 +99,7 @@ class _LayerBlock(nn.Module):
 
     layer_cls: Any
     size: int
-    layer_kwargs: Tuple[Tuple[str, Any], ...]
-    scanned: bool = True
+    layer_kwargs: Tuple[Tuple[str, Any], ...]  # what each layer is built with (config, deterministic, ...)
 
     @nn.compact
     def __call__(self, x: jax.Array, *args):

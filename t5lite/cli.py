@@ -9,40 +9,6 @@ import sys
 from t5lite.errors import UserError
 
 
-def _convert_from_hf(args):
-    from t5lite.convert.hf import from_hf
-    from t5lite.train.checkpoint import save_params
-    config, params = from_hf(args.hf_dir)
-    save_params(args.out, config, params)
-    print(f"wrote t5lite params checkpoint {args.out} ({config.num_encoder_layers}+{config.num_decoder_layers} "
-          f"layers, d_model {config.emb_dim}, vocab {config.vocab_size})")
-
-
-def _convert_to_hf(args):
-    from t5lite.convert.hf import to_hf
-    from t5lite.train.checkpoint import load_params
-    config, params = load_params(args.checkpoint)
-    to_hf(config, params, args.out)
-    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
-
-
-def _vocab_train(args):
-    from t5lite.data.vocab import Vocabulary, train_vocabulary
-    model_path = train_vocabulary(args.input, args.vocab_size, args.out, model_type=args.model_type)
-    vocab = Vocabulary(model_path)
-    print(f"wrote {model_path}: {vocab.vocab_size} pieces, <extra_id_0> = {vocab.sentinel_id(0)}")
-
-
-def _bench_decode(args):
-    import json
-    from t5lite.bench import decode_benchmark
-    rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
-                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
-
 def _add_training(commands, name: str, help_text: str, finetune: bool):
     from t5lite import commands as run
     p = commands.add_parser(name, help=help_text, description=help_text + ". Bind anything with "
@@ -72,22 +38,6 @@ def _add_decoding_flags(p):
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-
-
-def _bench_train(args):
-    import json
-    from t5lite.bench import train_benchmark
-    rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
-                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
-            for model in args.models]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
-
-def _bench_data(args):
-    from t5lite.bench import data_benchmark
-    data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
 
 
 def _add_sweep(commands):
@@ -157,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="decode this task's --split")
     p.add_argument("--input", help="a text file (one input per line) or JSONL (see --input_key)")
     p.add_argument("--input_key", default="inputs", help="field of each JSONL record to decode")
+    p.add_argument("--encoding_errors", default="strict", choices=["strict", "replace"],
+                   help="input that is not UTF-8: stop with the line number (strict) or decode bad bytes as U+FFFD")
     p.add_argument("--output", required=True, help="JSONL to write: input, output, score per line, in order")
     _add_decoding_flags(p)
     p.set_defaults(run=run.run_infer)
@@ -166,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = directions.add_parser("from-hf", help="HF T5 directory (config.json + model.safetensors) -> t5lite")
     p.add_argument("--hf_dir", required=True, help="directory written by HF save_pretrained")
     p.add_argument("--out", required=True, help="new directory for the t5lite params checkpoint")
-    p.set_defaults(run=_convert_from_hf)
-    p = directions.add_parser("to-hf", help="t5lite params checkpoint -> HF T5 directory")
-    p.add_argument("--checkpoint", required=True, help="t5lite params checkpoint directory")
+    p.set_defaults(run=run.convert_from_hf)
+    p = directions.add_parser("to-hf", help="t5lite checkpoint (a training model_dir or a params checkpoint) -> HF T5")
+    p.add_argument("--checkpoint", required=True, help="a training model_dir (its newest readable step) or a params "
+                   "checkpoint directory")
+    p.add_argument("--step", type=int, default=None, help="export this step of a training model_dir")
     p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
-    p.set_defaults(run=_convert_to_hf)
+    p.set_defaults(run=run.convert_to_hf)
 
     vocab = commands.add_parser("vocab", help="SentencePiece vocabularies")
     actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -179,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab_size", required=True, type=int, help="total pieces, sentinels included")
     p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
     p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
-    p.set_defaults(run=_vocab_train)
-    bench = commands.add_parser("bench", help="throughput benchmarks (compare numbers from one run only)")
+    p.set_defaults(run=run.vocab_train)
+    bench = commands.add_parser("bench", help="throughput benchmarks: each framework in its own process, "
+                                "alternating rounds; run on an idle machine")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     p = kinds.add_parser("decode", help="greedy and beam decoding tokens/s, side by side with HF generate")
     p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights)")
@@ -188,29 +143,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_length", type=int, default=128)
     p.add_argument("--max_decode_length", type=int, default=64)
     p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up; best is kept")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per case and round, after a warm-up")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
     p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.set_defaults(run=_bench_decode)
+    p.set_defaults(run=run.bench_decode)
     p = kinds.add_parser("train", help="train-step time, tokens/s and MFU on random tokens (optionally vs HF)")
     p.add_argument("--models", nargs="+", default=["tiny", "t5_1_1_small"], help="preset names")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--input_length", type=int, default=128)
     p.add_argument("--target_length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed steps after one compile step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round after one compile step")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
+                   help="the same on both sides (HF: torch AdamW or transformers' Adafactor)")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="T5Config field for every model (repeatable), e.g. --set position_scheme=rope")
     p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
-    p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
+    p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch)")
     p.add_argument("--json", help="also write the rows to this JSON file")
-    p.set_defaults(run=_bench_train)
+    p.set_defaults(run=run.bench_train)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
     p.add_argument("--task", default="bible_span_corruption_en_es")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--input_length", type=int, default=512)
     p.add_argument("--num_batches", type=int, default=30)
     p.add_argument("--no_pack", action="store_true")
-    p.set_defaults(run=_bench_data)
+    p.set_defaults(run=run.bench_data)
+
+    # `t5lite compile`: ahead-of-time compilation for a TPU slice (body: commands.run_compile).
+    p = commands.add_parser("compile", help="compile a run for a TPU slice on this host: memory per chip (fits?), "
+                            "FLOPs, collectives, XLA warnings", description="Compiles the gin run's real train, eval "
+                            "and decode steps for a TPU topology ahead of time (needs libtpu: pip install "
+                            "'t5lite[tpu]'). Bind anything with --gin.NAME=VALUE.")
+    p.add_argument("--topology", required=True, help="v5e-64, v4-128, v5p-256, v6e-16 (Cloud TPU accelerator types) "
+                   "or a slice shape like v5e:4x4, v4:2x2x4")
+    p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
+    p.add_argument("--programs", default="train,eval,decode", help="comma-separated: train, eval, decode")
+    p.add_argument("--batch_size", type=int, help="global batch (default: the run's BATCH_SIZE)")
+    p.add_argument("--decode_batch", type=int, help="serving batch for the decode program (default: the batch size)")
+    p.add_argument("--decode_input_length", type=int, help="default: the run's inputs length")
+    p.add_argument("--max_decode_length", type=int, help="default: the run's targets length")
+    p.add_argument("--decode_method", default="greedy", choices=["greedy", "beam"])
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--max_batch", action="store_true", help="also search the largest global batch whose train step "
+                   "fits (compiles the train step once per candidate)")
+    p.add_argument("--max_batch_compiles", type=int, default=8, help="bound on the compiles of --max_batch")
+    p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run.run_compile)
+
     _add_sweep(commands)
     return parser
 
@@ -231,8 +216,9 @@ def main(argv=None) -> int:
     gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     args.gin = gin_flags
-    if gin_flags and args.command not in ("train", "finetune", "sweep"):
-        print(f"t5lite: error: --gin.* flags apply to train, finetune and sweep, not {args.command}", file=sys.stderr)
+    if gin_flags and args.command not in ("train", "finetune", "compile", "sweep"):
+        print(f"t5lite: error: --gin.* flags apply to train, finetune, compile and sweep, not {args.command}",
+              file=sys.stderr)
         return 2
     try:
         args.run(args)

@@ -121,7 +121,7 @@ def evaluate(model_dir: str, args) -> (Dict[str, float], List[dict], float):
     from t5lite.data import tasks
     from t5lite.infer.evaluate import evaluate_task
     start = time.perf_counter()
-    config, params, vocab = load_for_inference(model_dir)
+    config, params, vocab, _ = load_for_inference(model_dir)
     results, records = evaluate_task(config, params, tasks.get(TASK), vocab, split="test",
                                      max_examples=args.eval_examples, batch_size=args.eval_batch_size,
                                      input_length=args.input_length, max_decode_length=args.max_decode_length,

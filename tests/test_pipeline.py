@@ -48,8 +48,8 @@ def assert_same(a, b):
 
 
 def ids(batches):
-    """Source indices of the examples in unpacked batches, in order."""
-    return [int(t) - 3 for b in batches for t in b["decoder_target_tokens"][:, 0]]
+    """Source indices of the examples in unpacked batches, in order (padding rows skipped)."""
+    return [int(t) - 3 for b in batches for t in b["decoder_target_tokens"][:, 0] if t]
 
 
 # --- Determinism and resume ---------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
 
 
 CONFIGS = {
-    # 10 examples, 4 a batch, unpacked, 4 epochs: epochs end inside batches 3, 6 and 8.
+    # 10 examples, 4 a batch (4 data shards of 3, 3, 2, 2 examples), unpacked, 4 epochs.
     "unpacked_epochs": dict(source=docs(10), pack=False, num_epochs=4),
     "packed_forever_prefetch": dict(source=docs(30), num_epochs=None, prefetch=2, pack_window=3),
     "prefix_lm": dict(source=docs(25), decoder_only=True, num_epochs=None),
@@ -90,9 +90,11 @@ def test_restore_after_k_batches_continues_exactly(name):
         again = build(source, **kw)
         again.set_state(json.loads(json.dumps(it.get_state())))
         assert_same(take(again, 10 - k), full[k:])
-    if kw.get("num_epochs"):  # 40 examples in 4 epochs: 10 full batches, then the end
-        it = build(source, **kw)
-        assert len(list(it)) == 10
+    if kw.get("num_epochs"):  # 40 examples in 4 epochs: shards 0 and 1 hold 12 rows, 2 and 3 hold 8
+        batches = list(build(source, **kw))
+        assert len(batches) == 12  # the last 4 batches are half padding, then the end
+        assert sorted(ids(batches)) == sorted(list(range(10)) * 4)
+        assert sum(not r.any() for b in batches for r in b["decoder_target_tokens"]) == 8  # padding rows
 
 
 def test_epochs_cover_the_data_reshuffled_with_fresh_randomness():
@@ -123,24 +125,41 @@ def test_preprocessor_returning_none_drops_the_example():
 # --- Processes ---------------------------------------------------------------------------------
 
 
-def test_two_processes_read_disjoint_halves_of_the_global_batch():
+@pytest.mark.parametrize("config", ["unpacked_epochs", "packed_forever_prefetch", "prefix_lm"])
+def test_every_process_count_gives_the_same_global_batches(config):
+    """1, 2 and 4 processes (simulated): each reads only its rows, and together they give the
+    1-process batches; each process's shards, and so its examples, are its own."""
+    kw = dict(CONFIGS[config])
+    source = kw.pop("source")
+    reference = take(build(source, **kw), 8)
+    for count in (2, 4):
+        per_process = [take(build(source, process_index=i, process_count=count, **kw), 8) for i in range(count)]
+        for step, want in enumerate(reference):
+            rows = [batches[step] for batches in per_process]
+            assert all(len(r["decoder_target_tokens"]) == 4 // count for r in rows)
+            got = {k: np.concatenate([r[k] for r in rows]) for k in want}
+            assert_same([got], [want])
+
+
+def test_processes_read_disjoint_shards_that_cover_the_data():
     source = docs(40)
-    shards = []
+    seen = []
     for index in (0, 1):
-        batches = list(build(source, pack=False, num_epochs=1, batch_size=4,
-                             process_index=index, process_count=2))
+        batches = list(build(source, pack=False, num_epochs=1, batch_size=4, process_index=index, process_count=2))
         assert len(batches) == 10 and all(b["encoder_input_tokens"].shape == (2, 16) for b in batches)
-        shards.append(ids(batches))
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == list(range(40))
-    assert sorted(shards[0]) == list(range(0, 40, 2))  # the source is sharded by index, then shuffled
+        seen.append(ids(batches))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(40))
+    assert sorted(seen[0]) == [i for i in range(40) if i % 4 < 2]  # 4 shards by index: process 0 has 0 and 1
 
 
 def test_process_defaults_come_from_jax_and_bad_arguments_are_user_errors():
     it = pl.make_pipeline(docs(8), [], feature_lengths=LENGTHS, batch_size=2, seed=0, pack=False)
     assert next(it)["encoder_input_tokens"].shape == (2, 16)  # one JAX process: the whole batch
-    with pytest.raises(UserError, match="multiple of the process count 2"):
+    with pytest.raises(UserError, match="2 processes cannot split the 1 data shards"):
         build(docs(8), batch_size=3, process_count=2)
+    with pytest.raises(UserError, match="divisor of the global batch size 4"):
+        build(docs(8), num_shards=3)
     with pytest.raises(UserError, match="seed"):
         build(docs(8), seed=-1)
     with pytest.raises(UserError, match="process_index"):
@@ -191,8 +210,8 @@ def test_span_corruption_through_the_pipeline_reassembles_the_text(vocab):
     steps = pl.span_corruption_preprocessors(vocab, inputs_length)
     lengths = {"inputs": inputs_length, "targets": targets_length}
     batches = list(pl.make_pipeline(source, steps, feature_lengths=lengths, batch_size=2, seed=3,
-                                    shuffle=False, num_epochs=1, pack=False,
-                                    process_index=0, process_count=1))
+                                    shuffle=False, num_epochs=1, pack=False, num_shards=1,
+                                    process_index=0, process_count=1))  # one shard: one token stream
     stream = np.concatenate([vocab.encode(t) for t in texts])
     num_chunks = -(-len(stream) // raw_length)  # the last one is short
     assert len(batches) == num_chunks // 2 and num_chunks % 2 == 0  # (else one chunk is dropped)
@@ -231,3 +250,16 @@ def test_span_corruption_shuffled_packed_pipeline_resumes_exactly(vocab):
         resumed = build_sc()
         pl.restore_iterator(resumed, pl.iterator_state(it))
         assert_same(take(resumed, 14 - k), full[k:])
+
+
+def test_packing_is_as_dense_with_many_data_shards_as_with_one():
+    """Each shard packs on its own; its rows must stay as full as one stream's (not 2 % emptier)."""
+    source = docs(400)
+
+    def tokens_per_row(num_shards):
+        batches = take(build(source, batch_size=16, num_shards=num_shards), 20)
+        return np.mean([np.count_nonzero(b[k]) / len(b[k]) for b in batches
+                        for k in ("encoder_input_tokens", "decoder_target_tokens")])
+
+    one, sixteen = tokens_per_row(1), tokens_per_row(16)
+    assert sixteen >= 0.98 * one, (one, sixteen)

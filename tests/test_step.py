@@ -12,6 +12,7 @@ import pytest
 from t5lite.errors import UserError
 from t5lite.model import EncoderDecoder, get_config, init_params
 from t5lite.train import optimizers, step
+from t5lite.train.state import TrainState
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_microbatches_give_the_same_update(tiny):
     config, model, params = tiny
     batch = make_batch(config)
     optimizer = optax.sgd(1.0)  # new params = params - grads, so params compare the gradients
-    state = step.TrainState.create(params, optimizer)
+    state = TrainState.create(params, optimizer)
     kwargs = dict(z_loss=1e-3, label_smoothing=0.1)
     one, m1 = _jit_step(model, optimizer, num_microbatches=1, **kwargs)(state, batch)
     four, m4 = _jit_step(model, optimizer, num_microbatches=4, **kwargs)(state, batch)
@@ -128,7 +129,7 @@ def test_adafactor_lowers_the_loss_and_steps_are_deterministic(tiny):
     # The seed is traced here (one compile for all seeds); make_train_step bakes it in.
     train = jax.jit(lambda state, batch, seed: step.train_step(state, batch, model=model, optimizer=optimizer,
                                                                dropout_seed=seed))
-    state = start = step.TrainState.create(params, optimizer)
+    state = start = TrainState.create(params, optimizer)
     losses = []
     for _ in range(10):
         state, metrics = train(state, batch, 3)

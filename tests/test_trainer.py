@@ -177,3 +177,13 @@ def test_tiny_model_learns_span_corruption(tmp_path):
     losses = _losses(tmp_path / "run")
     first, last = losses[10], np.mean([losses[s] for s in (180, 190, 200)])
     assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_cleanly(tmp_path):
+    """SIGTERM once the run holds model_dir (validated, compiling): exit 0, at most the first step saved."""
+    model_dir = tmp_path / "run"
+    cmd = _script(tmp_path, model_dir, train_steps=100_000, checkpoint_period=10_000)
+    code = _kill_when(cmd, lambda: (model_dir / ".t5lite.lock").exists(), signal.SIGTERM)
+    assert code == 0
+    assert set(_steps(model_dir)) <= {1}

@@ -22,22 +22,39 @@ _DTYPES = {
 }
 
 
+def _damaged(path: str, why: str) -> UserError:
+    return UserError(f"{path} is not a readable safetensors file ({why}); it may be truncated or damaged: "
+                     "re-download it or re-save it with save_pretrained")
+
+
 def _read_file(path: str) -> Dict[str, np.ndarray]:
+    size = os.path.getsize(path)
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise _damaged(path, f"its header claims {header_len} bytes but the file has {size}")
             header = json.loads(f.read(header_len))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); re-save it with save_pretrained") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        raise _damaged(path, str(e)) from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "its header is not a JSON object")
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len) if size > 8 + header_len else \
+        np.zeros((0,), np.uint8)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        out[name] = data[begin:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        try:
+            dtype, shape, (begin, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise _damaged(path, f"tensor {name!r} has no valid dtype / shape / data_offsets") from None
+        if dtype not in _DTYPES:
+            raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+        expected = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
+        if not 0 <= begin <= end <= len(data) or end - begin != expected:
+            raise _damaged(path, f"tensor {name!r} needs bytes {begin}..{end} of {len(data)}")
+        out[name] = data[begin:end].view(_DTYPES[dtype]).reshape(shape)
     return out
 
 
@@ -48,8 +65,11 @@ def read_safetensors(directory: str) -> Dict[str, np.ndarray]:
     if os.path.isfile(single):
         return _read_file(single)
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index} is not a readable safetensors index ({e}); re-save the checkpoint") from None
         tensors: Dict[str, np.ndarray] = {}
         for shard in shards:
             tensors.update(_read_file(os.path.join(directory, shard)))

@@ -113,6 +113,18 @@ def to_model_features(row: Mapping[str, np.ndarray], decoder_only: bool, packed:
     return {k: np.asarray(v, np.int32) for k, v in out.items()}
 
 
+def padding_rows(n: int, feature_lengths: Mapping[str, int], *, decoder_only: bool, pack: bool) -> dict:
+    """`n` all-padding rows of model features (every token, segment and loss weight 0): what a data
+    shard that has run out contributes to a batch. dict of int32 [n, L]."""
+    lengths = row_lengths(feature_lengths, decoder_only)
+    empty = {}
+    for key, length in lengths.items():
+        empty.update({key: np.zeros([length], np.int32), f"{key}_segment_ids": np.zeros([length], np.int32),
+                      f"{key}_positions": np.zeros([length], np.int32)})
+    row = to_model_features(empty, decoder_only, pack, prefix_lm=decoder_only and "inputs" in feature_lengths)
+    return {k: np.zeros((n,) + v.shape, np.int32) for k, v in row.items()}
+
+
 def pack_or_pad(ds: grain.IterDataset, feature_lengths: Mapping[str, int], *, decoder_only: bool,
                 pack: bool, pack_window: int) -> grain.IterDataset:
     """Examples -> rows of model features. Packing is grain's first-fit over `pack_window` rows.

@@ -14,24 +14,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5lite import metrics as metrics_lib
+from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
 from t5lite.infer.decoding import generate
 from t5lite.model import EncoderDecoder
 
 
-def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: int = 1,
-               strict: bool = False) -> (np.ndarray, int):
-    """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated."""
+def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = EOS_ID,
+               strict: bool = False, numbers: Optional[Sequence[int]] = None) -> (np.ndarray, int):
+    """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated.
+
+    A truncated input keeps its final EOS (unless eos_id is None); `numbers` name the inputs in
+    the --strict error (default: their index)."""
     out = np.zeros((len(token_lists), input_length), np.int32)
     truncated = 0
     for i, tokens in enumerate(token_lists):
         tokens = list(tokens)
         if len(tokens) > input_length:
             if strict:
-                raise UserError(f"input {i} has {len(tokens)} tokens, more than input_length {input_length}; "
+                number = numbers[i] if numbers is not None else i
+                raise UserError(f"input {number} has {len(tokens)} tokens, more than input_length {input_length}; "
                                 "raise --input_length or drop --strict to truncate")
             truncated += 1
-            tokens = tokens[:input_length - 1] + [eos_id]
+            tokens = tokens[:input_length - 1] + [eos_id] if eos_id is not None else tokens[:input_length]
         out[i, :len(tokens)] = tokens
     return out, truncated
 
@@ -60,30 +65,64 @@ def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_d
     return np.concatenate(tokens), np.concatenate(scores)
 
 
-def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int):
-    """Sum of log p(target token) per example under teacher forcing -> (log-likelihoods [N], token counts [N])."""
-    model = EncoderDecoder(config)
+def _decoder_only_rows(inputs: np.ndarray, targets: np.ndarray):
+    """[N, Li] prompts + [N, Lt] targets -> decoder-only rows (prompt then target, left-aligned), their
+    shifted inputs, prefix flags and target weights, as t5lite.data.packing builds them. [N, Li + Lt]."""
+    n, length = len(inputs), inputs.shape[1] + targets.shape[1]
+    tokens, prefix, weights = (np.zeros((n, length), np.int32) for _ in range(3))
+    for i, (prompt, target) in enumerate(zip(inputs, targets)):
+        prompt, target = prompt[prompt > 0], target[target > 0]
+        row = np.concatenate([prompt, target])
+        tokens[i, :len(row)] = row
+        prefix[i, :len(prompt) + 1] = 1  # the prompt and the first target's input (its last token)
+        weights[i, len(prompt):len(row)] = 1
+    shifted = np.concatenate([np.zeros_like(tokens[:, :1]), tokens[:, :-1]], axis=1)
+    return tokens, shifted, prefix, weights
 
-    @jax.jit
-    def score(enc, tgt):
-        dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-        logits = model.apply({"params": params}, enc, dec_in, decoder_target_tokens=tgt)
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum(picked * (tgt > 0), axis=1)
 
+def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+                           decoder_only: bool = False):
+    """Sum of log p(target token) per example under teacher forcing -> (log-likelihoods [N], token counts [N]).
+
+    Decoder-only models score the targets after the prompt in one sequence (prefix attention when the
+    model is a prefix LM)."""
+    if decoder_only:
+        from t5lite.model import DecoderOnly
+        model = DecoderOnly(config)
+        tgt, dec_in, prefix, weights = _decoder_only_rows(inputs, targets)
+
+        @jax.jit
+        def score(dec_in, tgt, prefix, weights):
+            logits = model.apply({"params": params}, dec_in, decoder_target_tokens=tgt,
+                                 decoder_causal_attention=prefix)
+            picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[..., None], axis=-1)[..., 0]
+            return jnp.sum(picked * weights, axis=1)
+
+        columns = (dec_in, tgt, prefix, weights)
+    else:
+        model = EncoderDecoder(config)
+
+        @jax.jit
+        def score(enc, tgt):
+            dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
+            logits = model.apply({"params": params}, enc, dec_in, decoder_target_tokens=tgt)
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
+            return jnp.sum(picked * (tgt > 0), axis=1)
+
+        columns = (inputs, targets)
     totals = []
     for start in range(0, len(inputs), batch_size):
         n = len(inputs[start:start + batch_size])
-        enc = _fill_batch(inputs[start:start + batch_size], batch_size)
-        tgt = _fill_batch(targets[start:start + batch_size], batch_size)
-        totals.append(np.asarray(score(enc, tgt))[:n])
+        chunk = [_fill_batch(c[start:start + batch_size], batch_size) for c in columns]
+        totals.append(np.asarray(score(*chunk))[:n])
     return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
 
 
 def evaluate_task(config, params, task, vocab, *, split: str = "validation", max_examples: Optional[int] = None,
                   batch_size: int = 32, input_length: int = 128, max_decode_length: int = 64,
-                  strict: bool = False, progress=None, **decode_kwargs) -> (Dict[str, float], List[dict]):
+                  strict: bool = False, decoder_only: bool = False, progress=None,
+                  **decode_kwargs) -> (Dict[str, float], List[dict]):
     """Decodes `split` of `task`, scores it with the task's metrics -> (metrics, per-example records).
 
     Besides the task's metrics: `perplexity` of the reference targets under teacher forcing
@@ -96,8 +135,8 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(examples), input_length)
-    tokens, scores = decode_batches(config, params, inputs, batch_size=batch_size,
-                                    max_decode_length=max_decode_length, progress=progress, **decode_kwargs)
+    tokens, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
+                                    decoder_only=decoder_only, progress=progress, **decode_kwargs)
     predictions = [task.postprocess(vocab.decode(row)) for row in tokens]
     targets = [ex["targets_pretokenized"] for ex in examples]
     results = metrics_lib.compute(list(task.metrics), targets, predictions)
@@ -105,7 +144,7 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     target_tokens = [vocab.encode(t) + [vocab.eos_id] for t in targets]
     target_length = max(max(len(t) for t in target_tokens), 1)
     tgt, _ = pad_inputs(target_tokens, target_length, vocab.eos_id)
-    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size)
+    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size, decoder_only)
     results["perplexity"] = math.exp(min(-float(log_likelihood.sum()) / max(int(counts.sum()), 1), 50.0))
     results["num_examples"] = len(examples)
     records = [dict(input=ex["inputs_pretokenized"], target=t, prediction=p, score=float(s))
@@ -113,19 +152,35 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     return results, records
 
 
+def _continues_text(config, decoder_only: bool) -> bool:
+    """A causal LM continues its prompt; every other model reads an input that ends in EOS, as the
+    training examples' inputs do."""
+    return decoder_only and not config.decoder_only_prefix_lm
+
+
 def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: int = 128,
                  batch_size: int = 32, max_decode_length: int = 64, strict: bool = False,
                  decoder_only: bool = False, progress=None, **decode_kwargs) -> List[dict]:
-    """Raw input texts -> [{'input', 'output', 'score'}] in order (what `t5lite infer` writes)."""
+    """Raw input texts -> [{'input', 'output', 'score'}] in order (what `t5lite infer` writes).
+
+    A blank input gets an empty output and no score (it is not decoded), so output line k always
+    answers input line k."""
     texts = list(texts)
-    tokens = [vocab.encode(t) + ([] if decoder_only else [vocab.eos_id]) for t in texts]
-    inputs, truncated = pad_inputs(tokens, input_length, vocab.eos_id, strict)
+    real = [i for i, t in enumerate(texts) if t.strip()]
+    eos = None if _continues_text(config, decoder_only) else vocab.eos_id
+    tokens = [vocab.encode(texts[i]) + ([eos] if eos is not None else []) for i in real]
+    inputs, truncated = pad_inputs(tokens, input_length, eos, strict, numbers=[i + 1 for i in real])
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(texts), input_length)
     out, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
                                  decoder_only=decoder_only, progress=progress, **decode_kwargs)
-    return [dict(input=t, output=vocab.decode(row), score=float(s)) for t, row, s in zip(texts, out, scores)]
+    records = [dict(input=t, output="", score=None) for t in texts]
+    for i, row, score in zip(real, out, scores):
+        records[i].update(output=vocab.decode(row), score=float(score))
+    if progress is not None:
+        progress.update(len(texts) - len(real))
+    return records
 
 
 __all__ = ["evaluate_task", "decode_texts", "decode_batches", "pad_inputs", "target_log_likelihoods"]

@@ -1,10 +1,14 @@
-"""Checkpoint formats on disk.
+"""Checkpoint formats on disk, and reading them safely.
 
 A *training checkpoint* is `model_dir/checkpoints/<step>/` (see TrainCheckpointer). A
 *params checkpoint* (what `t5lite convert from-hf` writes, and what fine-tuning starts
 from) is a directory holding `config.json` ({"format": "t5lite-params", "model": T5Config})
 and `params/`, an orbax checkpoint of the unboxed float32 parameter tree. It is assembled
 under a temporary name and renamed into place, so it exists whole or not at all.
+
+Every reader falls back from an unreadable step to the previous one with a warning. A step
+that is readable but holds another model is never "unreadable": it is a configuration error
+(UserError naming the differing parameter), and nothing is touched.
 """
 
 import base64
@@ -12,19 +16,76 @@ import json
 import logging
 import os
 import shutil
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
-import grain
-import grain.checkpoint  # noqa: F401 - registers grain's orbax handlers
 import jax
 import orbax.checkpoint as ocp
 
 from t5lite.errors import UserError
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
+from t5lite.train.data_checkpoint import DataPositionRestore, DataPositionSave
 
 PARAMS_FORMAT = "t5lite-params"
+TRAIN_FORMAT = "t5lite-train"
+UNREADABLE_SUFFIX = ".unreadable"  # a bad step is renamed <step>.unreadable: kept, but no longer a step
 
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Does a checkpoint fit the configured model? Shapes by path, compared before any restore.
+# ---------------------------------------------------------------------------------------------
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flat_shapes(tree) -> Dict[str, Tuple[int, ...]]:
+    """{'params/encoder/layers_0/mlp/wi_0/kernel': (64, 128), ...} for arrays, abstract arrays or
+    orbax array metadata; NamedTuple fields and list indices become path parts like dict keys."""
+    flat = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(tree))[0]
+    return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+
+
+def _config_differences(stored: Optional[dict], wanted: Optional[T5Config]) -> str:
+    if not stored or wanted is None:
+        return ""
+    ours = wanted.to_dict()
+    diffs = [f"{k} {stored[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
+             if k in stored and stored[k] != ours[k] and k not in ("dtype", "remat_policy", "dropout_rate")]
+    return f" (the model config differs: {'; '.join(diffs)})" if diffs else ""
+
+
+def shape_mismatch(stored: Dict[str, tuple], wanted: Dict[str, tuple]) -> Optional[str]:
+    """A short description of the first difference between two {path: shape} maps, or None."""
+    for path in sorted(wanted):
+        if path in stored and stored[path] != wanted[path]:
+            return f"{path} is {list(stored[path])} there but {list(wanted[path])} here"
+    missing, extra = sorted(set(wanted) - set(stored)), sorted(set(stored) - set(wanted))
+    if missing:
+        return f"{missing[0]} is missing there" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    if extra:
+        return f"{extra[0]} is there but not in the configured model" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    return None
+
+
+def check_fits(what: str, stored: Dict[str, tuple], wanted: Dict[str, tuple], stored_model: Optional[dict],
+               wanted_model: Optional[T5Config], fix: str) -> None:
+    """UserError naming the first differing parameter when `stored` does not fit `wanted`."""
+    mismatch = shape_mismatch(stored, wanted)
+    if mismatch:
+        raise UserError(f"{what} does not fit the configured model: {mismatch}"
+                        f"{_config_differences(stored_model, wanted_model)}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Params checkpoints: config.json + params/.
+# ---------------------------------------------------------------------------------------------
 
 def save_params(path: str, config: T5Config, params: dict) -> None:
     """Writes a params checkpoint to the (new or empty) directory `path`."""
@@ -48,17 +109,28 @@ def save_params(path: str, config: T5Config, params: dict) -> None:
         raise
 
 
+def is_params_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def load_config(path: str) -> T5Config:
     cfg_path = os.path.join(path, "config.json")
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not a t5lite params checkpoint (no readable config.json); "
                         "create one with `t5lite convert from-hf` or point at a training checkpoint") from None
-    if meta.get("format") != PARAMS_FORMAT:
-        raise UserError(f"{cfg_path} is not a t5lite params checkpoint config (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != PARAMS_FORMAT:
+        raise UserError(f"{cfg_path} is not a t5lite params checkpoint config; create one with `t5lite convert "
+                        "from-hf` or point at a training model_dir")
     return T5Config.from_dict(meta["model"])
+
+
+def _single_device_target(config: T5Config, decoder_only: bool = False):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                  nn.meta.unbox(abstract_params(config, decoder_only)))
 
 
 def load_params(path: str, config: T5Config = None) -> Tuple[T5Config, dict]:
@@ -71,31 +143,165 @@ def load_params(path: str, config: T5Config = None) -> Tuple[T5Config, dict]:
     params_dir = os.path.join(os.path.abspath(path), "params")
     if not os.path.isdir(params_dir):
         raise UserError(f"{path} has no params/ directory; the checkpoint is incomplete, re-create it")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                    nn.meta.unbox(abstract_params(stored)))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(params_dir, target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(params_dir, _single_device_target(stored))
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files
+        raise UserError(f"{params_dir} is unreadable ({_first_line(e)}); re-create the checkpoint") from None
     return _in_layout(config or stored, stored, params)
 
 
 def _in_layout(config: T5Config, stored: T5Config, params: dict) -> Tuple[T5Config, dict]:
     """Restacks the layers when the wanted config's scan_layers differs from the stored one."""
     if config.scan_layers != stored.scan_layers:
-        params = scan_params(params) if config.scan_layers else unscan_params(params)
+        params = scan_params(params, config.layers_per_scan_block) if config.scan_layers else unscan_params(params)
     return config, params
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints: model_dir/checkpoints/<step>/{state, data, meta}
 # ---------------------------------------------------------------------------------------------
 
+def checkpoint_meta(config: T5Config, operative_gin: str = "", vocab_bytes: Optional[bytes] = None,
+                    decoder_only: bool = False) -> dict:
+    """What travels with every training checkpoint besides the arrays."""
+    return {"format": TRAIN_FORMAT, "model": config.to_dict(), "decoder_only": bool(decoder_only),
+            "gin": operative_gin, "vocab": base64.b64encode(vocab_bytes).decode("ascii") if vocab_bytes else None}
+
+
+def _checkpoints_dir(path: str) -> Optional[str]:
+    """model_dir or model_dir/checkpoints -> the directory holding the <step> directories."""
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate) and any(d.isdigit() for d in os.listdir(candidate)):
+            return candidate
+    return None
+
+
+def step_dirs(path: str) -> List[str]:
+    """Step directories under a model_dir (or its checkpoints/, or one step directory), newest first."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+        return [path]
+    directory = _checkpoints_dir(path)
+    if directory is None:
+        return []
+    steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True)
+    return [os.path.join(directory, str(s)) for s in steps]
+
+
+def read_meta(step_dir: str) -> dict:
+    """The JSON meta item of a training checkpoint step (raises on a damaged file)."""
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or meta.get("format") != TRAIN_FORMAT or "model" not in meta:
+        raise ValueError("meta is not a t5lite training checkpoint's")
+    return meta
+
+
+def stored_state_shapes(step_dir: str) -> Dict[str, tuple]:
+    """{path: shape} of the train state saved in a step, from orbax's metadata (no arrays read)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        metadata = ckptr.metadata(os.path.join(step_dir, "state"))
+    shapes = flat_shapes(getattr(metadata, "item_metadata", metadata))
+    if not shapes:  # orbax answers a damaged metadata file with an empty tree, not an error
+        raise ValueError("the train state's metadata is missing or damaged")
+    return shapes
+
+
+def decoder_only_of(meta: dict, params: Optional[dict] = None) -> bool:
+    """Whether a checkpoint holds a DecoderOnly model (older checkpoints: no 'encoder' params)."""
+    if "decoder_only" in meta:
+        return bool(meta["decoder_only"])
+    return params is not None and "encoder" not in params
+
+
+def _restore_params(step_dir: str, config: T5Config, decoder_only: bool) -> dict:
+    target = _single_device_target(config, decoder_only)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)},
+            partial_restore=True))
+    return restored["params"]
+
+
+def load_train_checkpoint_params(path: str, step: Optional[int] = None) -> Tuple[T5Config, dict, dict]:
+    """Params (on the default device), config and meta of the newest readable training checkpoint
+    under `path` (or of `step`). Unreadable steps are skipped with a warning.
+
+    The optimizer state is not needed (fine-tuning may use another optimizer), so only the
+    'params' subtree is restored."""
+    candidates = step_dirs(path)
+    if step is not None:
+        candidates = [d for d in candidates if os.path.basename(d) == str(step)]
+        if not candidates:
+            raise UserError(f"{path} has no checkpoint of step {step}; its steps are "
+                            f"{[int(os.path.basename(d)) for d in step_dirs(path)] or 'none'}")
+    if not candidates:
+        raise UserError(f"{path} holds no t5lite checkpoint (expected config.json + params/, or a model_dir "
+                        "with checkpoints/<step>/)")
+    failures = []
+    for step_dir in candidates:
+        try:
+            meta = read_meta(step_dir)
+            config = T5Config.from_dict(meta["model"])
+            params = _restore_params(step_dir, config, decoder_only_of(meta))
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any damage to a step falls back to the previous one
+            log.warning("checkpoint %s is unreadable (%s); trying the previous step", step_dir, _first_line(e))
+            failures.append(os.path.basename(step_dir))
+            continue
+        if failures:
+            log.warning("using checkpoint %s instead of the unreadable step(s) %s", step_dir, ", ".join(failures))
+        return config, params, meta
+    raise UserError(f"no readable checkpoint under {path}: step(s) {', '.join(failures)} are damaged; "
+                    "restore them from a backup or train again")
+
+
+def load_any_params(path: str, config: Optional[T5Config] = None) -> Tuple[T5Config, dict]:
+    """A params checkpoint (`t5lite convert from-hf`) or a training checkpoint -> (config, params)."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; pass a training model_dir or a converted checkpoint")
+    if is_params_checkpoint(path):
+        return load_params(path, config)
+    stored, params, _ = load_train_checkpoint_params(path)
+    return _in_layout(config or stored, stored, params)
+
+
+def stored_model(path: str) -> Tuple[T5Config, bool, Optional[dict]]:
+    """(config, decoder_only, meta or None) of a checkpoint, without reading its arrays."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; pass a training model_dir or a converted checkpoint")
+    if is_params_checkpoint(path):
+        return load_config(path), False, None
+    for step_dir in step_dirs(path):
+        try:
+            meta = read_meta(step_dir)
+        except Exception as e:  # noqa: BLE001
+            log.warning("checkpoint %s is unreadable (%s); trying the previous step", step_dir, _first_line(e))
+            continue
+        return T5Config.from_dict(meta["model"]), decoder_only_of(meta), meta
+    raise UserError(f"{path} holds no readable t5lite checkpoint (expected config.json + params/, or a model_dir "
+                    "with checkpoints/<step>/)")
+
+
 class TrainCheckpointer:
-    """orbax CheckpointManager over `model_dir/checkpoints`: train state (sharded arrays),
-    every process's data-iterator state (grain), and meta (model config, operative gin config,
-    vocabulary), saved asynchronously. orbax finalises a step by renaming it into place, so a
-    killed save never shows up as a step; a step that exists but cannot be read is skipped for
-    the previous one with a warning.
+    """orbax CheckpointManager over `model_dir/checkpoints`: train state (sharded arrays), the
+    data position (one state per virtual data shard, t5lite/train/data_checkpoint.py), and meta
+    (model config, operative gin config, vocabulary), saved asynchronously. orbax finalises a step by renaming it into place, so a
+    killed save never shows up as a step.
+
+    Restoring walks the steps newest first. A step whose saved shapes differ from the configured
+    model is a UserError (nothing touched). A step that cannot be read is renamed
+    `<step>.unreadable` (kept for inspection, no longer a step, so training continues past it
+    without colliding) and the previous one is tried.
     """
 
     def __init__(self, model_dir: str, *, max_to_keep: int = 2, keep_period: Optional[int] = None,
@@ -107,7 +313,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator),
+                                  data=DataPositionSave(data_iterator.get_state(), primary=jax.process_index() == 0),
                                   meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
@@ -117,70 +323,59 @@ class TrainCheckpointer:
     def steps(self):
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state, data_iterator) -> Optional[Tuple[int, object, dict]]:
+    def restore_latest(self, abstract_state, data_iterator, config: Optional[T5Config] = None
+                       ) -> Optional[Tuple[int, object, dict]]:
         """(step, state, meta) of the newest readable checkpoint, the iterator moved to its position;
         None when there is none. `abstract_state` holds ShapeDtypeStructs with the target shardings
-        (any mesh: orbax reshards on restore)."""
+        (any mesh: orbax reshards on restore); `config` names the differences in a mismatch."""
+        wanted = flat_shapes(abstract_state)
         for step in reversed(self.steps()):
+            step_dir = os.path.join(self.directory, str(step))
+            try:
+                meta, stored = read_meta(step_dir), stored_state_shapes(step_dir)
+            except Exception as e:  # noqa: BLE001 - damaged metadata: an unreadable step
+                self._set_aside(step, e)
+                continue
+            check_fits(f"checkpoint step {step} in {self.directory}", stored, wanted, meta.get("model"), config,
+                       "train into a new --model_dir, or configure the model and optimizer this run was "
+                       "started with")
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    data=DataPositionRestore(data_iterator),
                     meta=ocp.args.JsonRestore()))
+            except UserError:
+                raise  # readable, but saved with other settings (e.g. the data shards): a configuration error
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
-                logging.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one",
-                                step, self.directory, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self._set_aside(step, e)
                 continue
             return step, restored["state"], restored["meta"]
         return None
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        """Renames an unreadable step to <step>.unreadable (process 0), so a later save of that step
+        does not collide with it, and forgets it."""
+        source = os.path.join(self.directory, str(step))
+        target, n = source + UNREADABLE_SUFFIX, 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{source}{UNREADABLE_SUFFIX}-{n}"
+        log.warning("checkpoint step %d in %s is unreadable (%s); kept as %s, trying the previous step",
+                    step, self.directory, _first_line(error), os.path.basename(target))
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        _barrier(f"t5lite_set_aside_{step}")
+        self._manager.reload()
 
     def close(self) -> None:
         self._manager.close()
 
 
-def checkpoint_meta(config: T5Config, operative_gin: str = "", vocab_bytes: Optional[bytes] = None) -> dict:
-    """What travels with every training checkpoint besides the arrays."""
-    return {"format": "t5lite-train", "model": config.to_dict(), "gin": operative_gin,
-            "vocab": base64.b64encode(vocab_bytes).decode("ascii") if vocab_bytes else None}
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
-def _latest_step_dir(path: str) -> Optional[str]:
-    """model_dir, model_dir/checkpoints or a step directory -> the newest step directory."""
-    for candidate in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(candidate):
-            steps = sorted((int(d) for d in os.listdir(candidate) if d.isdigit()), reverse=True)
-            if steps:
-                return os.path.join(candidate, str(steps[0]))
-    if os.path.isdir(os.path.join(path, "state")):
-        return path
-    return None
-
-
-def load_train_checkpoint_params(path: str) -> Tuple[T5Config, dict, dict]:
-    """Params (on the default device), config and meta of the newest training checkpoint under `path`.
-
-    The optimizer state is not needed (fine-tuning may use another optimizer), so only the
-    'params' subtree is restored."""
-    step_dir = _latest_step_dir(os.path.abspath(path))
-    if step_dir is None or not os.path.isfile(os.path.join(step_dir, "meta", "metadata")):
-        raise UserError(f"{path} holds no t5lite checkpoint (expected config.json + params/ or checkpoints/<step>/)")
-    with open(os.path.join(step_dir, "meta", "metadata")) as f:
-        meta = json.load(f)
-    config = T5Config.from_dict(meta["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                    nn.meta.unbox(abstract_params(config)))
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-            item={"params": target},
-            restore_args={"params": jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), target)},
-            partial_restore=True))
-    return config, restored["params"], meta
-
-
-def load_any_params(path: str, config: Optional[T5Config] = None) -> Tuple[T5Config, dict]:
-    """A params checkpoint (`t5lite convert from-hf`) or a training checkpoint -> (config, params)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return load_params(path, config)
-    stored, params, _ = load_train_checkpoint_params(path)
-    return _in_layout(config or stored, stored, params)
+__all__ = ["save_params", "load_params", "load_any_params", "load_train_checkpoint_params", "stored_model",
+           "TrainCheckpointer", "checkpoint_meta", "check_fits", "flat_shapes"]

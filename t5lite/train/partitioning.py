@@ -8,7 +8,10 @@ mesh axes. The mesh has three axes:
     tensor  model parallelism: splits the mlp / heads / vocab dims of each matmul
 
 A batch is split over ('data', 'fsdp'). Rule sets follow T5X / MaxText: embed -> fsdp,
-mlp / heads / vocab -> tensor, everything else (length, kv, layers, relpos buckets) replicated.
+mlp / heads / kv_heads / vocab -> tensor, everything else (length, kv, layers, relpos buckets)
+replicated. MoE experts go to fsdp (listed before embed, so an expert kernel [expert, embed,
+mlp] is split by expert there); key/value heads that do not divide the tensor axis (e.g. one
+multi-query head) are replicated by `_fit`.
 A mesh axis is used at most once per array (flax resolves rules in order), so the activations
 [batch, length, embed] keep batch on ('data', 'fsdp') and embed replicated.
 """
@@ -24,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from t5lite.errors import UserError
 from t5lite.model import T5Config, abstract_params, init_params
-from t5lite.train.step import TrainState
+from t5lite.train.state import TrainState
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -33,11 +36,11 @@ BATCH_MESH_AXES = ("data", "fsdp")
 _REPLICATED = (("length", None), ("kv", None), ("relpos_buckets", None), ("layers", None))
 
 DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), ("mlp", None), ("heads", None),
-                 ("joined_kv", None)) + _REPLICATED
-FSDP = (("batch", BATCH_MESH_AXES), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None),
-        ("joined_kv", None)) + _REPLICATED
+                 ("kv_heads", None), ("expert", None)) + _REPLICATED
+FSDP = (("batch", BATCH_MESH_AXES), ("expert", "fsdp"), ("embed", "fsdp"), ("vocab", None), ("mlp", None),
+        ("heads", None), ("kv_heads", None)) + _REPLICATED
 FSDP_TENSOR = (("batch", BATCH_MESH_AXES), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"),
-               ("joined_kv", "tensor"), ("embed", "fsdp")) + _REPLICATED
+               ("kv_heads", "tensor"), ("expert", "fsdp"), ("embed", "fsdp")) + _REPLICATED
 RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
 
 log = logging.getLogger(__name__)
@@ -168,17 +171,6 @@ def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",), rules or rules_for(mesh)))
 
 
-def batch_shardings(batch, mesh: Mesh, rules=None):
-    """The batch sharding for every array of a batch dict; checks the batch size divides."""
-    sharding = batch_sharding(mesh, rules)
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_MESH_AXES]))
-    for name, x in batch.items():
-        if x.shape[0] % shards:
-            raise UserError(f"batch feature {name!r} has {x.shape[0]} rows, not divisible by the "
-                            f"{shards} data x fsdp shards; use a batch size that is a multiple of {shards}")
-    return {name: sharding for name in batch}
-
-
 # ---------------------------------------------------------------------------------------------
 # Sharded initialisation.
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +236,27 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
     return True
+
+
+def process_batch_rows(mesh: Mesh, rules, batch_size: int) -> range:
+    """The rows of a [batch_size] global batch that this process's devices hold: one contiguous range
+    (the input pipeline materialises exactly these rows)."""
+    indices = batch_sharding(mesh, rules).addressable_devices_indices_map((batch_size,)).values()
+    rows = sorted({r for index in indices for r in range(*index[0].indices(batch_size))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise UserError(f"this process's devices hold batch rows {rows}, not one contiguous block; order the "
+                        "mesh devices by process (jax.make_mesh does) or use a mesh whose batch axes follow hosts")
+    return range(rows[0], rows[-1] + 1)
+
+
+def data_shards_of_rows(rows: range, batch_size: int, num_shards: int) -> range:
+    """The virtual data shards whose blocks of batch_size / num_shards rows make up `rows`."""
+    per_shard = batch_size // num_shards
+    if rows.start % per_shard or len(rows) % per_shard:
+        raise UserError(f"this process holds batch rows {rows.start}..{rows.stop - 1}, which do not align with "
+                        f"{num_shards} data shards of {per_shard} rows; set train.data_shards to a multiple of the "
+                        "process count that divides BATCH_SIZE")
+    return range(rows.start // per_shard, rows.stop // per_shard)
 
 
 def global_batch_from_local(local_batch, mesh: Mesh, rules=None, global_batch_size: Optional[int] = None):

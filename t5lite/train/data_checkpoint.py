@@ -1,0 +1,93 @@
+"""The data position in a training checkpoint: one JSON file per virtual data shard.
+
+The input pipeline (t5lite/data/pipeline.py) splits the data into virtual shards whose order
+does not depend on the process count; each process reads some of them. Saving one file per
+shard (`data/shard_<v>.json`, written by whichever process reads that shard) rather than one per
+process lets a checkpoint written by P processes resume on Q: each process loads the files of
+the shards it now reads, and the next global batch is the one the P processes would have read.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from t5lite.errors import UserError
+
+POSITION_FILE = "position.json"
+FORMAT = "t5lite-data-shards-1"
+log = logging.getLogger(__name__)
+
+
+def _write_json(path: epath.Path, value) -> None:
+    """Atomic: processes that read the same shard (tensor parallel across hosts) write equal files."""
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(value))
+    tmp.rename(path)
+
+
+class DataPositionHandler(ocp.CheckpointHandler):
+    """Orbax handler: save writes this process's shard states; restore reads the shards the
+    iterator reads now, whatever process wrote them."""
+
+    def save(self, directory: epath.Path, args: "DataPositionSave") -> None:
+        state = args.state
+        for shard, shard_state in state["shards"].items():
+            _write_json(directory / f"shard_{int(shard):05d}.json",
+                        {"state": shard_state, "ended": int(shard) in set(state.get("ended", ()))})
+        if args.primary:
+            _write_json(directory / POSITION_FILE, {"format": FORMAT, "num_shards": state["num_shards"]})
+
+    def restore(self, directory: epath.Path, args: "DataPositionRestore") -> Any:
+        iterator = args.iterator
+        current = iterator.get_state()
+        position = directory / POSITION_FILE
+        if not position.exists():
+            if not list(directory.glob("process_*.json")):
+                raise ValueError(f"{directory} holds no data position")
+            # An older t5lite (one grain state per process) cannot place the shards: start over.
+            log.warning("the checkpoint's data position is in an older format; the input pipeline restarts "
+                        "from the beginning of the data")
+            return iterator
+        saved = json.loads(position.read_text())
+        if saved.get("num_shards") != current["num_shards"]:
+            raise UserError(f"the checkpoint's data position has {saved.get('num_shards')} data shards but this run "
+                            f"has {current['num_shards']}; resume with the BATCH_SIZE and train.data_shards it was "
+                            "saved with")
+        shards, ended = {}, []
+        for shard in current["shards"]:
+            path = directory / f"shard_{int(shard):05d}.json"
+            if not path.exists():
+                raise ValueError(f"{path} is missing")
+            record = json.loads(path.read_text())
+            shards[shard] = record["state"]
+            if record.get("ended"):
+                ended.append(int(shard))
+        iterator.set_state({"num_shards": current["num_shards"], "shards": shards, "ended": ended})
+        return iterator
+
+    def metadata(self, directory: epath.Path) -> Optional[Any]:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_save=True)
+@dataclasses.dataclass
+class DataPositionSave(ocp.args.CheckpointArgs):
+    state: dict  # the iterator's state, taken when the save starts
+    primary: bool = True  # writes position.json
+
+
+@ocp.args.register_with_handler(DataPositionHandler, for_restore=True)
+@dataclasses.dataclass
+class DataPositionRestore(ocp.args.CheckpointArgs):
+    iterator: Any  # moved to the saved position

@@ -148,6 +148,25 @@ def test_a_bad_point_is_planned_with_its_error_and_never_launched(tmp_path):
         os.path.join(bad.model_dir, "train.log"))
 
 
+@pytest.mark.parametrize("grid, bindings, message", [
+    ("train.optimizer=[nope]", [], "unknown optimizer 'nope'; choose from adafactor, adamw"),
+    ("TRAIN_STEPS=[3]", ["train.schedule='cosine'", "train.warmup_steps=40"],
+     "cosine schedule needs total_steps > warmup_steps (40), got 3"),
+    ("TRAIN_STEPS=[2.5]", [], "train.train_steps (TRAIN_STEPS) must be an integer >= 1, got 2.5"),
+])
+def test_settings_train_would_refuse_are_found_when_planning(grid, bindings, message):
+    plan, = sweep.plan_sweep(spec.build_sweep(gin_files=BASE, grid=[grid], bindings=bindings), "root")
+    assert plan.error is not None and plan.error.startswith(message)
+
+
+def test_non_embedding_parameters_leave_out_tokens_logits_and_absolute_positions():
+    s = spec.build_sweep(gin_files=BASE, grid=["T5Config.position_scheme=[sinusoidal, absolute_learned]"])
+    sinusoidal, learned = (p.facts for p in sweep.plan_sweep(s, "root"))
+    assert learned["params_non_embedding"] == sinusoidal["params_non_embedding"]
+    # One 512 x 64 learned table per stack (T5Config.max_position_embeddings x emb_dim).
+    assert learned["params"] - sinusoidal["params"] == 2 * 512 * 64
+
+
 def test_a_run_directory_of_another_configuration_is_not_resumed(tmp_path):
     s = spec.build_sweep(gin_files=BASE, grid=["TRAIN_STEPS=[2]"])
     plan = sweep.plan_sweep(s, str(tmp_path))[0]
@@ -205,10 +224,6 @@ def _shipped_sweep_files():
 
 @pytest.mark.parametrize("path", _shipped_sweep_files(), ids=lambda p: os.path.relpath(p, EXPERIMENTS))
 def test_every_shipped_sweep_file_plans_without_errors(path):
-    with open(path) as f:
-        needs_positions = "position_scheme" in f.read()
-    if needs_positions and "position_scheme" not in T5Config.__dataclass_fields__:
-        pytest.skip("T5Config.position_scheme (the ablation issue) has not landed")
     plans = sweep.plan_sweep(spec.build_sweep(path), "/tmp/unused")
     assert plans and all(p.error is None for p in plans), [p.error for p in plans if p.error]
 

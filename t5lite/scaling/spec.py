@@ -188,10 +188,7 @@ def parse_grid_flag(flag: str) -> Axis:
 # ---------------------------------------------------------------------------------------------
 
 def _load_toml(path: str) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

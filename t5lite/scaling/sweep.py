@@ -27,6 +27,7 @@ from typing import List, Optional, Tuple
 from t5lite.errors import UserError
 from t5lite.scaling.spec import Point, Sweep
 
+EMBEDDING_AXES = {"vocab", "abs_positions"}  # logical axes of the parameters N leaves out
 POINT_FILE, STATUS_FILE, LOG_FILE, TASK_METRICS_FILE = ("sweep_point.json", "sweep_status.json", "train.log",
                                                         "task_metrics.json")
 
@@ -49,8 +50,9 @@ class Plan:
 
 @functools.lru_cache(maxsize=None)
 def parameter_counts(config, decoder_only: bool = False) -> Tuple[int, int]:
-    """(total, non-embedding) parameters. Non-embedding leaves out every parameter with a `vocab`
-    axis (token embedding, untied logits layer), as Kaplan et al. count N."""
+    """(total, non-embedding) parameters. Non-embedding leaves out the token embedding, the untied
+    logits layer and a learned absolute-position table (a `vocab` or `abs_positions` axis), as
+    Kaplan et al. count N."""
     import flax.linen as nn
     import jax
     import numpy as np
@@ -63,7 +65,7 @@ def parameter_counts(config, decoder_only: bool = False) -> Tuple[int, int]:
     shapes = param_shapes(abstract)
     specs = jax.tree_util.tree_flatten_with_path(nn.get_partition_spec(abstract),
                                                  is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
-    embedding = {"/".join(k.key for k in path) for path, spec in specs if "vocab" in tuple(spec)}
+    embedding = {"/".join(k.key for k in path) for path, spec in specs if set(spec) & EMBEDDING_AXES}
     total = sum(int(np.prod(s)) for s in shapes.values())
     return total, total - sum(int(np.prod(shapes[name])) for name in embedding)
 
@@ -82,23 +84,28 @@ def _train_arguments(gin_files, bindings, model_dir) -> dict:
     return {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}, **bound}
 
 
-def _model_config(kwargs: dict):
-    from t5lite.model import T5Config, get_config
-    model, overrides = kwargs["model"], kwargs["model_overrides"] or {}
-    if isinstance(model, str):
-        return get_config(model, **overrides)
-    return T5Config.from_dict(model.to_dict()).replace(**overrides)
+def _check_run(kwargs: dict):
+    """The checks `train` makes before reading data that need no data: settings, model config, optimizer
+    and schedule (a cosine schedule shorter than its warmup, ...). Returns the model config."""
+    from t5lite.train import setup
+    from t5lite.train.optimizers import make_optimizer
+    setup.check_settings(**{name: kwargs[name] for name in inspect.signature(setup.check_settings).parameters})
+    config = setup.resolve_config(kwargs["model"], kwargs["model_overrides"])
+    make_optimizer(kwargs["optimizer"], kwargs["schedule"], kwargs["learning_rate"], kwargs["warmup_steps"],
+                   total_steps=kwargs["train_steps"], clip_grad_norm=kwargs["clip_grad_norm"],
+                   **(kwargs["optimizer_kwargs"] or {}))
+    return config
 
 
 def _facts(kwargs: dict) -> dict:
     """N, D, C of a run. D counts input + target token positions of every step (rows are packed)."""
     from t5lite.train.monitor import model_flops_per_step
+    config = _check_run(kwargs)
     lengths = kwargs["feature_lengths"]
     if "targets" not in lengths:
         raise UserError("TASK_FEATURE_LENGTHS needs a 'targets' length, e.g. {'inputs': 128, 'targets': 29}")
     steps, batch = int(kwargs["train_steps"]), int(kwargs["batch_size"])
     inputs, targets = int(lengths.get("inputs", 0)), int(lengths["targets"])
-    config = _model_config(kwargs)
     total, non_embedding = parameter_counts(config, bool(kwargs["decoder_only"]))
     per_step = model_flops_per_step(config, batch, inputs, targets, decoder_only=bool(kwargs["decoder_only"]))
     return {"task": kwargs["task"], "train_steps": steps, "batch_size": batch, "input_length": inputs,

@@ -177,6 +177,14 @@ def test_a_run_directory_of_another_configuration_is_not_resumed(tmp_path):
     assert "another configuration" in summary.point_row(plan)["error"]
 
 
+def test_a_point_trained_elsewhere_is_skipped_and_has_no_wall_time(tmp_path):
+    plan = sweep.plan_sweep(spec.build_sweep(gin_files=BASE, grid=["TRAIN_STEPS=[2]"]), str(tmp_path))[0]
+    os.makedirs(os.path.join(plan.model_dir, "checkpoints", "2"))  # what a --print_commands line leaves
+    assert sweep.run_point(plan, python="/bin/false", say=lambda _: None) == "skipped"
+    row = summary.point_row(plan)
+    assert row["status"] == "done" and row["wall_s"] is None
+
+
 def _stand_in_python(tmp_path, body: str) -> str:
     """An executable that takes the place of `python -m t5lite.cli train ...` (its arguments are ignored)."""
     path = tmp_path / "python"

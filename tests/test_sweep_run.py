@@ -66,6 +66,7 @@ def test_two_by_two_grid_printed_line_runs_then_rerun_does_no_work(tmp_path, cap
         assert os.path.isfile(os.path.join(root, name))
     with open(os.path.join(rows[1]["model_dir"], "sweep_status.json")) as f:
         assert json.load(f)["wall_s"] > 0
+    assert rows[0]["wall_s"] is None  # trained from its printed line, not by the sweep
 
     logs = {r["name"]: os.path.getmtime(os.path.join(r["model_dir"], "metrics.jsonl")) for r in rows}
     assert main(args) == 0

@@ -190,12 +190,14 @@ def _write_json(path: str, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_status(plan: Plan, status: str, error: Optional[str] = None, wall_s: float = 0.0, **extra) -> dict:
-    """Records the point's state; wall time adds up over the invocations that trained it."""
+def write_status(plan: Plan, status: str, error: Optional[str] = None, wall_s: Optional[float] = None,
+                 **extra) -> dict:
+    """Records the point's state; wall time adds up over the invocations that trained it (None: never
+    trained by a sweep, e.g. launched elsewhere from --print_commands)."""
     os.makedirs(plan.model_dir, exist_ok=True)
     previous = read_json(os.path.join(plan.model_dir, STATUS_FILE)) or {}
-    record = {**previous, "status": status, "error": error, "wall_s": (previous.get("wall_s") or 0.0) + wall_s,
-              **extra}
+    wall = previous.get("wall_s") if wall_s is None else (previous.get("wall_s") or 0.0) + wall_s
+    record = {**previous, "status": status, "error": error, "wall_s": wall, **extra}
     _write_json(os.path.join(plan.model_dir, STATUS_FILE), record)
     return record
 

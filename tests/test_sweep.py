@@ -226,6 +226,25 @@ def test_a_crashing_point_is_recorded_with_the_last_line_of_its_traceback(tmp_pa
     assert row["error"] == "jaxlib.xla_extension.XlaRuntimeError: RESOURCE_EXHAUSTED: out of memory"
 
 
+def test_task_metrics_decode_each_finished_point_once_and_join_its_row(tmp_path):
+    args_file = tmp_path / "args"
+    python = _stand_in_python(tmp_path, f'echo "$@" >> {args_file}\necho "INFO some log line"\n'
+                                        'echo \'{"task": "t", "split": "validation", "bleu": 12.5, "chrf": 30.1, '
+                                        '"num_examples": 4}\'\necho "INFO after the result"\n')
+    s = spec.build_sweep(gin_files=BASE, grid=["TRAIN_STEPS=[2]"],
+                         bindings=["MIXTURE_OR_TASK_NAME='bible_translate_en_es'"])
+    plan = sweep.plan_sweep(s, str(tmp_path / "root"))[0]
+    os.makedirs(os.path.join(plan.model_dir, "checkpoints", "2"))
+    for _ in range(2):  # the second run finds task_metrics.json and decodes nothing
+        sweep.run_point(plan, python=python, task_metrics=True, max_examples=7, say=lambda _: None)
+    calls = args_file.read_text().splitlines()
+    assert len(calls) == 1 and calls[0].split()[:6] == ["-m", "t5lite.cli", "eval", "--checkpoint", plan.model_dir,
+                                                        "--task"]
+    assert "--max_examples 7" in calls[0] and "--max_decode_length 29" in calls[0]
+    row = summary.point_row(plan)
+    assert row["task/bleu"] == 12.5 and row["task/chrf"] == 30.1 and "task/num_examples" not in row
+
+
 def _shipped_sweep_files():
     return sorted(glob.glob(os.path.join(EXPERIMENTS, "**", "*.toml"), recursive=True))
 

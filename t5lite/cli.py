@@ -40,6 +40,56 @@ def _add_decoding_flags(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_sweep(commands):
+    """`t5lite sweep run | summary | fit`; the bodies are in t5lite/scaling/command.py."""
+    from t5lite.scaling import command as sweep_command
+    sweep = commands.add_parser("sweep", help="a grid of training runs: ablations over seeds, scaling-law fits",
+                                description="Run a grid of ordinary training runs under one root directory, "
+                                "summarise them (CSV / JSONL / table, mean ± std over seeds, Welch's t-test against "
+                                "a baseline) and fit scaling laws L(N, D) = E + A/N^alpha + B/D^beta.")
+    actions = sweep.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def fit_flags(p):
+        p.add_argument("--loss", choices=["eval_loss", "train_loss"], help="what to fit (default: eval_loss if logged)")
+        p.add_argument("--params", default="params_non_embedding", choices=["params_non_embedding", "params"],
+                       help="N of the fit: non-embedding (Kaplan et al.) or total parameters")
+        p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
+        p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
+
+    def spec_flags(p):
+        p.add_argument("sweep_file", nargs="?", help="a sweep file (TOML; see experiments/scaling/tiny.toml)")
+        p.add_argument("--root", required=True, help="directory of the sweep: one run directory per point")
+        p.add_argument("--gin_file", action="append", default=[], help="base gin run file (repeatable)")
+        p.add_argument("--grid", action="append", default=[], metavar="NAME=[V1,V2,...]",
+                       help="an axis of the grid, e.g. 'T5Config.emb_dim=[64,128]' (repeatable: cartesian product)")
+        p.add_argument("--seeds", type=int, metavar="N", help="run every point with RANDOM_SEED = 0..N-1 (default: the sweep "
+                       "file's seeds, else 1)")
+        p.add_argument("--fit", action="store_true", help="also fit the scaling laws (like `t5lite sweep fit`)")
+        fit_flags(p)
+
+    p = actions.add_parser("run", help="train every point not yet done, one after another, then summarise",
+                           description="Every point is `t5lite train` in a subprocess; fixed bindings with "
+                           "--gin.NAME=VALUE. A re-run skips finished points and resumes interrupted ones.")
+    spec_flags(p)
+    p.add_argument("--print_commands", action="store_true", help="print one `t5lite train` shell line per point "
+                   "(to launch them elsewhere) and exit")
+    p.add_argument("--dry_run", action="store_true", help="print each point's N, D and FLOPs and exit")
+    p.add_argument("--skip_failed", action="store_true", help="do not retry points that failed before")
+    p.add_argument("--task_metrics", action="store_true", help="also decode the validation split of tasks with "
+                   "metrics (BLEU, ...) with each final checkpoint (slow)")
+    p.add_argument("--eval_examples", type=int, default=200, help="examples decoded for --task_metrics")
+    p.add_argument("--verbose", action="store_true", help="echo each run's output (always in ROOT/<point>/train.log)")
+    p.set_defaults(run=sweep_command.run)
+    p = actions.add_parser("summary", help="re-read the run directories (e.g. points launched elsewhere) and "
+                           "write the summary")
+    spec_flags(p)
+    p.set_defaults(run=sweep_command.summary)
+    p = actions.add_parser("fit", help="fit L(N, D), L(N), L(D) to a summarised sweep; writes fit.json and plots")
+    p.add_argument("root", help="the sweep's --root")
+    fit_flags(p)
+    p.set_defaults(run=sweep_command.fit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from t5lite import commands as run
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
@@ -145,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run.run_compile)
+
+    _add_sweep(commands)
     return parser
 
 
@@ -164,8 +216,9 @@ def main(argv=None) -> int:
     gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     args.gin = gin_flags
-    if gin_flags and args.command not in ("train", "finetune", "compile"):
-        print(f"t5lite: error: --gin.* flags apply to train, finetune and compile, not {args.command}", file=sys.stderr)
+    if gin_flags and args.command not in ("train", "finetune", "compile", "sweep"):
+        print(f"t5lite: error: --gin.* flags apply to train, finetune, compile and sweep, not {args.command}",
+              file=sys.stderr)
         return 2
     try:
         args.run(args)

@@ -1,0 +1,134 @@
+"""What `t5lite sweep run | summary | fit` do once their flags are parsed (see cli.py)."""
+
+import json
+import os
+import sys
+
+from t5lite.errors import UserError
+from t5lite.scaling import summary as summary_lib
+from t5lite.scaling.spec import build_sweep
+from t5lite.scaling.sweep import command_line, plan_sweep, run_sweep
+
+
+def _plans(args):
+    sweep = build_sweep(args.sweep_file, args.gin_file, args.grid, args.seeds, args.gin)
+    return sweep, plan_sweep(sweep, args.root)
+
+
+def _print_plan(plans) -> None:
+    """--dry_run: what each point costs, so a grid can be designed with arithmetic before anything runs."""
+    rows = [{"name": p.point.name, **p.facts, "error": p.error} for p in plans]
+    print(summary_lib.markdown(rows, [("name", "point"), ("train_steps", "steps"), ("batch_size", "batch"),
+                                      ("params_non_embedding", "N (non-emb.)"), ("params", "N (total)"),
+                                      ("tokens", "D (tokens)"), ("flops_per_step", "FLOPs/step"),
+                                      ("flops", "C (FLOPs)"), ("error", "error")]))
+    total = sum(p.facts.get("flops", 0) for p in plans)
+    print(f"\n{len(plans)} points, {sum(p.facts.get('train_steps', 0) for p in plans)} steps, "
+          f"{total:.3g} training FLOPs in all")
+
+
+def summarize(sweep, plans, root: str) -> list:
+    """Writes the summary files (and ablation.png when some variant has 2+ seeds) and prints the tables."""
+    axis_names = [a.name for a in sweep.axes]
+    rows = [summary_lib.point_row(p) for p in plans]
+    groups = summary_lib.group_rows(rows, axis_names, sweep.baseline_values())
+    text = summary_lib.write_summary(root, rows, groups, axis_names)
+    print("\n" + text)
+    written = ["summary.csv", "summary.jsonl", "summary.md", "groups.csv", "groups.jsonl"]
+    if len(groups) > 1 and any(g["n"] > 1 for g in groups):
+        from t5lite.scaling.plots import ablation_bars
+        ablation_bars(groups, axis_names, os.path.join(root, "ablation.png"))
+        written.append("ablation.png")
+    print(f"\nwrote {', '.join(written)} to {root}")
+    return rows
+
+
+def run(args) -> None:
+    """Trains every point not yet done, one after another, then writes the summary (and fits with --fit)."""
+    sweep, plans = _plans(args)
+    if args.print_commands:
+        for plan in plans:
+            if not plan.error:
+                print(command_line(plan))
+        _raise_if_unplannable(plans)
+        return
+    if args.dry_run:
+        _print_plan(plans)
+        return
+    counts = run_sweep(plans, args.root, python=sys.executable, skip_failed=args.skip_failed,
+                       task_metrics=args.task_metrics, max_examples=args.eval_examples, verbose=args.verbose)
+    rows = summarize(sweep, plans, args.root)
+    print(", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
+    if args.fit:
+        fit_root(args.root, args)
+    _raise_if_failed(rows, args.root)
+
+
+def summary(args) -> None:
+    """Re-reads the run directories (e.g. points launched elsewhere from --print_commands) and writes the summary."""
+    sweep, plans = _plans(args)
+    os.makedirs(args.root, exist_ok=True)
+    summarize(sweep, plans, args.root)
+    if args.fit:
+        fit_root(args.root, args)
+
+
+def _raise_if_unplannable(plans) -> None:
+    bad = [p for p in plans if p.error]
+    if bad:
+        raise UserError(f"{len(bad)} of {len(plans)} points cannot run ({bad[0].point.name}: {bad[0].error})")
+
+
+def _raise_if_failed(rows, root: str) -> None:
+    failed = [r for r in rows if r["status"] not in ("done",)]
+    if failed:
+        first = failed[0]
+        raise UserError(f"{len(failed)} of {len(rows)} points did not finish ({first['name']}: {first['status']}"
+                        f"{': ' + first['error'] if first.get('error') else ''}); see {os.path.join(root, 'summary.md')}")
+
+
+def fit_root(root: str, args) -> dict:
+    """Fits the scaling laws to ROOT/summary.jsonl; writes fit.json and the plots; prints the result."""
+    from t5lite.scaling.fit import fit_sweep
+    from t5lite.scaling.plots import fit_plots
+    rows = summary_lib.read_rows(root)
+    loss = args.loss or ("eval_loss" if any(r.get("eval_loss") is not None for r in rows) else "train_loss")
+    result = fit_sweep(rows, loss=loss, params=args.params, bootstrap_samples=args.bootstrap, seed=args.bootstrap_seed)
+    result["plots"] = fit_plots(result, rows, root)
+    with open(os.path.join(root, "fit.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n" + describe_fit(result))
+    print(f"wrote fit.json, {', '.join(os.path.basename(p) for p in result['plots'].values())} to {root}")
+    return result
+
+
+def _with_interval(value: float, interval, digits: int = 3) -> str:
+    return f"{value:.{digits}g} [{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
+
+
+def describe_fit(result: dict) -> str:
+    """The fit in a few lines: the law with 95% bootstrap intervals, allocation exponents, held-out error."""
+    j, ci = result["joint"], result["joint"]["intervals"]
+    lines = [(f"L(N, D) = E + A/N^alpha + B/D^beta on {result['num_points']} points ({result['loss']}; "
+              f"N = {result['params']}, D = {result['tokens']}; 95% bootstrap intervals over "
+              f"{result['bootstrap_samples']} resamples):")]
+    lines += [f"  {k:<5} = {_with_interval(j[k], ci[k])}" for k in ("E", "A", "B", "alpha", "beta")]
+    lines.append(f"  compute-optimal: N* ~ C^{_with_interval(j['a'], ci['a'])}, D* ~ C^{_with_interval(j['b'], ci['b'])}")
+    for name, label in (("params_only", "L(N)"), ("tokens_only", "L(D)")):
+        single = result.get(name)
+        if single:
+            spread = (f"alpha {_with_interval(single['alpha'], single['intervals']['alpha'])}, "
+                      if single["intervals"] else "exact: ")
+            lines.append(f"  {label} = {single['E']:.3g} + {single['A']:.3g}/{label[2]}^{single['alpha']:.3f}  "
+                         f"({spread}{len(single['points'])} points)")
+    for h in result["held_out"]:
+        lines.append(f"  held out {h['name']}: observed {h['observed']:.4f}, predicted {h['predicted']:.4f} "
+                     f"[{h['predicted_interval'][0]:.4f}, {h['predicted_interval'][1]:.4f}], "
+                     f"error {100 * h['relative_error']:+.2f}%")
+    return "\n".join(lines)
+
+
+def fit(args) -> None:
+    if not os.path.isdir(args.root):
+        raise UserError(f"sweep root {args.root} does not exist; give the --root of a finished `t5lite sweep run`")
+    fit_root(args.root, args)

@@ -17,7 +17,7 @@
 #
 # run passes its arguments to t5lite on every worker exactly as given (quoted for the remote shell);
 # a leading `t5lite` is dropped, so a line of `t5lite sweep --print_commands` launches as it is:
-#   t5lite sweep ... --print_commands | while IFS= read -r line; do
+#   t5lite sweep run ... --print_commands | while IFS= read -r line; do
 #     eval "launch/tpu_vm.sh run $line" </dev/null; done
 # T5LITE_DISTRIBUTED=1 makes t5lite call jax.distributed.initialize(), which reads the pod topology
 # from the TPU metadata; each worker reads only its own shard of the data. On a pod, model_dir and

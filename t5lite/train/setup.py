@@ -5,7 +5,8 @@ optimizer, shardings, the jitted steps, the training data iterator (its first ba
 read and rewound) and an evaluator. Every user mistake found on the way is a one-line
 UserError: a bad number, a task split that does not exist or cannot be read, the validation
 split, a prefix-LM setting that disagrees with the features, a vocabulary larger than the
-model's, an initial checkpoint of another model or vocabulary.
+model's, an initial checkpoint of another model or vocabulary, an unknown loss or loss setting,
+a distillation teacher that is missing or has another vocabulary or model kind.
 """
 
 import base64
@@ -22,12 +23,13 @@ from t5lite.data.pipeline import default_num_shards
 from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, abstract_params, get_config
-from t5lite.train import partitioning
+from t5lite.train import losses, partitioning
 from t5lite.train.checkpoint import check_fits, checkpoint_meta, flat_shapes, load_any_params, stored_model
 from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device
 from t5lite.train.optimizers import make_optimizer
 from t5lite.train.state import TrainState
 from t5lite.train.step import make_eval_step, make_train_step
+from t5lite.train.teacher import check_loss_and_teacher, load_teacher, teacher_config
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +220,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             mesh_shape: Sequence[int], partition_rules, data_shards, checkpoint_period: int, keep_checkpoints: int,
             keep_period,
             log_period: int, eval_period, eval_batches: int, eval_split: str, init_checkpoint, peak_flops,
-            progress, peer_timeout_s) -> Run:
+            progress, peer_timeout_s, loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
+            teacher_checkpoint: Optional[str] = None) -> Run:
     """Checks every setting and builds the run; raises UserError on the first mistake, writes nothing."""
     if not model_dir:
         raise UserError("set --model_dir (or MODEL_DIR in a gin file)")
@@ -228,12 +231,15 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                    checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
                    log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
                    peer_timeout_s=peer_timeout_s, partition_rules=partition_rules, progress=progress)
+    loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
+    check_loss_and_teacher(loss_fn, loss, teacher_checkpoint)
     task_obj = tasks_lib.get(task)
     vocab = Vocabulary(vocab_path) if vocab_path else tasks_lib.default_vocabulary()
     config = resolve_config(model, model_overrides)
     check_model_and_features(config, vocab, feature_lengths, decoder_only)
     if init_checkpoint:
         check_init_checkpoint(init_checkpoint, config, decoder_only, vocab)
+    teacher_cfg = teacher_config(teacher_checkpoint, config, decoder_only, vocab) if teacher_checkpoint else None
 
     mesh = partitioning.make_mesh(*mesh_shape)
     rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
@@ -282,8 +288,11 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             log.info("initialised parameters from %s", init_checkpoint)
         return state
 
+    teacher = load_teacher(teacher_checkpoint, teacher_cfg, decoder_only, mesh, rules) if teacher_cfg else None
     lengths = (feature_lengths.get("inputs", 0), feature_lengths["targets"])
     flops = model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only)
+    if teacher_cfg:  # the teacher's forward pass is work the step does too
+        flops += model_flops_per_step(teacher_cfg, batch_size, *lengths, decoder_only=decoder_only, training=False)
     peak = peak_flops_per_device(override=peak_flops)
 
     def monitor(start_step: int) -> Monitor:
@@ -291,9 +300,9 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                        tokens_per_step=batch_size * sum(lengths), num_devices=jax.device_count(), peak_flops=peak,
                        is_primary=jax.process_index() == 0, progress=progress)
 
-    step = make_train_step(module, opt, mesh, rules, shardings, dropout_seed=seed, num_microbatches=num_microbatches,
-                           z_loss=z_loss, label_smoothing=label_smoothing,
-                           loss_normalizing_factor=loss_normalizing_factor)
+    step = make_train_step(module, opt, mesh, rules, shardings, teacher=teacher, loss=loss, loss_kwargs=loss_kwargs,
+                           dropout_seed=seed, num_microbatches=num_microbatches, z_loss=z_loss,
+                           label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor)
     return Run(model_dir=model_dir, config=config, vocab=vocab, decoder_only=decoder_only, mesh=mesh, rules=rules,
                abstract_state=partitioning.abstract_train_state(config, opt, shardings, decoder_only),
                initial_state=initial_state, train_step=step, data=data, batch_size=batch_size, evaluate=eval_fn,

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
     p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
     p.set_defaults(run=run.vocab_train)
-    bench = commands.add_parser("bench", help="throughput benchmarks (compare numbers from one run only)")
+    bench = commands.add_parser("bench", help="throughput benchmarks: each framework in its own process, "
+                                "alternating rounds; run on an idle machine")
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     p = kinds.add_parser("decode", help="greedy and beam decoding tokens/s, side by side with HF generate")
     p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights)")
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_length", type=int, default=128)
     p.add_argument("--max_decode_length", type=int, default=64)
     p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per case after a warm-up; best is kept")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per case and round, after a warm-up")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
     p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=run.bench_decode)
@@ -121,11 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--input_length", type=int, default=128)
     p.add_argument("--target_length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed steps after one compile step")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round after one compile step")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
+                   help="the same on both sides (HF: torch AdamW or transformers' Adafactor)")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="T5Config field for every model (repeatable), e.g. --set position_scheme=rope")
     p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
-    p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch, AdamW)")
+    p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=run.bench_train)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
@@ -135,6 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_batches", type=int, default=30)
     p.add_argument("--no_pack", action="store_true")
     p.set_defaults(run=run.bench_data)
+
+    # `t5lite compile`: ahead-of-time compilation for a TPU slice (body: commands.run_compile).
+    p = commands.add_parser("compile", help="compile a run for a TPU slice on this host: memory per chip (fits?), "
+                            "FLOPs, collectives, XLA warnings", description="Compiles the gin run's real train, eval "
+                            "and decode steps for a TPU topology ahead of time (needs libtpu: pip install "
+                            "'t5lite[tpu]'). Bind anything with --gin.NAME=VALUE.")
+    p.add_argument("--topology", required=True, help="v5e-64, v4-128, v5p-256, v6e-16 (Cloud TPU accelerator types) "
+                   "or a slice shape like v5e:4x4, v4:2x2x4")
+    p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
+    p.add_argument("--programs", default="train,eval,decode", help="comma-separated: train, eval, decode")
+    p.add_argument("--batch_size", type=int, help="global batch (default: the run's BATCH_SIZE)")
+    p.add_argument("--decode_batch", type=int, help="serving batch for the decode program (default: the batch size)")
+    p.add_argument("--decode_input_length", type=int, help="default: the run's inputs length")
+    p.add_argument("--max_decode_length", type=int, help="default: the run's targets length")
+    p.add_argument("--decode_method", default="greedy", choices=["greedy", "beam"])
+    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--max_batch", action="store_true", help="also search the largest global batch whose train step "
+                   "fits (compiles the train step once per candidate)")
+    p.add_argument("--max_batch_compiles", type=int, default=8, help="bound on the compiles of --max_batch")
+    p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run.run_compile, takes_gin=True)
     return parser
 
 
@@ -155,7 +185,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(rest)
     args.gin = gin_flags
     if gin_flags and not getattr(args, "takes_gin", False):
-        print(f"t5lite: error: --gin.* flags apply to train, finetune and distill train, not {args.command}",
+        print(f"t5lite: error: --gin.* flags apply to train, finetune, distill train and compile, not {args.command}",
               file=sys.stderr)
         return 2
     try:

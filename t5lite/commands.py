@@ -230,14 +230,31 @@ def _write_json(path, rows) -> None:
 def bench_decode(args) -> None:
     from t5lite.bench import decode_benchmark
     rows = decode_benchmark(args.model, tuple(args.batch_sizes), args.input_length, args.max_decode_length,
-                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats)
+                            args.num_beams, with_hf=not args.no_hf, repeats=args.repeats, rounds=args.rounds)
     _write_json(args.json, rows)
+
+
+def _overrides(pairs) -> dict:
+    """['scan_layers=True', 'dtype=bfloat16'] -> {'scan_layers': True, 'dtype': 'bfloat16'}."""
+    import ast
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r} needs FIELD=VALUE, e.g. --set num_kv_heads=2")
+        name, value = pair.split("=", 1)
+        try:
+            out[name.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name.strip()] = value  # a bare string such as bfloat16
+    return out
 
 
 def bench_train(args) -> None:
     from t5lite.bench import train_benchmark
     rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
-                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops)
+                            rounds=args.rounds, optimizer=args.optimizer, dropout=args.dropout,
+                            with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops,
+                            overrides=_overrides(args.set))
             for model in args.models]
     _write_json(args.json, rows)
 
@@ -245,3 +262,39 @@ def bench_train(args) -> None:
 def bench_data(args) -> None:
     from t5lite.bench import data_benchmark
     data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
+
+
+def _train_arguments() -> dict:
+    """train()'s arguments as the parsed gin files bind them, its defaults for the rest."""
+    import inspect
+
+    import gin
+
+    from t5lite import gin_utils
+    from t5lite.train import trainer
+    args = {name: p.default for name, p in inspect.signature(trainer.train).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    args.update(gin_utils.call_configured(lambda: gin.get_bindings("train")))
+    for name, macro in (("batch_size", "BATCH_SIZE"), ("feature_lengths", "TASK_FEATURE_LENGTHS")):
+        if args.get(name) is None:
+            raise UserError(f"the gin files bind no train.{name}: set {macro} (e.g. include 'base.gin')")
+    return args
+
+
+def run_compile(args) -> None:
+    """Compiles the gin run for a TPU topology; prints memory per chip (fits?), FLOPs, collectives, warnings."""
+    from t5lite import aot, gin_utils
+    if not args.gin_file:
+        raise UserError("give at least one --gin_file (e.g. experiments/pretrain/t5_1_1_base_c4.gin)")
+    topology = aot.parse_topology(args.topology)  # a typo fails before any gin parsing
+    gin_utils.parse(args.gin_file, list(args.gin), "(t5lite compile: no model_dir)")
+    train_args = _train_arguments()
+    programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
+    report = aot.compile_run(train_args, topology, programs=programs, batch_size=args.batch_size,
+                             decode_batch=args.decode_batch, decode_input_length=args.decode_input_length,
+                             max_decode_length=args.max_decode_length, decode_method=args.decode_method,
+                             num_beams=args.num_beams, hlo_dir=args.hlo_dir)
+    if args.max_batch:
+        report["largest_batch"] = aot.search_batch(train_args, topology, start=report["batch_size"],
+                                                   max_compiles=args.max_batch_compiles)
+    print(json.dumps(report, indent=1) if args.json else aot.format_report(report))

@@ -29,13 +29,18 @@ def _field(example: Example, key: str, what: str) -> Any:
 # --- Span corruption (T5's pretraining objective) ---------------------------------------------
 
 
-def _noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
-    """(num_noise_tokens, num_noise_spans) for `length` tokens (length >= 2), as T5 computes them."""
+def noise_counts(length: int, noise_density: float, mean_noise_span_length: float,
+                  round_spans=np.round, max_spans: int | None = None) -> tuple[int, int]:
+    """(num_noise_tokens, num_noise_spans) for `length` tokens (length >= 2), as T5 computes them.
+
+    `round_spans` turns num_noise / mean_noise_span_length into a count (T5: nearest; UL2 here:
+    stochastic, see random_spans_noise_mask); `max_spans` caps it (e.g. at the sentinel count).
+    """
     num_noise = int(np.round(length * noise_density))
     num_noise = min(max(num_noise, 1), length - 1)  # at least one noise and one non-noise token
-    num_spans = max(int(np.round(num_noise / mean_noise_span_length)), 1)
+    num_spans = max(int(round_spans(num_noise / mean_noise_span_length)), 1)
     # T5 fails when a count cannot be split into that many non-empty spans; clamp instead.
-    num_spans = min(num_spans, num_noise, length - num_noise)
+    num_spans = min(num_spans, num_noise, length - num_noise, max_spans or length)
     return num_noise, num_spans
 
 
@@ -46,14 +51,19 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
 
 
 def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_length: float,
-                            rng: np.random.Generator) -> np.ndarray:
+                            rng: np.random.Generator, *, unbiased_span_count: bool = False,
+                            max_spans: int | None = None) -> np.ndarray:
     """Bool mask [length]: alternating non-noise / noise spans, starting with non-noise.
 
     About `noise_density * length` noise tokens in spans of mean length
-    `mean_noise_span_length`, as t5.data.preprocessors.random_spans_noise_mask.
+    `mean_noise_span_length`, as t5.data.preprocessors.random_spans_noise_mask. T5 rounds the
+    span count to the nearest integer, so a 64-token mean on 568 tokens makes one 85-token span;
+    `unbiased_span_count` rounds it up with probability equal to the fraction instead, so spans
+    average the mean over many examples. `max_spans` caps the count (at most that many sentinels).
     """
     orig_length, length = length, max(length, 2)  # lengths 0 and 1: build for 2, then cut
-    num_noise, num_spans = _noise_counts(length, noise_density, mean_noise_span_length)
+    round_spans = (lambda x: np.floor(x) + (rng.random() < x - np.floor(x))) if unbiased_span_count else np.round
+    num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length, round_spans, max_spans)
     noise_lengths = _random_segmentation(num_noise, num_spans, rng)  # [S]
     nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, rng)  # [S]
     interleaved = np.stack([nonnoise_lengths, noise_lengths], axis=1).reshape(-1)  # [2S]
@@ -72,7 +82,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
         raise UserError(f"span corruption needs inputs_length >= 3, got {inputs_length}: raise it")
 
     def lengths(tokens_length):
-        num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+        num_noise, num_spans = noise_counts(tokens_length, noise_density, mean_noise_span_length)
         return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
 
     tokens_length = inputs_length - 1
@@ -97,14 +107,18 @@ def _sentinels_for_spans(noise_mask: np.ndarray, vocab_size: int) -> tuple[np.nd
 
 def span_corruption(example: Example, rng: np.random.Generator, *, vocab_size: int,
                     noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                    input_feature: str = "targets", num_sentinels: int = NUM_SENTINELS) -> dict:
+                    input_feature: str = "targets", num_sentinels: int = NUM_SENTINELS,
+                    unbiased_span_count: bool = False, cap_spans: bool = False) -> dict:
     """T5's span corruption of `example[input_feature]` into {'inputs', 'targets'} (int32).
 
     inputs: the non-noise tokens, each noise span replaced by one sentinel; targets: each
-    noise span preceded by its sentinel. Sentinels count down from vocab_size - 1.
+    noise span preceded by its sentinel. Sentinels count down from vocab_size - 1. More spans
+    than sentinels is an error, or with `cap_spans` fewer, longer spans (see random_spans_noise_mask).
     """
     tokens = np.asarray(_field(example, input_feature, "span_corruption"), np.int32).reshape(-1)  # [L]
-    noise = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)  # [L]
+    noise = random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng,
+                                    unbiased_span_count=unbiased_span_count,
+                                    max_spans=num_sentinels if cap_spans else None)  # [L]
     span_start, sentinel = _sentinels_for_spans(noise, vocab_size)  # [L], [L]
     num_spans = int(span_start.sum())
     if num_spans > num_sentinels:

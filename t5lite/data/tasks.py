@@ -18,6 +18,7 @@ import grain
 import numpy as np
 
 from t5lite import metrics as metrics_lib
+from t5lite.data import objectives
 from t5lite.data import pipeline
 from t5lite.data import preprocessors as P
 from t5lite.data import sources
@@ -25,7 +26,7 @@ from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "spiece.model")
-OBJECTIVES = ("text_to_text", "span_corruption", "prefix_lm")
+OBJECTIVES = ("text_to_text", "span_corruption", "prefix_lm", "causal_lm", "ul2")
 SPLITS = ("train", "validation", "test")
 
 FeatureLengths = Mapping[str, int]
@@ -41,6 +42,17 @@ def default_vocabulary() -> Vocabulary:
 def span_corruption_feature_lengths(inputs_length: int) -> dict[str, int]:
     """{'inputs': L, 'targets': T}: the lengths T5's span corruption fills exactly (512 -> 114)."""
     return {"inputs": int(inputs_length), "targets": P.span_corruption_lengths(int(inputs_length))[1]}
+
+
+def ul2_feature_lengths(inputs_length: int, denoisers: Sequence = objectives.UL2_DENOISERS,
+                        vocab: Vocabulary | None = None) -> dict[str, int]:
+    """{'inputs': L, 'targets': T}: the targets length UL2 needs when its chunks fill `inputs_length`
+    (with the mode tokens of `vocab`, default the shipped one): 512 -> 339, 128 -> 83."""
+    denoisers = [objectives.as_denoiser(d) for d in denoisers]
+    vocab = vocab or default_vocabulary()
+    modes = {k: len(vocab.encode(t)) for k, t in objectives.MODE_TOKENS.items()}
+    raw = objectives.ul2_raw_length({"inputs": int(inputs_length), "targets": 1 << 30}, denoisers, modes)
+    return {"inputs": int(inputs_length), "targets": objectives.ul2_feature_lengths(raw, denoisers, modes)["targets"]}
 
 
 # --- Preprocessor recipes: fn(vocab, feature_lengths) -> list for pipeline.make_pipeline ---------
@@ -71,6 +83,25 @@ def span_corruption_preprocessors(text_key: str = "text") -> PreprocessorsFn:
         return pipeline.span_corruption_preprocessors(vocab, feature_lengths["inputs"],
                                                       text_key=text_key)
     return build
+
+
+def ul2_preprocessors(text_key: str = "text", **options) -> PreprocessorsFn:
+    """UL2's mixture of denoisers of `text_key`; options as objectives.ul2_preprocessors
+    (denoisers, rates: 'uniform' | 'ul2r' | ..., mode_tokens, raw_length)."""
+    return lambda vocab, feature_lengths: objectives.ul2_preprocessors(vocab, feature_lengths,
+                                                                       text_key=text_key, **options)
+
+
+def causal_lm_preprocessors(text_key: str = "text") -> PreprocessorsFn:
+    """Causal LM of `text_key` for DecoderOnly (objectives.causal_lm_preprocessors)."""
+    return lambda vocab, feature_lengths: objectives.causal_lm_preprocessors(vocab, feature_lengths,
+                                                                             text_key=text_key)
+
+
+def prefix_lm_preprocessors(text_key: str = "text", noise_density: float = 0.5) -> PreprocessorsFn:
+    """Prefix LM of `text_key`, a random pivot per chunk (objectives.prefix_lm_preprocessors)."""
+    return lambda vocab, feature_lengths: objectives.prefix_lm_preprocessors(
+        vocab, feature_lengths, text_key=text_key, noise_density=noise_density)
 
 
 # --- Task and Mixture ------------------------------------------------------------------------------
@@ -117,6 +148,15 @@ class Task:
             raise UserError(f"task {self.name!r} has no split {split!r}: use one of "
                             f"{', '.join(self.splits)}")
         return self.source_fn(split)
+
+    def num_examples(self, split: str = "train") -> int:
+        """Records in `split`: the source's len (TFDS and file sources know it without reading)."""
+        source = self.source(split)
+        try:
+            return len(source)
+        except TypeError:
+            raise UserError(f"the {split!r} source of task {self.name!r} has no len(): give the mixture "
+                            "explicit rates instead of examples-proportional ones") from None
 
     def preprocessors(self, vocab: Vocabulary | None = None,
                       feature_lengths: FeatureLengths | None = None) -> list:
@@ -263,6 +303,57 @@ def register_mixture(name: str, tasks_and_weights: Sequence[tuple[str, float]]) 
     return register(Mixture(name, tuple(tuple(pair) for pair in tasks_and_weights)), replace=True)
 
 
+def examples_proportional_mixture(name: str, tasks: Sequence[str], cap: int | None = None,
+                                  held_out: Sequence[str] = (), split: str = "train") -> Mixture:
+    """Register (or replace) a mixture of `tasks` minus `held_out` at rates proportional to
+    min(examples in `split`, cap): T5 / FLAN's examples-proportional mixing with a cap K.
+
+    Held-out tasks never enter it, also not through a nested mixture (that is an error).
+    """
+    if isinstance(tasks, str) or isinstance(held_out, str):
+        raise UserError(f"mixture {name!r}: tasks and held_out are lists of task names, not one string")
+    if cap is not None and (not isinstance(cap, (int, np.integer)) or cap <= 0):
+        raise UserError(f"mixture {name!r}: cap {cap!r} must be a positive integer or None")
+
+    def leaves(entry_name):
+        entry = get(entry_name)
+        return entry.tasks if isinstance(entry, Mixture) else [entry]
+
+    held = {task.name for n in held_out for task in leaves(n)}  # unknown names fail with suggestions
+    kept = [n for n in tasks if get(n).name not in held]
+    if not kept:
+        raise UserError(f"mixture {name!r}: every task is held out: keep at least one for training")
+    weights = []
+    for task_name in kept:
+        leaked = held & {task.name for task in leaves(task_name)}
+        if leaked:
+            raise UserError(f"mixture {name!r}: {task_name!r} contains held-out task(s) {sorted(leaked)}: "
+                            "list its tasks individually")
+        size = sum(task.num_examples(split) for task in leaves(task_name))
+        weights.append(min(size, cap) if cap else size)
+    if not all(weights):
+        empty = [n for n, w in zip(kept, weights) if not w]
+        raise UserError(f"mixture {name!r}: task(s) {empty} have no {split!r} examples: drop them")
+    return register_mixture(name, list(zip(kept, weights)))
+
+
+def ul2_task(name: str, corpus_task: str = "bible_span_corruption_en_es", rates="uniform",
+             denoisers: Sequence = objectives.UL2_DENOISERS, mode_tokens: bool = True,
+             text_key: str = "text", raw_length: int | None = None) -> Task:
+    """Register (or replace) a UL2 task over the documents of a registered task (its source and
+    splits), e.g. c4_span_corruption; rates 'uniform', 'ul2r', {kind: share} or one per denoiser."""
+    corpus = get(corpus_task)
+    if not isinstance(corpus, Task):
+        raise UserError(f"ul2_task {name!r}: corpus_task {corpus_task!r} is a mixture: name one task")
+    denoisers = tuple(objectives.as_denoiser(d) for d in denoisers)
+    objectives.mixing_rates(denoisers, rates)  # bad rates fail now, not when the pipeline is built
+    recipe = ul2_preprocessors(text_key, denoisers=denoisers, rates=rates, raw_length=raw_length,
+                               mode_tokens=objectives.MODE_TOKENS if mode_tokens else None)
+    return register(Task(name, corpus.source_fn, recipe, splits=corpus.splits, objective="ul2",
+                         description=f"UL2 ({', '.join(map(str, denoisers))}; rates {rates}) of "
+                                     f"{corpus_task}'s documents"), replace=True)
+
+
 # --- The user's own text-to-text task from files ---------------------------------------------------
 
 
@@ -300,8 +391,8 @@ def text_to_text_task(name: str, paths: Mapping[str, str | Sequence[str]], forma
 
 
 class Documents:
-    """Random-access {'text': ...} documents from chosen fields of each record: record i, field j
-    is document i * len(fields) + j (so a Bible verse gives an English and a Spanish document)."""
+    """Random-access {'text': ..., 'field': name} documents from chosen fields of each record: record i,
+    field j is document i * len(fields) + j (so a Bible verse gives an English and a Spanish document)."""
 
     def __init__(self, source, fields: Sequence[str]):
         self._source, self._fields = source, tuple(fields)
@@ -311,11 +402,15 @@ class Documents:
 
     def __getitem__(self, index: int) -> dict:
         record, field = divmod(int(index), len(self._fields))
-        return {"text": self._source[record][self._fields[field]]}
+        return {"text": self._source[record][self._fields[field]], "field": self._fields[field]}
 
 
 def _bible(split):
     return sources.shipped("bible", split)
+
+
+def _bible_en_es(split):
+    return Documents(_bible(split), ["en_web", "es_rv1909"])
 
 
 def _define_inputs(example, rng):
@@ -334,10 +429,16 @@ def _register_shipped():
     span = span_corruption_preprocessors("text")
     register(Task("bible_span_corruption_en", lambda s: Documents(_bible(s), ["en_web"]), span,
                   objective="span_corruption", description="T5 span corruption of WEB verses"))
-    register(Task("bible_span_corruption_en_es",
-                  lambda s: Documents(_bible(s), ["en_web", "es_rv1909"]), span,
-                  objective="span_corruption",
+    register(Task("bible_span_corruption_en_es", _bible_en_es, span, objective="span_corruption",
                   description="T5 span corruption of WEB (English) and RV1909 (Spanish) verses"))
+    register(Task("bible_ul2_en_es", _bible_en_es, ul2_preprocessors("text"), objective="ul2",
+                  description="UL2's seven denoisers, uniform, on WEB and RV1909 verses"))
+    register(Task("bible_ul2r_en_es", _bible_en_es, ul2_preprocessors("text", rates="ul2r"), objective="ul2",
+                  description="UL2's denoisers at the UL2R rates (50% S, 25% R, 25% X) on WEB and RV1909"))
+    register(Task("bible_clm_en_es", _bible_en_es, causal_lm_preprocessors("text"), objective="causal_lm",
+                  description="causal LM (DecoderOnly) of WEB and RV1909 verses"))
+    register(Task("bible_prefix_lm_en_es", _bible_en_es, prefix_lm_preprocessors("text"), objective="prefix_lm",
+                  description="prefix LM, a random pivot per chunk, of WEB and RV1909 verses"))
     register(Task("bible_translate_en_es", _bible,
                   text_to_text_preprocessors("translate English to Spanish: ", "en_web", "es_rv1909"),
                   metrics=("bleu", "chrf"), description="WEB verse -> RV1909 verse"))
@@ -363,7 +464,13 @@ def _register_tfds_recipes():
     register(Task("wmt14_translate_en_de", lambda s: sources.TfdsSource("wmt14_translate/de-en", s),
                   text_to_text_preprocessors("translate English to German: ", "en", "de"),
                   metrics=("bleu", "chrf"), description="WMT14 English -> German"))
+    register(Task("c4_ul2", lambda s: sources.TfdsSource("c4/en:3.1.0", s), ul2_preprocessors("text"),
+                  splits=("train", "validation"), objective="ul2", description="UL2 of C4 (c4/en)"))
 
 
 _register_shipped()
 _register_tfds_recipes()
+
+# The shipped instruction tasks (instructions.py builds on Task and Mixture above).
+from t5lite.data import instructions  # noqa: E402,F401
+

@@ -29,7 +29,7 @@ from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_d
 from t5lite.train.optimizers import make_optimizer
 from t5lite.train.state import TrainState
 from t5lite.train.step import make_eval_step, make_train_step
-from t5lite.train.teacher import check_loss_and_teacher, load_teacher, teacher_config
+from t5lite.train.teacher import Teacher, abstract_teacher, check_loss_and_teacher, load_teacher, teacher_config
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _number(name: str, value, minimum: float = 0.0, optional: bool = False, stri
 
 def check_settings(*, train_steps, batch_size, seed, learning_rate, warmup_steps, num_microbatches, z_loss,
                    label_smoothing, loss_normalizing_factor, checkpoint_period, keep_checkpoints, keep_period,
-                   log_period, eval_period, eval_batches, peer_timeout_s, partition_rules, progress) -> None:
+                   log_period, eval_period, eval_batches, peer_timeout_s, progress) -> None:
     """Types and ranges of train()'s scalar settings (TRAIN_STEPS=2.5 or -5 must not train)."""
     _integer("train_steps (TRAIN_STEPS)", train_steps)
     _integer("batch_size (BATCH_SIZE)", batch_size)
@@ -84,14 +84,12 @@ def check_settings(*, train_steps, batch_size, seed, learning_rate, warmup_steps
     _integer("eval_period (EVAL_PERIOD)", eval_period, optional=True)
     _integer("eval_batches", eval_batches)
     _number("peer_timeout_s", peer_timeout_s, strict=True, optional=True)
-    if partition_rules is not None and partition_rules not in partitioning.RULE_SETS:
-        raise UserError(f"unknown train.partition_rules {partition_rules!r}; choose from "
-                        f"{', '.join(partitioning.RULE_SETS)} (or None for the mesh's default)")
     if progress not in (None, "tqdm", "lines", "off"):
         raise UserError(f"unknown train.progress {progress!r}; choose tqdm, lines, off or None")
 
 
-def resolve_config(model: Union[str, T5Config], overrides: Optional[dict]) -> T5Config:
+def resolve_config(model: Union[str, T5Config], overrides: Optional[dict] = None) -> T5Config:
+    """train()'s `model` (a preset name or a T5Config) with `model_overrides` applied."""
     if isinstance(model, str):
         return get_config(model, **(overrides or {}))
     if not isinstance(model, T5Config):
@@ -144,7 +142,8 @@ def checkpoint_vocabulary(meta: dict) -> Optional[Vocabulary]:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_loss(eval_step, params, batches, mesh, rules, batch_size: Optional[int] = None) -> Dict[str, float]:
-    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided).
+    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided); plus
+    aux_loss when the model reports auxiliary losses (e.g. MoE load balancing).
 
     Stops at the first batch without a weighted token in the whole global batch (the end of a
     finite split whose shards pad after their end): every process sees the same global sums."""
@@ -153,12 +152,13 @@ def evaluate_loss(eval_step, params, batches, mesh, rules, batch_size: Optional[
         sums = jax.device_get(eval_step(params, partitioning.global_batch_from_local(batch, mesh, rules, batch_size)))
         if float(sums["weight_sum"]) == 0:
             break
-        for k in totals:
-            totals[k] += float(sums[k])
+        for k in sums:
+            totals[k] = totals.get(k, 0.0) + float(sums[k])
     weight = max(totals["weight_sum"], 1e-9)
     loss = totals["loss_sum"] / weight
+    aux = {"aux_loss": totals["aux_loss_sum"] / weight} if "aux_loss_sum" in totals else {}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct"] / weight,
-            "tokens": totals["weight_sum"]}
+            "tokens": totals["weight_sum"], **aux}
 
 
 def _take(iterator, n: int):
@@ -167,6 +167,61 @@ def _take(iterator, n: int):
             yield next(iterator)
         except StopIteration:
             return
+
+
+@dataclasses.dataclass
+class Steps:
+    """The jitted steps of a run and what they were built from (train() and `t5lite compile` share them)."""
+
+    config: T5Config
+    optimizer: Any
+    module: Any
+    mesh: Any
+    rules: Any
+    shardings: TrainState  # of NamedShardings
+    train_step: Callable
+    eval_step: Callable
+    teacher: Optional[Teacher] = None  # of a distillation run
+
+
+def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence] = None,
+                mesh_shape: Sequence[int] = (-1, 1, 1), partition_rules: Optional[str] = None,
+                optimizer: str = "adafactor", schedule: str = "rsqrt", learning_rate: float = 1.0,
+                warmup_steps: int = 10_000, train_steps: Optional[int] = None, clip_grad_norm: Optional[float] = None,
+                optimizer_kwargs: Optional[dict] = None, decoder_only: bool = False, seed: int = 0,
+                num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+                loss_normalizing_factor: Optional[float] = None, loss: str = "cross_entropy",
+                loss_kwargs: Optional[dict] = None, teacher_checkpoint: Optional[str] = None,
+                teacher_arrays: bool = True, **unused_train_args) -> Steps:
+    """Mesh (over `devices`, default all), rules, optimizer, shardings and jitted steps from train()'s arguments.
+
+    A `teacher_checkpoint` is read into the mesh (its params become an input of the train step), or
+    only described (shapes and shardings: enough to trace and compile) when `teacher_arrays` is False.
+    """
+    del unused_train_args  # the rest of train()'s arguments (data, checkpoints, logging)
+    mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
+    if partition_rules is not None and partition_rules not in partitioning.RULE_SETS:
+        raise UserError(f"unknown train.partition_rules {partition_rules!r}; choose from "
+                        f"{', '.join(partitioning.RULE_SETS)} (or None for the mesh's default)")
+    rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
+    batch_splits = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
+    if batch_size % batch_splits:
+        raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the {batch_splits} data x fsdp shards of the "
+                        f"mesh; use a multiple of {batch_splits}")
+    opt = make_optimizer(optimizer, schedule, learning_rate, warmup_steps, total_steps=train_steps,
+                         clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
+    module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
+    shardings = partitioning.state_shardings(config, opt, mesh, rules, decoder_only)
+    teacher = None
+    if teacher_checkpoint:
+        teacher = (load_teacher if teacher_arrays else abstract_teacher)(
+            teacher_checkpoint, teacher_config(teacher_checkpoint, config, decoder_only), decoder_only, mesh, rules)
+    train_step = make_train_step(module, opt, mesh, rules, shardings, teacher=teacher, loss=loss,
+                                 loss_kwargs=loss_kwargs, dropout_seed=seed, num_microbatches=num_microbatches,
+                                 z_loss=z_loss, label_smoothing=label_smoothing,
+                                 loss_normalizing_factor=loss_normalizing_factor)
+    eval_step = make_eval_step(module, mesh, rules, shardings.params)
+    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step, teacher)
 
 
 @dataclasses.dataclass
@@ -230,7 +285,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                    label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor,
                    checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
                    log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
-                   peer_timeout_s=peer_timeout_s, partition_rules=partition_rules, progress=progress)
+                   peer_timeout_s=peer_timeout_s, progress=progress)
     loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
     check_loss_and_teacher(loss_fn, loss, teacher_checkpoint)
     task_obj = tasks_lib.get(task)
@@ -241,22 +296,19 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
         check_init_checkpoint(init_checkpoint, config, decoder_only, vocab)
     teacher_cfg = teacher_config(teacher_checkpoint, config, decoder_only, vocab) if teacher_checkpoint else None
 
-    mesh = partitioning.make_mesh(*mesh_shape)
-    rules = partitioning.RULE_SETS[partition_rules] if partition_rules else partitioning.rules_for(mesh)
-    batch_splits = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
-    if batch_size % batch_splits:
-        raise UserError(f"BATCH_SIZE {batch_size} is not divisible by the {batch_splits} data x fsdp shards of the "
-                        f"mesh; use a multiple of {batch_splits}")
+    steps = build_steps(config, batch_size=batch_size, mesh_shape=mesh_shape, partition_rules=partition_rules,
+                        optimizer=optimizer, schedule=schedule, learning_rate=learning_rate, warmup_steps=warmup_steps,
+                        train_steps=train_steps, clip_grad_norm=clip_grad_norm, optimizer_kwargs=optimizer_kwargs,
+                        decoder_only=decoder_only, seed=seed, num_microbatches=num_microbatches, z_loss=z_loss,
+                        label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor, loss=loss,
+                        loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint)
+    mesh, rules, opt, shardings = steps.mesh, steps.rules, steps.optimizer, steps.shardings
     num_shards = default_num_shards(batch_size) if data_shards is None else data_shards
     _integer("data_shards", num_shards)
     if batch_size % num_shards:
         raise UserError(f"train.data_shards {num_shards} does not divide BATCH_SIZE {batch_size}; choose a divisor")
     shards = partitioning.data_shards_of_rows(partitioning.process_batch_rows(mesh, rules, batch_size), batch_size,
                                               num_shards)
-    opt = make_optimizer(optimizer, schedule, learning_rate, warmup_steps, total_steps=train_steps,
-                         clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
-    module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
-    shardings = partitioning.state_shardings(config, opt, mesh, rules, decoder_only)
 
     def batches(split, shuffle, num_epochs):
         return task_obj.pipeline(split, vocab, feature_lengths=feature_lengths, batch_size=batch_size, seed=seed,
@@ -275,8 +327,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             raise UserError(f"the {eval_split} split of task {task_obj.name!r} is empty; add data or set "
                             "EVAL_PERIOD = None")
         _first_batch(batches(eval_split, False, 1), f"the {eval_split} split of task {task_obj.name!r}")
-        eval_step = make_eval_step(module, mesh, rules, shardings.params)
-        eval_fn = lambda params: evaluate_loss(eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
+        eval_fn = lambda params: evaluate_loss(steps.eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
                                                mesh, rules, batch_size)
 
     def initial_state() -> TrainState:
@@ -288,7 +339,6 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             log.info("initialised parameters from %s", init_checkpoint)
         return state
 
-    teacher = load_teacher(teacher_checkpoint, teacher_cfg, decoder_only, mesh, rules) if teacher_cfg else None
     lengths = (feature_lengths.get("inputs", 0), feature_lengths["targets"])
     flops = model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only)
     if teacher_cfg:  # the teacher's forward pass is work the step does too
@@ -300,12 +350,9 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                        tokens_per_step=batch_size * sum(lengths), num_devices=jax.device_count(), peak_flops=peak,
                        is_primary=jax.process_index() == 0, progress=progress)
 
-    step = make_train_step(module, opt, mesh, rules, shardings, teacher=teacher, loss=loss, loss_kwargs=loss_kwargs,
-                           dropout_seed=seed, num_microbatches=num_microbatches, z_loss=z_loss,
-                           label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor)
     return Run(model_dir=model_dir, config=config, vocab=vocab, decoder_only=decoder_only, mesh=mesh, rules=rules,
                abstract_state=partitioning.abstract_train_state(config, opt, shardings, decoder_only),
-               initial_state=initial_state, train_step=step, data=data, batch_size=batch_size, evaluate=eval_fn,
+               initial_state=initial_state, train_step=steps.train_step, data=data, batch_size=batch_size, evaluate=eval_fn,
                monitor=monitor,
                train_steps=train_steps, log_period=log_period, eval_period=eval_period,
                checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,

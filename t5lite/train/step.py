@@ -33,6 +33,28 @@ def _model_features(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
 
 
+AUX_LOSS = "aux_loss"  # the collection modules sow auxiliary losses into (e.g. MoE load balancing)
+
+
+def aux_losses(sown) -> Dict[str, jax.Array]:
+    """Sums what modules sowed into the 'aux_loss' collection -> {'aux_loss': total, 'aux_loss/<name>': ...}.
+
+    Every sown value counts, whatever module sowed it (a scanned stack sows one per layer).
+    Empty (a model that sows nothing) -> {}.
+    """
+    by_name: Dict[str, jax.Array] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+        by_name[f"{AUX_LOSS}/{name}"] = by_name.get(f"{AUX_LOSS}/{name}", 0.0) + jnp.sum(value)
+    return {AUX_LOSS: sum(by_name.values()), **by_name} if by_name else {}
+
+
+def _apply_with_aux(model: nn.Module, params, batch: Batch, **kwargs):
+    """model.apply that also collects the sown auxiliary losses -> (logits, aux_losses dict)."""
+    logits, sown = model.apply({"params": params}, **_model_features(batch), mutable=[AUX_LOSS], **kwargs)
+    return logits, aux_losses(sown.get(AUX_LOSS, {}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Train step: compute grads -> accumulate over microbatches -> apply grads.
 # ---------------------------------------------------------------------------------------------
@@ -41,8 +63,10 @@ def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Mod
                   loss_fn: Callable = losses.CrossEntropy(), teacher: Optional[Tuple[nn.Module, Any]] = None):
     """Gradient of the *summed* weighted loss of one (micro)batch -> (grads, sums dict).
 
-    `teacher` = (module, params): its logits, without dropout and under stop_gradient, are computed
-    outside the differentiated function and handed to `loss_fn` beside the student's.
+    `loss_fn` gives the main term. Auxiliary losses the modules report count as a loss on every
+    weighted token (added x weight_sum), so after the final normalisation they add their value to
+    the mean loss. `teacher` = (module, params): its logits, without dropout and under
+    stop_gradient, are computed outside the differentiated function and handed to `loss_fn`.
     """
     teacher_logits = None
     if teacher is not None:
@@ -51,9 +75,12 @@ def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Mod
             {"params": teacher_params}, **_model_features(batch), enable_dropout=False))  # [B, T, V]
 
     def objective(p):
-        logits = model.apply({"params": p}, **_model_features(batch), enable_dropout=True,
-                             rngs={"dropout": dropout_rng})  # [B, T, V] float32
+        logits, aux = _apply_with_aux(model, p, batch, enable_dropout=True,
+                                      rngs={"dropout": dropout_rng})  # [B, T, V] float32
         sums = loss_fn(logits, batch, teacher_logits)
+        if aux:
+            aux = {k: v * sums["weight_sum"] for k, v in aux.items()}
+            sums = {**sums, "loss": sums["loss"] + aux[AUX_LOSS], **aux}
         return sums["loss"], sums
 
     return jax.grad(objective, has_aux=True)(params)
@@ -91,7 +118,7 @@ def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microb
 
     sums_shape = jax.eval_shape(lambda: compute_grads(params, jax.tree.map(lambda x: x[0], microbatches),
                                                       dropout_rng, **grad_kwargs)[1])
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)  # whatever sums the loss reports
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)  # incl. any aux losses
     init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero_sums)
     (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), microbatches))
     return grads, sums
@@ -113,10 +140,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
 
     `loss` names a loss of t5lite/train/losses.py, built with `loss_kwargs` (and z_loss /
     label_smoothing where it takes them); `teacher` = (module, params) for a loss that needs one.
-    metrics: loss (incl. z-loss) and z_loss per weighted token (or / loss_normalizing_factor),
-    accuracy (argmax == target over weighted tokens), weight_sum, grad_norm (global, before
-    any clipping), learning_rate (of this update; NaN for an optimizer without a schedule), and
-    the loss's extra sums (e.g. distill/kl) normalised like the loss.
+    metrics: loss (incl. z-loss and auxiliary losses) and z_loss per weighted token (or /
+    loss_normalizing_factor), accuracy (argmax == target over weighted tokens), weight_sum,
+    grad_norm (global, before any clipping), learning_rate (of this update; NaN for an optimizer
+    without a schedule), the loss's extra sums (e.g. distill/kl) and, when modules report any,
+    aux_loss and aux_loss/<name>, all normalised like the loss.
     """
     loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
     if loss_fn.needs_teacher != (teacher is not None):
@@ -144,13 +172,15 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
 
 def eval_step(params, batch: Batch, *, model: nn.Module) -> Metrics:
     """Sums over one batch, to be added over many: loss_sum (plain CE, whatever the training loss, so
-    runs compare), correct, weight_sum.
+    runs compare), correct, weight_sum, and aux_loss_sum (auxiliary losses x weight_sum) when
+    modules report any.
 
     Mean loss = loss_sum / weight_sum, perplexity = exp(that), accuracy = correct / weight_sum.
     """
-    logits = model.apply({"params": params}, **_model_features(batch), enable_dropout=False)  # [B, T, V]
+    logits, aux = _apply_with_aux(model, params, batch, enable_dropout=False)  # [B, T, V]
     sums = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], losses.loss_weights(batch))
-    return dict(loss_sum=sums["loss"], correct=sums["correct"], weight_sum=sums["weight_sum"])
+    extra = {"aux_loss_sum": aux[AUX_LOSS] * sums["weight_sum"]} if aux else {}
+    return dict(loss_sum=sums["loss"], correct=sums["correct"], weight_sum=sums["weight_sum"], **extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +200,11 @@ def _under_mesh(jitted: Callable, mesh, rules, bound: tuple = ()) -> Callable:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return jitted.lower(*args, *bound)
 
-    call.lower = lower
+    def trace(*args):  # the jaxpr and, via .lower(), the program (`t5lite compile`)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted.trace(*args, *bound)
+
+    call.lower, call.trace = lower, trace
     return call
 
 

@@ -36,9 +36,9 @@ class Teacher:
     shardings: Any
 
 
-def teacher_config(path: str, student: T5Config, decoder_only: bool, vocab: Vocabulary) -> T5Config:
+def teacher_config(path: str, student: T5Config, decoder_only: bool, vocab: Optional[Vocabulary] = None) -> T5Config:
     """The config of the teacher checkpoint at `path` (in the student's dtype), after checking that it can
-    teach `student`; one-line UserError otherwise. Reads no arrays."""
+    teach `student` (and was trained with `vocab`, when given); one-line UserError otherwise. Reads no arrays."""
     if not path or not isinstance(path, str):
         raise UserError(f"train.teacher_checkpoint must be a checkpoint path, got {path!r}")
     config, teacher_decoder_only, meta = stored_model(path)  # a missing path is a UserError here
@@ -54,7 +54,7 @@ def teacher_config(path: str, student: T5Config, decoder_only: bool, vocab: Voca
         raise UserError(f"teacher {path} has decoder_only_prefix_lm = {config.decoder_only_prefix_lm} but the "
                         f"student {student.decoder_only_prefix_lm}; both must read the rows alike: {fix}")
     stored_vocab = (meta or {}).get("vocab")
-    if stored_vocab and base64.b64decode(stored_vocab) != vocab.serialized_model:
+    if vocab is not None and stored_vocab and base64.b64decode(stored_vocab) != vocab.serialized_model:
         raise UserError(f"teacher {path} was trained with another vocabulary than the configured one (same size, "
                         "other pieces); set train.vocab_path to the teacher's vocabulary")
     return config.replace(dtype=student.dtype)
@@ -63,11 +63,19 @@ def teacher_config(path: str, student: T5Config, decoder_only: bool, vocab: Voca
 def load_teacher(path: str, config: T5Config, decoder_only: bool, mesh, rules) -> Teacher:
     """Reads the teacher's params (as `config`, from teacher_config) and lays them out on `mesh` like the
     student's: each parameter's logical axes map to mesh axes through the same `rules`."""
+    teacher = abstract_teacher(path, config, decoder_only, mesh, rules)
     _, params = load_any_params(path, config)
-    shardings = partitioning.param_shardings(abstract_params(config, decoder_only), mesh, rules)
-    params = jax.device_put(params, shardings)
     log.info("teacher %s: %d+%d layers, d_model %d", path, config.num_encoder_layers, config.num_decoder_layers,
              config.emb_dim)
+    return dataclasses.replace(teacher, params=jax.device_put(params, teacher.shardings))
+
+
+def abstract_teacher(path: str, config: T5Config, decoder_only: bool, mesh, rules) -> Teacher:
+    """The teacher without its arrays: params as ShapeDtypeStructs with their shardings (to trace, compile)."""
+    boxed = abstract_params(config, decoder_only)
+    shardings = partitioning.param_shardings(boxed, mesh, rules)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
     module = (DecoderOnly if decoder_only else EncoderDecoder)(config)
     return Teacher(path=path, config=config, module=module, params=params, shardings=shardings)
 

@@ -1,0 +1,143 @@
+"""What a compiled program does, read from its optimized HLO text and its jaxpr.
+
+Two counts XLA's own `cost_analysis()` gets wrong for t5lite's programs, because it counts the
+body of every while loop once (a `scan_layers` stack, the microbatch loop, a decode loop):
+
+- `collectives(hlo_text)`: the collectives of the optimized (per-chip) HLO by kind, with their
+  bytes per step: each op's result size times the trip count of the loops around it.
+- `matmul_flops(jaxpr)`: the FLOPs of every dot_general the traced program executes (scan bodies
+  times their length, rematerialised forward passes included), summed over all chips.
+"""
+
+import collections
+import re
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+_ITEMSIZE = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+             "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")  # a computation starts at column 0
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_CALLEES = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations|called_computations)="
+                      r"\{?(%[\w.\-]+(?:, %[\w.\-]+)*)\}?")
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string: one array `bf16[2,512]{...}` or a tuple of them."""
+    return sum(_ITEMSIZE[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+               for dtype, dims in _ARRAY.findall(shape))
+
+
+def _computations(hlo_text: str) -> Tuple[Dict[str, List[str]], str]:
+    """{computation name: its instruction lines}, and the name of the ENTRY computation."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line) if line and not line[0].isspace() else None
+        if header:
+            current = header.group(1)
+            computations[current] = []
+            entry = current if line.startswith("ENTRY") else entry
+        elif current is not None and line.strip() and line.strip() != "}":
+            computations[current].append(line)
+    return computations, entry
+
+
+def _trip_count(condition: List[str]) -> int:
+    """A counted loop's condition is `counter < N` (jax's scan and fori_loop): N; 1 when unknown."""
+    constants = [int(c) for line in condition for c in re.findall(r"\bs32\[\][^=]*constant\((\d+)\)", line)]
+    compares_lt = any(" compare(" in line and "direction=LT" in line for line in condition)
+    return constants[0] if compares_lt and len(constants) == 1 else 1
+
+
+def _multipliers(computations: Dict[str, List[str]], entry: str) -> Dict[str, int]:
+    """How many times each computation runs per execution of the program (loop bodies x trip count)."""
+    calls = collections.defaultdict(list)  # caller -> [(callee, times per call)]
+    for name, lines in computations.items():
+        for line in lines:
+            trips = 1
+            if " while(" in line:
+                condition = re.search(r"condition=%([\w.\-]+)", line)
+                trips = _trip_count(computations.get(condition.group(1), [])) if condition else 1
+            for group in _CALLEES.findall(line):
+                for callee in re.findall(r"%([\w.\-]+)", group):
+                    body = f"body=%{callee}" in line
+                    calls[name].append((callee, trips if body else 1))
+    runs: Dict[str, int] = collections.defaultdict(int)
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        runs[name] += times
+        if depth < 64:
+            for callee, trips in calls.get(name, ()):
+                visit(callee, times * trips, depth + 1)
+
+    visit(entry, 1)
+    return runs
+
+
+def collectives(hlo_text: str, top: int = 5) -> dict:
+    """{'by_kind': {kind: {'count', 'bytes'}}, 'bytes': total, 'largest': [the `top` biggest ops]}.
+
+    `count` is the number of distinct collective ops (an async op split over several fusions is
+    one op: the same channel_id); `bytes` is per chip and per step: the result size of each op
+    (the gathered buffer of an all-gather, the reduced one of an all-reduce) times its runs.
+    """
+    computations, entry = _computations(hlo_text)
+    runs = _multipliers(computations, entry)
+    ops = {}  # (kind, channel or unique name) -> (bytes per run, runs, shape, source op)
+    for name, lines in computations.items():
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match or match.group(3).removesuffix("-start") not in COLLECTIVES:
+                continue
+            kind = match.group(3).removesuffix("-start")
+            size = shape_bytes(match.group(2)) // (2 if match.group(3).endswith("-start") else 1)
+            channel = re.search(r"channel_id=(\d+)", line)
+            source = re.search(r'op_name="([^"]*)"', line)
+            key = (kind, channel.group(1) if channel else match.group(1))
+            previous = ops.get(key, (0, 0, "", ""))
+            ops[key] = (max(size, previous[0]), max(runs.get(name, 1), previous[1]),
+                        previous[2] or _ARRAY.search(match.group(2)).group(0),
+                        previous[3] or (source.group(1) if source else ""))
+    by_kind = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for (kind, _), (size, times, _, _) in ops.items():
+        by_kind[kind]["count"] += 1
+        by_kind[kind]["bytes"] += size * times
+    largest = sorted(ops.items(), key=lambda item: -item[1][0] * item[1][1])[:top]
+    return {"by_kind": by_kind, "bytes": sum(k["bytes"] for k in by_kind.values()),
+            "largest": [{"kind": kind, "shape": shape, "runs": times, "bytes": size * times, "source": source}
+                        for (kind, _), (size, times, shape, source) in largest]}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs of the traced program.
+# ---------------------------------------------------------------------------------------------
+
+def _sub_jaxprs(eqn):
+    """(jaxpr, times it runs) for each jaxpr nested in an equation (scan bodies run `length` times)."""
+    times = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)  # ClosedJaxpr -> Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner, times
+
+
+def matmul_flops(jaxpr) -> float:
+    """2 * output elements * contracted size, summed over every dot_general the program runs.
+
+    Branches of a `cond` are all counted (an upper bound; t5lite's steps have none); a
+    `while_loop` body is counted once (its trip count is only known at run time).
+    """
+    total = 0.0
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract_lhs, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs_shape[d] for d in contract_lhs])
+        for inner, times in _sub_jaxprs(eqn):
+            total += times * matmul_flops(inner)
+    return total

@@ -141,10 +141,11 @@ def _sgd_step(model, teacher_model=None, **kwargs):
     return optimizer, jax.jit(train)
 
 
-def test_alpha_zero_is_cross_entropy_and_microbatches_give_the_same_update(tiny):
+def test_alpha_zero_is_cross_entropy_and_microbatches_give_the_same_update():
     """The teacher (another config) only enters through the KL: with alpha = 0 the update is plain CE
     (z-loss and label smoothing included); with alpha = 0.5, 4 microbatches give one batch's update."""
-    config, model, params = tiny
+    config = get_config("tiny", num_encoder_layers=1, num_decoder_layers=1)  # 4 steps to compile: keep them small
+    model, params = EncoderDecoder(config), init_params(config, jax.random.key(0))
     teacher_config = get_config("tiny", emb_dim=32, num_decoder_layers=1)
     teacher_model, teacher_params = EncoderDecoder(teacher_config), init_params(teacher_config, jax.random.key(1))
     batch = make_batch(config, seed=4)
@@ -171,6 +172,57 @@ def test_alpha_zero_is_cross_entropy_and_microbatches_give_the_same_update(tiny)
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
     with pytest.raises(UserError, match="needs teacher"):
         step.train_step(state, batch, model=model, optimizer=optimizer, loss="distillation")
+
+
+def test_auxiliary_losses_add_to_the_distillation_loss():
+    """A student whose modules sow auxiliary losses (MoE-style): the step differentiates distillation + aux,
+    reports both; the teacher's own sown values are ignored (it is frozen, no loss of its own)."""
+    from tests.test_aux_losses import _ToyModel, _batch
+    model, batch = _ToyModel(), _batch()
+    params = model.init(jax.random.key(0), **batch)["params"]
+    teacher_params = model.init(jax.random.key(1), **batch)["params"]
+    kd = losses.make("distillation", {"alpha": 0.5, "temperature": 2.0})
+    teacher_logits = model.apply({"params": teacher_params}, **batch)
+
+    def total(p):  # by hand: the distillation loss (per weighted token) plus every sown value
+        logits, sown = model.apply({"params": p}, **batch, mutable=["aux_loss"])
+        sums = kd(logits, batch, teacher_logits)
+        return sums["loss"] / sums["weight_sum"] + step.aux_losses(sown["aux_loss"])["aux_loss"], sums
+
+    (want_loss, want_sums), want_grads = jax.value_and_grad(total, has_aux=True)(params)
+    optimizer = optax.sgd(1.0)
+    new_state, metrics = _sgd_step(model, model, loss="distillation", loss_kwargs={"alpha": 0.5, "temperature": 2.0},
+                                   z_loss=0.0)[1](TrainState.create(params, optimizer), batch, teacher_params)
+    np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["distill/kl"], want_sums["distill/kl"] / want_sums["weight_sum"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"] - metrics["aux_loss"],
+                               want_sums["loss"] / want_sums["weight_sum"], rtol=1e-5)
+    assert float(metrics["aux_loss"]) > 0.01 and "aux_loss/balance" in metrics
+    for new, old, g in zip(*(jax.tree.leaves(t) for t in (new_state.params, params, want_grads))):
+        np.testing.assert_allclose(new, old - g, rtol=1e-5, atol=1e-6)
+
+
+def test_build_steps_takes_the_teacher_as_a_step_input_or_only_its_shapes_for_compile(tmp_path):
+    """`t5lite compile` builds a distillation run without reading the teacher's arrays: its params are
+    ShapeDtypeStructs laid out like the student's, and they are inputs of the traced train step."""
+    from t5lite.aot import abstract_batch
+    from t5lite.train import partitioning
+    from t5lite.train.setup import build_steps
+    config = get_config("tiny", vocab_size=512)
+    teacher_config = get_config("tiny", vocab_size=512, emb_dim=32, num_decoder_layers=1)
+    save_params(str(tmp_path / "teacher"), teacher_config, init_params(teacher_config, jax.random.key(1)))
+    run = dict(batch_size=2, optimizer="adafactor", schedule="constant", learning_rate=0.01, warmup_steps=0,
+               loss="distillation", teacher_checkpoint=str(tmp_path / "teacher"))
+    steps = build_steps(config, teacher_arrays=False, **run)
+    assert steps.teacher.config.emb_dim == 32
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(steps.teacher.params))
+    state = partitioning.abstract_train_state(config, steps.optimizer, steps.shardings)
+    batch = abstract_batch(2, {"inputs": 8, "targets": 8}, steps.mesh, steps.rules)
+    traced = steps.train_step.trace(state, batch)
+    n_inputs = sum(len(jax.tree.leaves(t)) for t in (state, batch, steps.teacher.params))
+    assert len(traced.jaxpr.in_avals) == n_inputs  # the teacher's params are inputs, not constants
+    loaded = build_steps(config, **run).teacher  # a training run reads them, laid out alike
+    assert jax.tree.map(lambda x: x.sharding, loaded.params) == steps.teacher.shardings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +372,7 @@ def _sharded_runs(teacher_dir: str, meshes) -> dict:
     return out
 
 
+@pytest.mark.slow  # two meshes to compile, in a subprocess with 8 simulated devices
 def test_teacher_is_sharded_like_the_student_and_8_devices_match_one(tmp_path):
     from tests.test_sharding import XLA_FLAGS
     teacher_config = get_config("tiny", vocab_size=512, emb_dim=32, mlp_dim=64, num_decoder_layers=1)

@@ -337,8 +337,12 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     inputs_length, targets_length = lengths.get("inputs", 0), lengths["targets"]
 
     def analytic(batch: int, training: bool) -> float:
-        return model_flops_per_step(config, batch, inputs_length, targets_length, decoder_only=decoder_only,
-                                    training=training) / topology.num_chips
+        flops = model_flops_per_step(config, batch, inputs_length, targets_length, decoder_only=decoder_only,
+                                     training=training)
+        if training and steps.teacher:  # a distillation step also runs the teacher forward (as train() counts it)
+            flops += model_flops_per_step(steps.teacher.config, batch, inputs_length, targets_length,
+                                          decoder_only=decoder_only, training=False)
+        return flops / topology.num_chips
 
     def under_mesh():
         return _both(jax.set_mesh(mesh), nn.logical_axis_rules(rules))

@@ -328,7 +328,7 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     batch_size = int(batch_size or train_args["batch_size"])
     lengths = dict(train_args["feature_lengths"])
     devices = topology_devices(topology)
-    steps = build_steps(config, devices=devices, **{**train_args, "batch_size": batch_size})
+    steps = build_steps(config, devices=devices, teacher_arrays=False, **{**train_args, "batch_size": batch_size})
     mesh, rules = steps.mesh, steps.rules
     batch = abstract_batch(batch_size, lengths, mesh, rules, decoder_only=decoder_only,
                            pack=train_args.get("pack", True), prefix_lm=config.decoder_only_prefix_lm)
@@ -337,8 +337,12 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     inputs_length, targets_length = lengths.get("inputs", 0), lengths["targets"]
 
     def analytic(batch: int, training: bool) -> float:
-        return model_flops_per_step(config, batch, inputs_length, targets_length, decoder_only=decoder_only,
-                                    training=training) / topology.num_chips
+        flops = model_flops_per_step(config, batch, inputs_length, targets_length, decoder_only=decoder_only,
+                                     training=training)
+        if training and steps.teacher:  # a distillation step also runs the teacher forward (as train() counts it)
+            flops += model_flops_per_step(steps.teacher.config, batch, inputs_length, targets_length,
+                                          decoder_only=decoder_only, training=False)
+        return flops / topology.num_chips
 
     def under_mesh():
         return _both(jax.set_mesh(mesh), nn.logical_axis_rules(rules))
@@ -422,7 +426,7 @@ def search_batch(train_args: dict, topology: Topology, start: int, max_compiles:
         return compile_run(train_args, topology, programs=("train",), batch_size=batch)["programs"]["train"][
             "memory"]["fits"]
 
-    mesh = build_steps(_model_config(train_args), devices=topology_devices(topology),
+    mesh = build_steps(_model_config(train_args), devices=topology_devices(topology), teacher_arrays=False,
                        **{**train_args, "batch_size": start}).mesh
     unit = mesh.shape["data"] * mesh.shape["fsdp"] * int(train_args.get("num_microbatches", 1))
     return largest_batch(fits, unit, start, max_compiles)

@@ -9,7 +9,7 @@ import sys
 from t5lite.errors import UserError
 
 
-def _add_training(commands, name: str, help_text: str, finetune: bool):
+def _add_training(commands, name: str, help_text: str, finetune: bool, distill: bool = False):
     from t5lite import commands as run
     p = commands.add_parser(name, help=help_text, description=help_text + ". Bind anything with "
                             "--gin.NAME=VALUE (macros like --gin.TRAIN_STEPS=30 or --gin.train.learning_rate=0.01); "
@@ -17,15 +17,22 @@ def _add_training(commands, name: str, help_text: str, finetune: bool):
     p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
     p.add_argument("--model_dir", help="where checkpoints, metrics.jsonl and TensorBoard logs go (sets MODEL_DIR)")
     p.add_argument("--print_config", action="store_true", help="print the parsed gin config and exit")
-    if finetune:
-        p.add_argument("--init_checkpoint", help="checkpoint to start from (sets INITIAL_CHECKPOINT_PATH)")
-    p.set_defaults(run=lambda args: run.run_training(args, finetune=finetune), init_checkpoint=None)
+    if finetune or distill:
+        p.add_argument("--init_checkpoint", help="checkpoint to start from (sets INITIAL_CHECKPOINT_PATH)"
+                       + ("; default: random weights" if distill else ""))
+    if distill:
+        p.add_argument("--teacher", required=True, help="the teacher: a training model_dir or a params checkpoint "
+                       "(e.g. from `convert from-hf`) with the student's vocab_size (sets train.teacher_checkpoint; "
+                       "train.loss defaults to 'distillation')")
+    p.set_defaults(run=lambda args: run.run_training(args, finetune=finetune), init_checkpoint=None, teacher=None,
+                   takes_gin=True)
 
 
-def _add_decoding_flags(p):
-    p.add_argument("--checkpoint", required=True, help="a training model_dir or a converted params checkpoint")
+def _add_decoding_flags(p, checkpoint: str = "--checkpoint", split: str = "validation"):
+    p.add_argument(checkpoint, dest="checkpoint", required=True,
+                   help="a training model_dir or a converted params checkpoint")
     p.add_argument("--vocab", help="SentencePiece model (default: the checkpoint's, else the shipped one)")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--split", default=split)
     p.add_argument("--max_examples", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--input_length", type=int, default=128, help="inputs are padded/truncated to this")
@@ -79,11 +86,11 @@ def _add_sweep(commands):
                    "metrics (BLEU, ...) with each final checkpoint (slow)")
     p.add_argument("--eval_examples", type=int, default=200, help="examples decoded for --task_metrics")
     p.add_argument("--verbose", action="store_true", help="echo each run's output (always in ROOT/<point>/train.log)")
-    p.set_defaults(run=sweep_command.run)
+    p.set_defaults(run=sweep_command.run, takes_gin=True)
     p = actions.add_parser("summary", help="re-read the run directories (e.g. points launched elsewhere) and "
                            "write the summary")
     spec_flags(p)
-    p.set_defaults(run=sweep_command.summary)
+    p.set_defaults(run=sweep_command.summary, takes_gin=True)
     p = actions.add_parser("fit", help="fit L(N, D), L(N), L(D) to a summarised sweep; writes fit.json and plots")
     p.add_argument("root", help="the sweep's --root")
     fit_flags(p)
@@ -125,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="export this step of a training model_dir")
     p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
     p.set_defaults(run=run.convert_to_hf)
+
+    distill = commands.add_parser("distill", help="knowledge distillation: train a student on a teacher, or turn a "
+                                  "teacher's outputs into a task")
+    actions = distill.add_subparsers(dest="action", required=True, metavar="ACTION")
+    _add_training(actions, "train", "train a student on a teacher's soft targets (token-level distillation)", False,
+                  distill=True)
+    p = actions.add_parser("make-data", help="decode a task split with the teacher and write (input, teacher output) "
+                           "pairs, one line per input, for sequence-level distillation")
+    p.add_argument("--task", required=True, help="task whose split's inputs the teacher decodes")
+    p.add_argument("--out", required=True, help="the .jsonl or .tsv file to write")
+    p.add_argument("--name", help="name of the task over --out (default: TASK_distilled)")
+    _add_decoding_flags(p, checkpoint="--teacher", split="train")
+    p.set_defaults(run=run.distill_make_data)
 
     vocab = commands.add_parser("vocab", help="SentencePiece vocabularies")
     actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -194,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batch_compiles", type=int, default=8, help="bound on the compiles of --max_batch")
     p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(run=run.run_compile)
+    p.set_defaults(run=run.run_compile, takes_gin=True)
 
     _add_sweep(commands)
     return parser
@@ -216,8 +236,9 @@ def main(argv=None) -> int:
     gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(rest)
     args.gin = gin_flags
-    if gin_flags and args.command not in ("train", "finetune", "compile", "sweep"):
-        print(f"t5lite: error: --gin.* flags apply to train, finetune, compile and sweep, not {args.command}",
+    if gin_flags and not getattr(args, "takes_gin", False):
+        print(f"t5lite: error: --gin.* flags apply to train, finetune, distill train, compile and sweep run|summary, "
+              f"not {args.command}",
               file=sys.stderr)
         return 2
     try:

@@ -15,9 +15,11 @@ def run_training(args, finetune: bool = False) -> None:
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
     bindings = list(args.gin)
-    if finetune and args.init_checkpoint:
+    if args.init_checkpoint:
         bindings.append(f"INITIAL_CHECKPOINT_PATH={args.init_checkpoint}")
     gin_utils.parse(args.gin_file, bindings, args.model_dir)
+    if args.teacher:  # `distill train`: the teacher, and the distillation loss unless the gin files chose one
+        _bind_teacher(args.teacher)
     config_text = gin_utils.config_text()
     if args.print_config:
         print(config_text)
@@ -28,6 +30,16 @@ def run_training(args, finetune: bool = False) -> None:
                         "--gin.INITIAL_CHECKPOINT_PATH=DIR")
     metrics = gin_utils.train_into(model_dir, config_text)
     print(json.dumps({"model_dir": model_dir, **(metrics or {})}))
+
+
+def _bind_teacher(teacher: str) -> None:
+    import gin
+    with gin.unlock_config():
+        gin.bind_parameter("train.teacher_checkpoint", teacher)
+        try:
+            gin.query_parameter("train.loss")
+        except ValueError:  # not bound by the gin files
+            gin.bind_parameter("train.loss", "distillation")
 
 
 def _query(key: str, fix: str):
@@ -181,6 +193,25 @@ def convert_to_hf(args) -> None:
                             "has no HF T5 form")
     to_hf(config, params, args.out)
     print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
+
+
+def distill_make_data(args) -> None:
+    """Sequence-level distillation data: the teacher decodes a task split, one output line per input."""
+    from t5lite.data import tasks
+    from t5lite.infer.distillation import data_format, gin_lines, make_distillation_data
+    data_format(args.out)
+    task = tasks.get(args.task)
+    task.source(args.split)  # an unknown split fails before the teacher is loaded
+    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    with _progress(args.max_examples or 0, f"teacher {args.task}/{args.split}") as bar:
+        made = make_distillation_data(config, params, vocab, task, args.split, args.out, name=args.name,
+                                      max_examples=args.max_examples, batch_size=args.batch_size,
+                                      input_length=args.input_length, max_decode_length=args.max_decode_length,
+                                      strict=args.strict, decoder_only=decoder_only, progress=bar,
+                                      **_decode_kwargs(args))
+    split = made.splits[0]
+    print(f"wrote {len(made.source(split))} (input, teacher output) pairs to {args.out}; train a student on them "
+          f"with these gin lines:\n{gin_lines(made.name, split, args.out)}")
 
 
 def vocab_train(args) -> None:

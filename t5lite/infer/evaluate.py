@@ -119,6 +119,23 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
     return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
 
 
+def decode_task_split(config, params, task, vocab, *, split: str, max_examples: Optional[int], batch_size: int,
+                      input_length: int, max_decode_length: int, strict: bool = False, decoder_only: bool = False,
+                      progress=None, **decode_kwargs):
+    """Decodes the first `max_examples` examples of a task split, in order -> (examples, padded inputs
+    [N, input_length], output tokens [N, T], scores [N])."""
+    examples = task.eval_examples(split, vocab, max_examples=max_examples)
+    if not examples:
+        raise UserError(f"split {split!r} of task {task.name!r} has no examples to decode")
+    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict)
+    if truncated:
+        logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
+                        truncated, len(examples), input_length)
+    tokens, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
+                                    decoder_only=decoder_only, progress=progress, **decode_kwargs)
+    return examples, inputs, tokens, scores
+
+
 def evaluate_task(config, params, task, vocab, *, split: str = "validation", max_examples: Optional[int] = None,
                   batch_size: int = 32, input_length: int = 128, max_decode_length: int = 64,
                   strict: bool = False, decoder_only: bool = False, progress=None,
@@ -128,15 +145,10 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     Besides the task's metrics: `perplexity` of the reference targets under teacher forcing
     (exp of the mean negative log-likelihood per target token) and `num_examples`.
     """
-    examples = task.eval_examples(split, vocab, max_examples=max_examples)
-    if not examples:
-        raise UserError(f"split {split!r} of task {task.name!r} has no examples to evaluate")
-    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict)
-    if truncated:
-        logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
-                        truncated, len(examples), input_length)
-    tokens, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
-                                    decoder_only=decoder_only, progress=progress, **decode_kwargs)
+    examples, inputs, tokens, scores = decode_task_split(
+        config, params, task, vocab, split=split, max_examples=max_examples, batch_size=batch_size,
+        input_length=input_length, max_decode_length=max_decode_length, strict=strict, decoder_only=decoder_only,
+        progress=progress, **decode_kwargs)
     predictions = [task.postprocess(vocab.decode(row)) for row in tokens]
     targets = [ex["targets_pretokenized"] for ex in examples]
     results = metrics_lib.compute(list(task.metrics), targets, predictions)
@@ -183,4 +195,5 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
     return records
 
 
-__all__ = ["evaluate_task", "decode_texts", "decode_batches", "pad_inputs", "target_log_likelihoods"]
+__all__ = ["evaluate_task", "decode_task_split", "decode_texts", "decode_batches", "pad_inputs",
+           "target_log_likelihoods"]

@@ -5,7 +5,8 @@ optimizer, shardings, the jitted steps, the training data iterator (its first ba
 read and rewound) and an evaluator. Every user mistake found on the way is a one-line
 UserError: a bad number, a task split that does not exist or cannot be read, the validation
 split, a prefix-LM setting that disagrees with the features, a vocabulary larger than the
-model's, an initial checkpoint of another model or vocabulary.
+model's, an initial checkpoint of another model or vocabulary, an unknown loss or loss setting,
+a distillation teacher that is missing or has another vocabulary or model kind.
 """
 
 import base64
@@ -22,12 +23,13 @@ from t5lite.data.pipeline import default_num_shards
 from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, abstract_params, get_config
-from t5lite.train import partitioning
+from t5lite.train import losses, partitioning
 from t5lite.train.checkpoint import check_fits, checkpoint_meta, flat_shapes, load_any_params, stored_model
 from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device
 from t5lite.train.optimizers import make_optimizer
 from t5lite.train.state import TrainState
 from t5lite.train.step import make_eval_step, make_train_step
+from t5lite.train.teacher import Teacher, abstract_teacher, check_loss_and_teacher, load_teacher, teacher_config
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ class Steps:
     shardings: TrainState  # of NamedShardings
     train_step: Callable
     eval_step: Callable
+    teacher: Optional[Teacher] = None  # of a distillation run
 
 
 def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence] = None,
@@ -187,8 +190,14 @@ def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence
                 warmup_steps: int = 10_000, train_steps: Optional[int] = None, clip_grad_norm: Optional[float] = None,
                 optimizer_kwargs: Optional[dict] = None, decoder_only: bool = False, seed: int = 0,
                 num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-                loss_normalizing_factor: Optional[float] = None, **unused_train_args) -> Steps:
-    """Mesh (over `devices`, default all), rules, optimizer, shardings and jitted steps from train()'s arguments."""
+                loss_normalizing_factor: Optional[float] = None, loss: str = "cross_entropy",
+                loss_kwargs: Optional[dict] = None, teacher_checkpoint: Optional[str] = None,
+                teacher_arrays: bool = True, **unused_train_args) -> Steps:
+    """Mesh (over `devices`, default all), rules, optimizer, shardings and jitted steps from train()'s arguments.
+
+    A `teacher_checkpoint` is read into the mesh (its params become an input of the train step), or
+    only described (shapes and shardings: enough to trace and compile) when `teacher_arrays` is False.
+    """
     del unused_train_args  # the rest of train()'s arguments (data, checkpoints, logging)
     mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
     if partition_rules is not None and partition_rules not in partitioning.RULE_SETS:
@@ -203,11 +212,16 @@ def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence
                          clip_grad_norm=clip_grad_norm, **(optimizer_kwargs or {}))
     module = DecoderOnly(config) if decoder_only else EncoderDecoder(config)
     shardings = partitioning.state_shardings(config, opt, mesh, rules, decoder_only)
-    train_step = make_train_step(module, opt, mesh, rules, shardings, dropout_seed=seed,
-                                 num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+    teacher = None
+    if teacher_checkpoint:
+        teacher = (load_teacher if teacher_arrays else abstract_teacher)(
+            teacher_checkpoint, teacher_config(teacher_checkpoint, config, decoder_only), decoder_only, mesh, rules)
+    train_step = make_train_step(module, opt, mesh, rules, shardings, teacher=teacher, loss=loss,
+                                 loss_kwargs=loss_kwargs, dropout_seed=seed, num_microbatches=num_microbatches,
+                                 z_loss=z_loss, label_smoothing=label_smoothing,
                                  loss_normalizing_factor=loss_normalizing_factor)
     eval_step = make_eval_step(module, mesh, rules, shardings.params)
-    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step)
+    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step, teacher)
 
 
 @dataclasses.dataclass
@@ -261,7 +275,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             mesh_shape: Sequence[int], partition_rules, data_shards, checkpoint_period: int, keep_checkpoints: int,
             keep_period,
             log_period: int, eval_period, eval_batches: int, eval_split: str, init_checkpoint, peak_flops,
-            progress, peer_timeout_s) -> Run:
+            progress, peer_timeout_s, loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
+            teacher_checkpoint: Optional[str] = None) -> Run:
     """Checks every setting and builds the run; raises UserError on the first mistake, writes nothing."""
     if not model_dir:
         raise UserError("set --model_dir (or MODEL_DIR in a gin file)")
@@ -271,18 +286,22 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                    checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
                    log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
                    peer_timeout_s=peer_timeout_s, progress=progress)
+    loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
+    check_loss_and_teacher(loss_fn, loss, teacher_checkpoint)
     task_obj = tasks_lib.get(task)
     vocab = Vocabulary(vocab_path) if vocab_path else tasks_lib.default_vocabulary()
     config = resolve_config(model, model_overrides)
     check_model_and_features(config, vocab, feature_lengths, decoder_only)
     if init_checkpoint:
         check_init_checkpoint(init_checkpoint, config, decoder_only, vocab)
+    teacher_cfg = teacher_config(teacher_checkpoint, config, decoder_only, vocab) if teacher_checkpoint else None
 
     steps = build_steps(config, batch_size=batch_size, mesh_shape=mesh_shape, partition_rules=partition_rules,
                         optimizer=optimizer, schedule=schedule, learning_rate=learning_rate, warmup_steps=warmup_steps,
                         train_steps=train_steps, clip_grad_norm=clip_grad_norm, optimizer_kwargs=optimizer_kwargs,
                         decoder_only=decoder_only, seed=seed, num_microbatches=num_microbatches, z_loss=z_loss,
-                        label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor)
+                        label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor, loss=loss,
+                        loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint)
     mesh, rules, opt, shardings = steps.mesh, steps.rules, steps.optimizer, steps.shardings
     num_shards = default_num_shards(batch_size) if data_shards is None else data_shards
     _integer("data_shards", num_shards)
@@ -322,6 +341,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
 
     lengths = (feature_lengths.get("inputs", 0), feature_lengths["targets"])
     flops = model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only)
+    if teacher_cfg:  # the teacher's forward pass is work the step does too
+        flops += model_flops_per_step(teacher_cfg, batch_size, *lengths, decoder_only=decoder_only, training=False)
     peak = peak_flops_per_device(override=peak_flops)
 
     def monitor(start_step: int) -> Monitor:

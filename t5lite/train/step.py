@@ -1,8 +1,10 @@
-"""Loss, train step and eval step: pure functions of (state, batch), composed like T5X's.
+"""Train step and eval step: pure functions of (state, batch), composed like T5X's.
 
     train_step = compute grads (per microbatch, summed with lax.scan) -> normalise -> apply grads
 
-Losses are *sums* over weighted target tokens until the very end, where they are divided by
+The loss is chosen by name from t5lite/train/losses.py (cross-entropy, distillation, your own);
+a loss that learns from a teacher gets the teacher's logits, whose params are an input of the
+jitted step. Losses are *sums* over weighted target tokens until the very end, where they are divided by
 the number of weighted tokens in the whole batch (or a constant `loss_normalizing_factor`), so
 4 microbatches of 2 rows give exactly the update of one batch of 8. Dropout keys come from
 fold_in(key(seed), step), so a resumed run repeats the same step bit for bit. `make_train_step`
@@ -10,7 +12,7 @@ jits the step with the state / batch shardings of t5lite/train/partitioning.py; 
 sums run over the global (sharded) batch, so every metric is global.
 """
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -18,74 +20,13 @@ import jax.numpy as jnp
 import optax
 
 from t5lite.errors import UserError
+from t5lite.train import losses
+from t5lite.train.losses import cross_entropy_loss, loss_weights  # noqa: F401 - re-exported: step.cross_entropy_loss
 from t5lite.train.partitioning import batch_sharding
 from t5lite.train.state import TrainState
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss.
-# ---------------------------------------------------------------------------------------------
-
-def _cross_entropy_sums(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array], *,
-                        z_loss: float = 0.0, label_smoothing: float = 0.0):
-    """Weighted sums over tokens of T5X's `cross_entropy_with_logits` -> (loss, z_loss, weight, correct).
-
-    Per token, with soft targets q (1 - ls on the target, ls / (V - 1) elsewhere):
-      loss = -sum_v q_v log_softmax(logits)_v + z_loss * logZ^2 - H(q)
-    where H(q) (T5X's `normalizing_constant`) makes a perfect prediction score 0. Written
-    without a [B, T, V] one-hot: sum_v q_v l_v = (on - off) l_target + off sum_v l_v.
-    """
-    if logits.ndim != targets.ndim + 1:
-        raise UserError(f"logits {logits.shape} must have one more axis than targets {targets.shape}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    vocab = logits.shape[-1]
-    logits = logits.astype(jnp.float32)  # [B, T, V]
-    on = 1.0 - label_smoothing
-    off = label_smoothing / (vocab - 1)
-    entropy = -(on * jnp.log(on) + (vocab - 1) * off * jnp.log(off + 1e-20))  # H(q), 0 when ls == 0
-
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-    soft_logit = (on - off) * target_logit + off * jnp.sum(logits, axis=-1)  # [B, T] = sum_v q_v l_v
-    token_z_loss = z_loss * jnp.square(log_z)  # [B, T]
-    token_loss = log_z - soft_logit + token_z_loss - entropy  # [B, T]
-    correct = jnp.argmax(logits, axis=-1) == targets  # [B, T]
-
-    weights = jnp.ones_like(token_loss) if weights is None else weights.astype(jnp.float32)
-    return (jnp.sum(token_loss * weights), jnp.sum(token_z_loss * weights), jnp.sum(weights),
-            jnp.sum(correct * weights))
-
-
-def _normaliser(weight_sum: jax.Array, loss_normalizing_factor: Optional[float]) -> jax.Array:
-    """What loss sums are divided by: the weighted-token count, or a fixed constant (T5X style)."""
-    if loss_normalizing_factor is not None:
-        return jnp.asarray(loss_normalizing_factor, jnp.float32)
-    return jnp.maximum(weight_sum, 1e-8)  # an all-padding batch has zero sums: loss 0, not NaN
-
-
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None, *,
-                       z_loss: float = 0.0, label_smoothing: float = 0.0,
-                       loss_normalizing_factor: Optional[float] = None) -> Tuple[jax.Array, jax.Array, jax.Array]:
-    """logits [B, T, V] float, targets [B, T] int, weights [B, T] or None -> (loss, z_loss, weight_sum).
-
-    `loss` (which includes the z-loss term) and `z_loss` are summed over weighted tokens and
-    divided by the weight sum (a per-token mean) or by `loss_normalizing_factor` when given.
-    """
-    loss_sum, z_sum, weight_sum, _ = _cross_entropy_sums(logits, targets, weights, z_loss=z_loss,
-                                                         label_smoothing=label_smoothing)
-    norm = _normaliser(weight_sum, loss_normalizing_factor)
-    return loss_sum / norm, z_sum / norm, weight_sum
-
-
-def loss_weights(batch: Batch) -> jax.Array:
-    """`decoder_loss_weights` when the batch has them, else 1 on every non-padding target."""
-    if "decoder_loss_weights" in batch:
-        return batch["decoder_loss_weights"]
-    return (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
 
 
 def _model_features(batch: Batch) -> Batch:
@@ -118,24 +59,31 @@ def _apply_with_aux(model: nn.Module, params, batch: Batch, **kwargs):
 # Train step: compute grads -> accumulate over microbatches -> apply grads.
 # ---------------------------------------------------------------------------------------------
 
-def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Module, z_loss: float = 0.0,
-                  label_smoothing: float = 0.0):
+def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Module,
+                  loss_fn: Callable = losses.CrossEntropy(), teacher: Optional[Tuple[nn.Module, Any]] = None):
     """Gradient of the *summed* weighted loss of one (micro)batch -> (grads, sums dict).
 
-    Auxiliary losses the modules report count as a loss on every weighted token (added
-    x weight_sum), so after the final normalisation they add their value to the mean loss.
+    `loss_fn` gives the main term. Auxiliary losses the modules report count as a loss on every
+    weighted token (added x weight_sum), so after the final normalisation they add their value to
+    the mean loss. `teacher` = (module, params): its logits, without dropout and under
+    stop_gradient, are computed outside the differentiated function and handed to `loss_fn`.
     """
+    teacher_logits = None
+    if teacher is not None:
+        teacher_model, teacher_params = teacher
+        teacher_logits = jax.lax.stop_gradient(teacher_model.apply(
+            {"params": teacher_params}, **_model_features(batch), enable_dropout=False))  # [B, T, V]
 
-    def loss_fn(p):
+    def objective(p):
         logits, aux = _apply_with_aux(model, p, batch, enable_dropout=True,
                                       rngs={"dropout": dropout_rng})  # [B, T, V] float32
-        loss, z, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch),
-                                                       z_loss=z_loss, label_smoothing=label_smoothing)
-        aux = {k: v * weight for k, v in aux.items()}
-        total = loss + aux[AUX_LOSS] if aux else loss
-        return total, dict(loss=total, z_loss=z, weight_sum=weight, correct=correct, **aux)
+        sums = loss_fn(logits, batch, teacher_logits)
+        if aux:
+            aux = {k: v * sums["weight_sum"] for k, v in aux.items()}
+            sums = {**sums, "loss": sums["loss"] + aux[AUX_LOSS], **aux}
+        return sums["loss"], sums
 
-    return jax.grad(loss_fn, has_aux=True)(params)
+    return jax.grad(objective, has_aux=True)(params)
 
 
 def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microbatches: int = 1,
@@ -184,20 +132,28 @@ def apply_grads(state: TrainState, grads, optimizer: optax.GradientTransformatio
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
-               dropout_seed: int = 0, num_microbatches: int = 1, z_loss: float = 0.0, label_smoothing: float = 0.0,
-               loss_normalizing_factor: Optional[float] = None, grad_shardings=None) -> Tuple[TrainState, Metrics]:
+               loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
+               teacher: Optional[Tuple[nn.Module, Any]] = None, dropout_seed: int = 0, num_microbatches: int = 1,
+               z_loss: float = 0.0, label_smoothing: float = 0.0, loss_normalizing_factor: Optional[float] = None,
+               grad_shardings=None) -> Tuple[TrainState, Metrics]:
     """One update on `batch` -> (new_state, metrics).
 
+    `loss` names a loss of t5lite/train/losses.py, built with `loss_kwargs` (and z_loss /
+    label_smoothing where it takes them); `teacher` = (module, params) for a loss that needs one.
     metrics: loss (incl. z-loss and auxiliary losses) and z_loss per weighted token (or /
     loss_normalizing_factor), accuracy (argmax == target over weighted tokens), weight_sum,
     grad_norm (global, before any clipping), learning_rate (of this update; NaN for an optimizer
-    without a schedule), and when modules report any: aux_loss and aux_loss/<name>, normalised alike.
+    without a schedule), the loss's extra sums (e.g. distill/kl) and, when modules report any,
+    aux_loss and aux_loss/<name>, all normalised like the loss.
     """
+    loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
+    if loss_fn.needs_teacher != (teacher is not None):
+        raise UserError(f"train.loss {loss!r} {'needs' if loss_fn.needs_teacher else 'takes no'} teacher; "
+                        "set train.teacher_checkpoint together with a loss that uses it (e.g. 'distillation')")
     dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
     grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
-                                   grad_shardings=grad_shardings, model=model, z_loss=z_loss,
-                                   label_smoothing=label_smoothing)
-    norm = _normaliser(sums["weight_sum"], loss_normalizing_factor)
+                                   grad_shardings=grad_shardings, model=model, loss_fn=loss_fn, teacher=teacher)
+    norm = losses.normaliser(sums["weight_sum"], loss_normalizing_factor)
     grads = jax.tree.map(lambda g: g / norm, grads)
     new_state = apply_grads(state, grads, optimizer)
 
@@ -209,65 +165,73 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
         weight_sum=sums["weight_sum"],
         grad_norm=optax.tree.norm(grads),
         learning_rate=jnp.asarray(lr_fn(state.step) if lr_fn else jnp.nan, jnp.float32),
-        **{k: v / norm for k, v in sums.items() if k.startswith(AUX_LOSS)},
+        **{k: v / norm for k, v in sums.items() if k not in losses.SUMS},
     )
     return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model: nn.Module) -> Metrics:
-    """Sums over one batch, to be added over many: loss_sum (plain CE), correct, weight_sum, and
-    aux_loss_sum (auxiliary losses x weight_sum) when modules report any.
+    """Sums over one batch, to be added over many: loss_sum (plain CE, whatever the training loss, so
+    runs compare), correct, weight_sum, and aux_loss_sum (auxiliary losses x weight_sum) when
+    modules report any.
 
     Mean loss = loss_sum / weight_sum, perplexity = exp(that), accuracy = correct / weight_sum.
     """
     logits, aux = _apply_with_aux(model, params, batch, enable_dropout=False)  # [B, T, V]
-    loss, _, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch))
-    extra = {"aux_loss_sum": aux[AUX_LOSS] * weight} if aux else {}
-    return dict(loss_sum=loss, correct=correct, weight_sum=weight, **extra)
+    sums = losses.cross_entropy_sums(logits, batch["decoder_target_tokens"], losses.loss_weights(batch))
+    extra = {"aux_loss_sum": aux[AUX_LOSS] * sums["weight_sum"]} if aux else {}
+    return dict(loss_sum=sums["loss"], correct=sums["correct"], weight_sum=sums["weight_sum"], **extra)
 
 
 # ---------------------------------------------------------------------------------------------
 # Jitted, partitioned steps.
 # ---------------------------------------------------------------------------------------------
 
-def _under_mesh(jitted: Callable, mesh, rules) -> Callable:
-    """Calls `jitted` inside the mesh + logical-rules context, so the model's activation
-    constraints (nn.with_logical_constraint) take effect when it is traced."""
+def _under_mesh(jitted: Callable, mesh, rules, bound: tuple = ()) -> Callable:
+    """Calls `jitted(*args, *bound)` inside the mesh + logical-rules context, so the model's activation
+    constraints (nn.with_logical_constraint) take effect when it is traced. `bound`: trailing
+    arguments every call passes (a teacher's params: jit inputs, not constants baked into the program)."""
 
     def call(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(*args)
+            return jitted(*args, *bound)
 
     def lower(*args):  # for compiled-cost analysis (FLOPs, memory) in bench / MFU
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted.lower(*args)
+            return jitted.lower(*args, *bound)
 
     def trace(*args):  # the jaxpr and, via .lower(), the program (`t5lite compile`)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted.trace(*args)
+            return jitted.trace(*args, *bound)
 
     call.lower, call.trace = lower, trace
     return call
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
-                    state_shardings: TrainState, *, donate: bool = True, **step_kwargs) -> Callable:
+                    state_shardings: TrainState, *, donate: bool = True, teacher=None, **step_kwargs) -> Callable:
     """jit(train_step) with sharded inputs/outputs: (state, batch) -> (state, metrics).
 
     `state_shardings` comes from partitioning.state_shardings (or `jax.tree.map(lambda x:
     x.sharding, state)`); the batch is split over the logical 'batch' axis; metrics are
     replicated. The input state is donated (its buffers are reused), so do not use it after.
-    step_kwargs: dropout_seed, num_microbatches, z_loss, label_smoothing, loss_normalizing_factor.
+    `teacher` (t5lite/train/teacher.py: module, params, shardings): its params are a third, sharded,
+    never-donated input of the jitted step, passed by every call.
+    step_kwargs: loss, loss_kwargs, dropout_seed, num_microbatches, z_loss, label_smoothing,
+    loss_normalizing_factor.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    teacher_args = () if teacher is None else (teacher.params,)
 
-    def step(state, batch):
-        return train_step(state, batch, model=model, optimizer=optimizer, grad_shardings=state_shardings.params,
-                          **step_kwargs)
+    def step(state, batch, *teacher_params):  # teacher_params: () or (params,)
+        pair = (teacher.module, teacher_params[0]) if teacher_params else None
+        return train_step(state, batch, model=model, optimizer=optimizer, teacher=pair,
+                          grad_shardings=state_shardings.params, **step_kwargs)
 
-    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh, rules)),
-                     out_shardings=(state_shardings, replicated), donate_argnums=(0,) if donate else ())
-    return _under_mesh(jitted, mesh, rules)
+    in_shardings = (state_shardings, batch_sharding(mesh, rules)) + (() if teacher is None else (teacher.shardings,))
+    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
+                     donate_argnums=(0,) if donate else ())
+    return _under_mesh(jitted, mesh, rules, bound=teacher_args)
 
 
 def make_eval_step(model: nn.Module, mesh: jax.sharding.Mesh, rules, param_shardings) -> Callable:

@@ -48,7 +48,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
           vocab_path: Optional[str] = None, decoder_only: bool = False, pack: bool = True, seed: int = 0,
           optimizer: str = "adafactor", schedule: str = "rsqrt", learning_rate: float = 1.0,
           warmup_steps: int = 10_000, clip_grad_norm: Optional[float] = None, optimizer_kwargs: Optional[dict] = None,
-          num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
+          num_microbatches: int = 1, loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
+          teacher_checkpoint: Optional[str] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
           loss_normalizing_factor: Optional[float] = None, mesh_shape: Sequence[int] = (-1, 1, 1),
           partition_rules: Optional[str] = None, data_shards: Optional[int] = None,
           checkpoint_period: int = 1000, keep_checkpoints: int = 2,
@@ -61,7 +62,10 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
 
     Resumes automatically from `model_dir/checkpoints`. `init_checkpoint` (a params checkpoint
     from `t5lite convert from-hf` or another run's model_dir) seeds the parameters of a fresh
-    run (fine-tuning). mesh_shape is (data, fsdp, tensor); -1 takes the remaining devices.
+    run (fine-tuning). `loss` names a loss of t5lite/train/losses.py ('cross_entropy', 'distillation',
+    or one you registered) built with `loss_kwargs`; 'distillation' learns from `teacher_checkpoint`
+    (a model_dir or params checkpoint with the student's vocabulary size).
+    mesh_shape is (data, fsdp, tensor); -1 takes the remaining devices.
     `data_shards`: virtual data shards (default gcd(batch_size, 64)); the batches depend on it but
     not on the process count, which must divide it.
     `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
@@ -82,7 +86,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             keep_checkpoints=keep_checkpoints,
             keep_period=keep_period, log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
             eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
-            peer_timeout_s=peer_timeout_s)
+            peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint)
         with _lock(model_dir):
             return _train(run, preemption, operative_gin, write_configs, async_checkpoints)
     finally:

@@ -296,6 +296,13 @@ def bench_train(args) -> None:
     _write_json(args.json, rows)
 
 
+def bench_cards(args) -> None:
+    from t5lite.bench_cards import cards_decode_benchmark
+    _write_json(args.json, cards_decode_benchmark(args.model, args.batch_size, args.num_cards, args.rank,
+                                                  args.input_length, args.max_decode_length, args.method,
+                                                  args.repeats))
+
+
 def bench_data(args) -> None:
     from t5lite.bench import data_benchmark
     data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)

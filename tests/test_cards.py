@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from t5lite.cli import main
+from t5lite.data import tasks
 from t5lite.infer.evaluate import decode_texts
 from t5lite.model import EncoderDecoder, get_config, init_params, lora
 from t5lite.train.cards import Card, load_card, save_card
 from t5lite.train.checkpoint import load_params, save_params, stored_state_shapes
-from t5lite.data import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARD_RUN = ["--gin_file=experiments/finetune/lora_en_es.gin", "--gin_file=experiments/models/tiny.gin",

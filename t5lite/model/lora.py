@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import math
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,7 @@ import numpy as np
 from t5lite.errors import UserError
 from t5lite.model.config import T5Config
 from t5lite.model.layers import DenseGeneral
-from t5lite.model.params import dummy_inputs, model_class, scan_params, unscan_params
+from t5lite.model.params import dummy_inputs, flat_paths, model_class, nest_paths, scan_params, unscan_params
 
 COLLECTION = "lora"
 # PEFT's names of T5's projections, as aliases of t5lite's module names.
@@ -214,25 +214,6 @@ def init_card(config: T5Config, spec: LoraConfig, rng: jax.Array, decoder_only: 
 
 def num_card_params(card) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(card)))
-
-
-def flat_paths(tree, prefix: str = "") -> Dict[str, np.ndarray]:
-    """{'encoder/layers_0/attention/query/lora_a': array, ...} of a nested dict."""
-    out = {}
-    for key, value in tree.items():
-        out.update(flat_paths(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
-def nest_paths(flat: Dict[str, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def in_layout(card: dict, config: T5Config) -> dict:

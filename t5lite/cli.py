@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoding_errors", default="strict", choices=["strict", "replace"],
                    help="input that is not UTF-8: stop with the line number (strict) or decode bad bytes as U+FFFD")
     p.add_argument("--output", required=True, help="JSONL to write: input, output, score per line, in order")
+    p.add_argument("--card", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter card (repeatable); each JSONL line picks one by its --card_key field, and one "
+                   "batch mixes cards")
+    p.add_argument("--card_key", default="card", help="JSONL field naming a line's card (null, '' or 'base': none)")
+    p.add_argument("--default_card", help="card of lines without a card field (default: the only --card, else base)")
     _add_decoding_flags(p)
     p.set_defaults(run=run.run_infer)
 
@@ -145,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="name of the task over --out (default: TASK_distilled)")
     _add_decoding_flags(p, checkpoint="--teacher", split="train")
     p.set_defaults(run=run.distill_make_data)
+
+    cards = commands.add_parser("cards", help="adapter cards (LoRA): inspect, merge into the base, export to PEFT")
+    actions = cards.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("info", help="rank, alpha, targets, size and base fingerprint of a card")
+    p.add_argument("card", help="a card directory or a card run's model_dir")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run.cards_info)
+    p = actions.add_parser("merge", help="fold a card into its base: an ordinary params checkpoint")
+    p.add_argument("card", help="a card directory or a card run's model_dir")
+    p.add_argument("--base", help="the base checkpoint (default: the one the card was trained on)")
+    p.add_argument("--out", required=True, help="new directory for the merged params checkpoint")
+    p.set_defaults(run=run.cards_merge)
+    p = actions.add_parser("export", help="write a card as an HF PEFT LoRA adapter (adapter_config.json + "
+                           "adapter_model.safetensors) for the base exported with `t5lite convert to-hf`")
+    p.add_argument("card", help="a card directory or a card run's model_dir")
+    p.add_argument("--format", default="peft", choices=["peft"])
+    p.add_argument("--base_model_name_or_path", help="recorded in adapter_config.json (e.g. the HF base directory)")
+    p.add_argument("--out", required=True, help="new directory for the adapter")
+    p.set_defaults(run=run.cards_export)
 
     vocab = commands.add_parser("vocab", help="SentencePiece vocabularies")
     actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -186,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=run.bench_train)
+    p = kinds.add_parser("cards", help="decode tokens/s with N adapter cards mixed in one batch vs one merged model "
+                         "vs card by card")
+    p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights and cards)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_cards", type=int, nargs="+", default=[1, 4, 16], help="each must divide the batch size")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--input_length", type=int, default=64)
+    p.add_argument("--max_decode_length", type=int, default=32)
+    p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after a warm-up")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=run.bench_cards)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
     p.add_argument("--task", default="bible_span_corruption_en_es")
     p.add_argument("--batch_size", type=int, default=32)

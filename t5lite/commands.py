@@ -60,8 +60,12 @@ def load_for_inference(checkpoint: str, vocab_path=None):
     params checkpoint."""
     from t5lite.data import tasks
     from t5lite.data.vocab import Vocabulary
-    from t5lite.train.checkpoint import (decoder_only_of, is_params_checkpoint, load_any_params,
-                                         load_train_checkpoint_params)
+    from t5lite.train.checkpoint import (
+        decoder_only_of,
+        is_params_checkpoint,
+        load_any_params,
+        load_train_checkpoint_params,
+    )
     from t5lite.train.setup import checkpoint_vocabulary
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist; pass a model_dir or a converted checkpoint")
@@ -103,45 +107,104 @@ def run_eval(args) -> None:
 
 
 def run_infer(args) -> None:
-    """Decodes a task split or a text / JSONL file and writes JSONL (input, output, score) in order."""
+    """Decodes a task split or a text / JSONL file and writes JSONL (input, output, score) in order; with
+    --card NAME=DIR, each line decodes with the card its JSONL field names, all in the same batches."""
     from t5lite.infer.evaluate import decode_texts
-    texts = _read_inputs(args)
+    named = _named_cards(args.card)  # a bad --card fails before any reading
+    texts, line_cards = _read_inputs(args)
     config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    cards, card_index = None, None
+    if named:
+        cards, names = _stack_cards(named, config, params, args.checkpoint)
+        card_index = _card_index(line_cards, names, args.default_card, args.input)
     with _progress(len(texts), "infer") as bar:
         records = decode_texts(config, params, vocab, texts, input_length=args.input_length,
                                batch_size=args.batch_size, max_decode_length=args.max_decode_length,
-                               strict=args.strict, decoder_only=decoder_only, progress=bar,
-                               **_decode_kwargs(args))
+                               strict=args.strict, decoder_only=decoder_only, progress=bar, cards=cards,
+                               card_index=card_index, **_decode_kwargs(args))
+    if named:
+        for record, i in zip(records, card_index):
+            record["card"] = names[i] if i >= 0 else None
     _write_jsonl(args.output, records)
     logging.info("wrote %d predictions to %s", len(records), args.output)
     print(f"wrote {len(records)} predictions to {args.output}")
 
 
 def _read_inputs(args):
-    """The input texts, one per line of --input (blank lines stay, as empty inputs) or the task's split."""
+    """(texts, card names) of --input's lines (blank lines stay, as empty inputs) or of the task's split; a
+    JSONL line's card name is its --card_key field (absent: None)."""
     if bool(args.task) == bool(args.input):
         raise UserError("give exactly one of --task (with --split) or --input FILE")
     if args.task:
         from t5lite.data import tasks
         examples = tasks.get(args.task).eval_examples(args.split, max_examples=args.max_examples)
-        return [ex["inputs_pretokenized"] for ex in examples]
+        return [ex["inputs_pretokenized"] for ex in examples], [None] * len(examples)
     if not os.path.isfile(args.input):
         raise UserError(f"input file {args.input} not found")
     with open(args.input, "rb") as f:
         raw_lines = f.read().split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()  # the file's final newline ends the last line; it starts no new one
-    texts = []
+    texts, cards = [], []
     for number, raw in enumerate(raw_lines[:args.max_examples] if args.max_examples else raw_lines, 1):
-        line = _decode_line(raw.rstrip(b"\r"), args.input, number, args.encoding_errors)
+        line, card = _decode_line(raw.rstrip(b"\r"), args.input, number, args.encoding_errors), None
         if args.input.endswith(".jsonl") and line.strip():
             try:
-                line = str(json.loads(line)[args.input_key])
-            except (json.JSONDecodeError, KeyError, TypeError):
+                record = json.loads(line)
+                line, card = str(record[args.input_key]), record.get(args.card_key)
+                card = "base" if card is None and args.card_key in record else card  # an explicit null
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{args.input}:{number}: not a JSON object with key {args.input_key!r}; "
                                 "fix the line or pass --input_key") from None
         texts.append(line)
-    return texts
+        cards.append(card)
+    return texts, cards
+
+
+# --- Adapter cards (t5lite/model/lora.py, t5lite/train/cards.py) --------------------------------------
+
+
+def _named_cards(pairs):
+    """['es=runs/es', ...] -> {'es': Card}, read and checked for format (not yet for the base)."""
+    from t5lite.train.cards import load_card
+    named = {}
+    for pair in pairs or ():
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--card {pair!r} needs NAME=DIR, e.g. --card es=runs/lora_es")
+        if name.strip() in named or name.strip() == "base":
+            raise UserError(f"--card name {name.strip()!r} is {'reserved' if name.strip() == 'base' else 'repeated'}; "
+                            "give each card its own name")
+        named[name.strip()] = load_card(path.strip())
+    return named
+
+
+def _stack_cards(named, config, params, checkpoint):
+    """Checks that every card belongs to this base -> (lora.CardTable, names in table order)."""
+    from t5lite.model import lora
+    from t5lite.train.cards import check_base
+    base_fingerprint = lora.fingerprint(params)
+    for card in named.values():
+        check_base(card, base_fingerprint, checkpoint)
+    names = list(named)
+    return lora.stack_cards([(named[n].spec, named[n].params) for n in names], config), names
+
+
+def _card_index(line_cards, names, default, input_path):
+    """Each line's card number (-1: the base). A line without a card field gets --default_card, or the only
+    card when one is given; null, '' or 'base' mean the base."""
+    if default is None:
+        default = names[0] if len(names) == 1 else "base"
+    if default not in names + ["base"]:
+        raise UserError(f"--default_card {default!r} is not one of the --card names ({', '.join(names)}) or 'base'")
+    index = []
+    for number, card in enumerate(line_cards, 1):
+        name = default if card is None else (str(card) or "base")
+        if name not in names + ["base"]:
+            raise UserError(f"{input_path}:{number}: card {name!r} is not one of the --card names "
+                            f"({', '.join(names)}); add --card {name}=DIR or fix the line")
+        index.append(names.index(name) if name != "base" else -1)
+    return index
 
 
 def _decode_line(raw: bytes, path: str, number: int, errors: str) -> str:
@@ -178,7 +241,12 @@ def convert_from_hf(args) -> None:
 def convert_to_hf(args) -> None:
     """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5."""
     from t5lite.convert.hf import to_hf
-    from t5lite.train.checkpoint import decoder_only_of, is_params_checkpoint, load_params, load_train_checkpoint_params
+    from t5lite.train.checkpoint import (
+        decoder_only_of,
+        is_params_checkpoint,
+        load_params,
+        load_train_checkpoint_params,
+    )
     if not os.path.exists(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} does not exist; pass a training model_dir or a params "
                         "checkpoint")
@@ -259,6 +327,13 @@ def bench_train(args) -> None:
     _write_json(args.json, rows)
 
 
+def bench_cards(args) -> None:
+    from t5lite.bench_cards import cards_decode_benchmark
+    _write_json(args.json, cards_decode_benchmark(args.model, args.batch_size, args.num_cards, args.rank,
+                                                  args.input_length, args.max_decode_length, args.method,
+                                                  args.repeats))
+
+
 def bench_data(args) -> None:
     from t5lite.bench import data_benchmark
     data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
@@ -298,3 +373,69 @@ def run_compile(args) -> None:
         report["largest_batch"] = aot.search_batch(train_args, topology, start=report["batch_size"],
                                                    max_compiles=args.max_batch_compiles)
     print(json.dumps(report, indent=1) if args.json else aot.format_report(report))
+
+
+def _card_and_base(args):
+    """(card, base config, base params) of `cards merge|info --base`: the card's recorded base by default."""
+    from t5lite.train.cards import load_card
+    from t5lite.train.checkpoint import load_any_params
+    card = load_card(args.card)
+    base = args.base or card.base_checkpoint
+    if not base:
+        raise UserError(f"card {card.path} does not record its base checkpoint; pass --base DIR")
+    config, params = load_any_params(base)
+    return card, base, config, params
+
+
+def cards_info(args) -> None:
+    """Rank, alpha, targets, adapted projections, size and the base a card belongs to."""
+    from t5lite.model import abstract_params, count_params
+    from t5lite.train.cards import load_card
+    card = load_card(args.card)
+    base_params = count_params(abstract_params(card.model.replace(scan_layers=False), card.decoder_only))
+    modules = sorted({"/".join(p.split("/")[-3:-1]) for p in _card_paths(card)})
+    size = sum(os.path.getsize(os.path.join(card.path, f)) for f in os.listdir(card.path))
+    info = {"card": card.path, "rank": card.spec.rank, "alpha": card.spec.alpha, "scale": card.spec.scale,
+            "dropout": card.spec.dropout, "targets": list(card.spec.targets), "adapted": len(_card_paths(card)) // 2,
+            "modules": modules, "params": card.num_params, "base_params": base_params,
+            "trainable_fraction": card.num_params / base_params, "bytes_on_disk": size,
+            "base_fingerprint": card.base_fingerprint, "base_checkpoint": card.base_checkpoint, "task": card.task,
+            "step": card.step}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"card         {card.path}\n"
+          f"rank {card.spec.rank}, alpha {card.spec.alpha:g} (scale {card.spec.scale:g}), dropout {card.spec.dropout:g}\n"
+          f"targets      {', '.join(card.spec.targets)}: {info['adapted']} projections ({', '.join(modules)})\n"
+          f"params       {card.num_params:,} ({100 * info['trainable_fraction']:.3f} % of the base's "
+          f"{base_params:,}); {size / 2**20:.2f} MiB on disk\n"
+          f"base         fingerprint {card.base_fingerprint}, checkpoint {card.base_checkpoint}\n"
+          f"trained on   {card.task} for {card.step} steps")
+
+
+def _card_paths(card):
+    from t5lite.model import lora
+    return list(lora.flat_paths(card.params))
+
+
+def cards_merge(args) -> None:
+    """Folds a card into its base (W + alpha/r A B) and writes an ordinary params checkpoint."""
+    from t5lite.model import lora
+    from t5lite.train.cards import card_for
+    from t5lite.train.checkpoint import save_params
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise UserError(f"output directory {args.out} is not empty; choose a new --out or remove it")
+    card, base, config, params = _card_and_base(args)
+    merged = lora.merge(params, card_for(card, config, params, base), card.spec)
+    save_params(args.out, config, merged)
+    print(f"wrote params checkpoint {args.out}: {base} with card {card.path} merged")
+
+
+def cards_export(args) -> None:
+    """A card as an HF PEFT LoRA adapter (load it with PeftModel.from_pretrained on the to-hf base)."""
+    from t5lite.convert.peft import export_peft
+    from t5lite.train.cards import load_card
+    card = load_card(args.card)
+    export_peft(card, args.out, args.base_model_name_or_path)
+    print(f"wrote PEFT adapter {args.out} (PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained"
+          f"(<base exported with t5lite convert to-hf>), {args.out!r}))")

@@ -33,8 +33,10 @@ def register_configurables() -> None:
         return
     from t5lite.data import tasks
     from t5lite.model.config import T5Config
+    from t5lite.model.lora import LoraConfig
     from t5lite.train import trainer
     _CONFIGURED["T5Config"] = gin.external_configurable(T5Config, "T5Config")
+    _CONFIGURED["LoraConfig"] = gin.external_configurable(LoraConfig, "LoraConfig")
     _CONFIGURED["train"] = gin.external_configurable(trainer.train, "train")
     _CONFIGURED["text_to_text_task"] = gin.external_configurable(tasks.text_to_text_task, "text_to_text_task")
     _CONFIGURED["register_mixture"] = gin.external_configurable(tasks.register_mixture, "register_mixture")

@@ -18,7 +18,7 @@ import numpy as np
 from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
 from t5lite.errors import UserError
 from t5lite.model.config import T5Config
-from t5lite.model.params import abstract_params, param_shapes, unscan_params
+from t5lite.model.params import abstract_params, nest_paths, param_shapes, unscan_params
 
 # HF feed_forward_proj <-> t5lite mlp_activations. HF's "gated-gelu" means the tanh GELU.
 _HF_TO_ACTIVATIONS = {
@@ -119,17 +119,6 @@ def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
         dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
 
 
-def _nest(flat: Dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def _flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
     out = {}
     for k, v in tree.items():
@@ -161,7 +150,7 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
             raise UserError(f"{path}: tensor {theirs!r} has shape {tuple(tensors[theirs].shape)}, which does not "
                             f"match config.json (t5lite expects {tuple(expected[ours])} for {ours})")
         flat[ours] = np.ascontiguousarray(value)
-    return cfg, _nest(flat)
+    return cfg, nest_paths(flat)
 
 
 # Ablation fields and the only value of each that HF's T5 has (T5ForConditionalGeneration).

@@ -8,8 +8,13 @@ Beam search follows HF transformers' `generate` (the reference the tests compare
 2k candidates per step, hypotheses finish at EOS or at max length, scores are
 sum log-prob / length**alpha (or T5X's ((5 + length) / 6)**alpha), and with
 `early_stopping=True` an example is done once it holds k finished hypotheses.
+
+Adapter cards (t5lite/model/lora.py): `cards` is a stacked table of LoRA cards and `card_index`
+gives each example its card (< 0: the base alone); one jitted call decodes the mixed batch, and
+beams inherit their example's card.
 """
 
+import contextlib
 import functools
 from typing import NamedTuple, Optional, Tuple
 
@@ -19,7 +24,7 @@ import numpy as np
 
 from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
-from t5lite.model import DecoderOnly, EncoderDecoder, T5Config
+from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, lora
 
 NEG_INF = -1.0e9  # HF's "impossible" score; finite so that sums stay ordered
 METHODS = ("greedy", "beam", "sample")
@@ -35,29 +40,29 @@ class _StepFn(NamedTuple):
     first_position: jax.Array  # position of the first generated token in the decoder sequence
 
 
-def _encoder_decoder_steps(config, params, encoder_input_tokens, max_decode_length, repeat) -> _StepFn:
+def _encoder_decoder_steps(config, variables, encoder_input_tokens, max_decode_length, repeat) -> _StepFn:
     model = EncoderDecoder(config)
     cache_length = max_decode_length + 1  # start token + generated tokens (+1 unused beam-search step)
     enc = jnp.repeat(encoder_input_tokens, repeat, axis=0)  # [N, L] with beams adjacent
-    encoded = model.apply({"params": params}, enc, method=model.encode)  # [N, L, D]
+    encoded = model.apply(variables, enc, method=model.encode)  # [N, L, D]
     start = jnp.zeros((enc.shape[0], 1), jnp.int32)
 
     def init():
         # Allocates the cache and projects cross-attention keys/values; then decodes the start token.
-        _, variables = model.apply({"params": params}, encoded, enc, start, decode=True,
-                                   max_decode_length=cache_length, method=model.decode, mutable=["cache"])
-        return step(variables["cache"], start, jnp.int32(0))
+        _, cached = model.apply(variables, encoded, enc, start, decode=True, max_decode_length=cache_length,
+                                method=model.decode, mutable=["cache"])
+        return step(cached["cache"], start, jnp.int32(0))
 
     def step(cache, tokens, position):
-        logits, variables = model.apply({"params": params, "cache": cache}, None, enc, tokens, decode=True,
-                                        decode_position=position, max_decode_length=cache_length,
-                                        method=model.decode, mutable=["cache"])
-        return logits[:, -1], variables["cache"]
+        logits, cached = model.apply({**variables, "cache": cache}, None, enc, tokens, decode=True,
+                                     decode_position=position, max_decode_length=cache_length,
+                                     method=model.decode, mutable=["cache"])
+        return logits[:, -1], cached["cache"]
 
     return _StepFn(init, step, jnp.int32(1))
 
 
-def _decoder_only_steps(config, params, prompt_tokens, max_decode_length, repeat) -> _StepFn:
+def _decoder_only_steps(config, variables, prompt_tokens, max_decode_length, repeat) -> _StepFn:
     """Prompts are right-aligned in one block of P + 1 slots and prefilled at once ([0, x1..xn]
     after left padding); padding slots are masked out of attention, and each token's position
     is its slot minus its row's padding, so the left padding changes nothing for any position
@@ -78,16 +83,16 @@ def _decoder_only_steps(config, params, prompt_tokens, max_decode_length, repeat
     def step(cache, tokens, position):
         slots = position + jnp.arange(tokens.shape[1])  # [len]
         positions = jnp.maximum(slots[None, :] - shift[:, None], 0)  # [N, len]; padding slots are masked
-        logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True,
-                                        decode_position=position, max_decode_length=cache_len,
-                                        decoder_key_valid=key_valid, decoder_causal_attention=prefix,
-                                        decoder_positions=positions, mutable=["cache"])
-        return logits[:, -1], variables["cache"]
+        logits, cached = model.apply({**variables, "cache": cache}, tokens, decode=True,
+                                     decode_position=position, max_decode_length=cache_len,
+                                     decoder_key_valid=key_valid, decoder_causal_attention=prefix,
+                                     decoder_positions=positions, mutable=["cache"])
+        return logits[:, -1], cached["cache"]
 
     def init():
-        _, variables = model.apply({"params": params}, prefill[:, :1], decode=True, max_decode_length=cache_len,
-                                   mutable=["cache"])
-        return step(variables["cache"], prefill, jnp.int32(0))
+        _, cached = model.apply(variables, prefill[:, :1], decode=True, max_decode_length=cache_len,
+                                mutable=["cache"])
+        return step(cached["cache"], prefill, jnp.int32(0))
 
     return _StepFn(init, step, jnp.int32(p + 1))
 
@@ -249,28 +254,38 @@ def _beam_search(steps: _StepFn, batch, k, max_decode_length, alpha, style, earl
 
 @functools.partial(jax.jit, static_argnames=(
     "config", "max_decode_length", "method", "num_beams", "length_penalty", "length_penalty_style",
-    "early_stopping", "temperature", "top_k", "top_p", "decoder_only"))
-def _generate(config, params, inputs, seed, *, max_decode_length, method, num_beams, length_penalty,
-              length_penalty_style, early_stopping, temperature, top_k, top_p, decoder_only):
+    "early_stopping", "temperature", "top_k", "top_p", "decoder_only", "card_spec"))
+def _generate(config, params, inputs, seed, card_table, card_scales, card_index, *, max_decode_length, method,
+              num_beams, length_penalty, length_penalty_style, early_stopping, temperature, top_k, top_p,
+              decoder_only, card_spec):
     batch = inputs.shape[0]
     repeat = num_beams if method == "beam" else 1
     make_steps = _decoder_only_steps if decoder_only else _encoder_decoder_steps
-    steps = make_steps(config, params, inputs, max_decode_length, repeat)
-    if method == "beam":
-        return _beam_search(steps, batch, num_beams, max_decode_length, length_penalty, length_penalty_style,
-                            early_stopping, _cache_batch_axis(config))
-    return _sample_or_greedy(steps, batch, max_decode_length, method == "greedy", temperature, top_k, top_p, seed)
+    variables = {"params": params}
+    cards = contextlib.nullcontext()
+    if card_spec is not None:  # every row (beams next to each other) uses its example's card
+        variables[lora.COLLECTION] = card_table
+        cards = lora.adapted(card_spec, jnp.repeat(card_index, repeat), card_scales)
+    with cards:  # active while the loops below are traced
+        steps = make_steps(config, variables, inputs, max_decode_length, repeat)
+        if method == "beam":
+            return _beam_search(steps, batch, num_beams, max_decode_length, length_penalty, length_penalty_style,
+                                early_stopping, _cache_batch_axis(config))
+        return _sample_or_greedy(steps, batch, max_decode_length, method == "greedy", temperature, top_k, top_p,
+                                 seed)
 
 
 def generate(config: T5Config, params, encoder_input_tokens, *, max_decode_length: int, method: str = "greedy",
              num_beams: int = 4, length_penalty: float = 1.0, length_penalty_style: str = "hf",
              early_stopping=True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             decoder_only: bool = False) -> Tuple[jax.Array, jax.Array]:
+             decoder_only: bool = False, cards: Optional[lora.CardTable] = None,
+             card_index=None) -> Tuple[jax.Array, jax.Array]:
     """Decodes a batch -> (tokens int32 [B, max_decode_length], 0 after EOS; scores float32 [B]).
 
     method: 'greedy', 'beam' (best of `num_beams`; score = sum log-prob / length penalty) or
     'sample' (temperature / top_k / top_p, seeded; score = the model's log-probability).
     `decoder_only`: `encoder_input_tokens` are prompts of a DecoderOnly model ([B, P], right-padded).
+    `cards` (lora.stack_cards) with `card_index` [B] (< 0: no card): each example decodes with its own card.
     """
     if method not in METHODS:
         raise UserError(f"unknown decoding method {method!r}; choose from {', '.join(METHODS)}")
@@ -283,7 +298,13 @@ def generate(config: T5Config, params, encoder_input_tokens, *, max_decode_lengt
     if length_penalty_style not in ("hf", "t5x"):
         raise UserError(f"length_penalty_style must be 'hf' or 't5x', got {length_penalty_style!r}")
     inputs = jnp.asarray(np.asarray(encoder_input_tokens), jnp.int32)
-    return _generate(config, params, inputs, jnp.int32(seed), max_decode_length=int(max_decode_length),
+    if cards is not None:
+        card_index = np.zeros(len(inputs), np.int32) if card_index is None else np.asarray(card_index, np.int32)
+        if card_index.shape != (len(inputs),) or card_index.max(initial=-1) >= len(cards.scales):
+            raise UserError(f"card_index must hold one card number < {len(cards.scales)} (or -1) per example")
+    table, scales = (cards.table, cards.scales) if cards is not None else (None, None)
+    return _generate(config, params, inputs, jnp.int32(seed), table, scales, card_index,
+                     card_spec=cards.spec if cards is not None else None, max_decode_length=int(max_decode_length),
                      method=method, num_beams=int(num_beams), length_penalty=float(length_penalty),
                      length_penalty_style=length_penalty_style, early_stopping=early_stopping,
                      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),

@@ -48,14 +48,17 @@ def _fill_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_decode_length: int,
-                   decoder_only: bool = False, progress=None, **decode_kwargs):
-    """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N])."""
+                   decoder_only: bool = False, progress=None, cards=None, card_index=None, **decode_kwargs):
+    """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N]).
+
+    `cards` (a lora.CardTable) and `card_index` [N]: example i decodes with card card_index[i] (< 0: none)."""
     tokens, scores = [], []
     for start in range(0, len(inputs), batch_size):
         n = len(inputs[start:start + batch_size])
         chunk = _fill_batch(inputs[start:start + batch_size], batch_size)
+        index = None if cards is None else _fill_batch(np.asarray(card_index)[start:start + batch_size], batch_size)
         out, score = generate(config, params, chunk, max_decode_length=max_decode_length,
-                              decoder_only=decoder_only, **decode_kwargs)
+                              decoder_only=decoder_only, cards=cards, card_index=index, **decode_kwargs)
         tokens.append(np.asarray(out)[:n])
         scores.append(np.asarray(score)[:n])
         if progress is not None:
@@ -172,11 +175,12 @@ def _continues_text(config, decoder_only: bool) -> bool:
 
 def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: int = 128,
                  batch_size: int = 32, max_decode_length: int = 64, strict: bool = False,
-                 decoder_only: bool = False, progress=None, **decode_kwargs) -> List[dict]:
+                 decoder_only: bool = False, progress=None, cards=None, card_index=None,
+                 **decode_kwargs) -> List[dict]:
     """Raw input texts -> [{'input', 'output', 'score'}] in order (what `t5lite infer` writes).
 
     A blank input gets an empty output and no score (it is not decoded), so output line k always
-    answers input line k."""
+    answers input line k. `cards` / `card_index` (one per text): see decode_batches."""
     texts = list(texts)
     real = [i for i, t in enumerate(texts) if t.strip()]
     eos = None if _continues_text(config, decoder_only) else vocab.eos_id
@@ -185,8 +189,10 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(texts), input_length)
+    index = None if cards is None else np.asarray(card_index, np.int32)[real]
     out, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
-                                 decoder_only=decoder_only, progress=progress, **decode_kwargs)
+                                 decoder_only=decoder_only, progress=progress, cards=cards, card_index=index,
+                                 **decode_kwargs)
     records = [dict(input=t, output="", score=None) for t in texts]
     for i, row, score in zip(real, out, scores):
         records[i].update(output=vocab.decode(row), score=float(score))

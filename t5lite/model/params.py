@@ -100,3 +100,22 @@ def scan_params(params: Params, layers_per_block: int = 1) -> Params:
             tree["layers"] = {f"layer_{j}": stack_of(layers[j::layers_per_block]) for j in range(layers_per_block)}
         params[stack] = tree
     return params
+
+
+def flat_paths(tree, prefix: str = "") -> Dict[str, np.ndarray]:
+    """{"encoder/layers_0/mlp/wo/kernel": leaf, ...} of a nested dict (the inverse of nest_paths)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat_paths(value, f"{prefix}{key}/") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def nest_paths(flat: Dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree

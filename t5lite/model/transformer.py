@@ -126,7 +126,7 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
                                               layer_kwargs=tuple(sorted(layer_kwargs.items())))
     scanned = nn.scan(
         step,
-        variable_axes={"params": 0, "cache": 0, "aux_loss": 0},
+        variable_axes={"params": 0, "cache": 0, "aux_loss": 0, "lora": 0},  # lora: adapter cards (model/lora.py)
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),
         length=num_layers // block,

@@ -24,6 +24,7 @@ from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, abstract_params, get_config
 from t5lite.train import losses, partitioning
+from t5lite.train.cards import CardTraining, prepare_card_training
 from t5lite.train.checkpoint import check_fits, checkpoint_meta, flat_shapes, load_any_params, stored_model
 from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device
 from t5lite.train.optimizers import make_optimizer
@@ -229,6 +230,7 @@ class Run:
     """Everything the loop needs, checked. `data` is rewound to the start (a restore moves it)."""
 
     model_dir: str
+    task: str
     config: T5Config
     vocab: Vocabulary
     decoder_only: bool
@@ -248,13 +250,21 @@ class Run:
     keep_checkpoints: int
     keep_period: Optional[int]
     peer_timeout_s: Optional[float]
+    card: Optional[CardTraining] = None  # an adapter-card run: only the card trains (t5lite/train/cards.py)
 
     def next_batch(self) -> dict:
         """The next global batch, sharded over the mesh (this process supplies its rows)."""
         return partitioning.global_batch_from_local(next(self.data), self.mesh, self.rules, self.batch_size)
 
     def checkpoint_meta(self, operative_gin: str) -> dict:
-        return checkpoint_meta(self.config, operative_gin, self.vocab.serialized_model, self.decoder_only)
+        meta = checkpoint_meta(self.config, operative_gin, self.vocab.serialized_model, self.decoder_only)
+        return {**meta, "card": self.card.meta()} if self.card is not None else meta
+
+    def saved(self, step: int, state: TrainState, operative_gin: str) -> None:
+        """After each checkpoint: a card run also rewrites model_dir/card, the card alone."""
+        if self.card is not None:
+            self.card.write(self.model_dir, step, state.params, self.config, self.decoder_only, self.task,
+                            operative_gin)
 
 
 def _first_batch(iterator, what: str) -> None:
@@ -276,7 +286,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             keep_period,
             log_period: int, eval_period, eval_batches: int, eval_split: str, init_checkpoint, peak_flops,
             progress, peer_timeout_s, loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
-            teacher_checkpoint: Optional[str] = None) -> Run:
+            teacher_checkpoint: Optional[str] = None, adapter=None) -> Run:
     """Checks every setting and builds the run; raises UserError on the first mistake, writes nothing."""
     if not model_dir:
         raise UserError("set --model_dir (or MODEL_DIR in a gin file)")
@@ -327,10 +337,26 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
             raise UserError(f"the {eval_split} split of task {task_obj.name!r} is empty; add data or set "
                             "EVAL_PERIOD = None")
         _first_batch(batches(eval_split, False, 1), f"the {eval_split} split of task {task_obj.name!r}")
-        eval_fn = lambda params: evaluate_loss(steps.eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
+        eval_fn = lambda params: evaluate_loss(eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
                                                mesh, rules, batch_size)
 
+    card = None
+    if adapter is not None:  # train a LoRA card on the frozen init_checkpoint
+        if loss != "cross_entropy" or teacher_checkpoint:
+            raise UserError(f"an adapter card trains with the cross_entropy loss only, not {loss!r} with a teacher; "
+                            "drop train.adapter, or train.loss / train.teacher_checkpoint")
+        card = prepare_card_training(adapter, config=config, decoder_only=decoder_only, module=steps.module,
+                                     optimizer=opt, mesh=mesh, rules=rules, base_shardings=shardings.params,
+                                     init_checkpoint=init_checkpoint, model_dir=model_dir, seed=seed,
+                                     num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+                                     loss_normalizing_factor=loss_normalizing_factor)
+        log.info("adapter card: %d trainable parameters, %.3f%% of the base's %d", card.num_params,
+                 100.0 * card.num_params / card.base_params, card.base_params)
+    eval_step = card.eval_step if card else steps.eval_step
+
     def initial_state() -> TrainState:
+        if card is not None:
+            return card.initial_state()
         state = partitioning.init_train_state(config, opt, mesh, rules, jax.random.key(seed), decoder_only)
         if init_checkpoint:
             _, params = load_any_params(init_checkpoint, config)
@@ -350,10 +376,12 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                        tokens_per_step=batch_size * sum(lengths), num_devices=jax.device_count(), peak_flops=peak,
                        is_primary=jax.process_index() == 0, progress=progress)
 
-    return Run(model_dir=model_dir, config=config, vocab=vocab, decoder_only=decoder_only, mesh=mesh, rules=rules,
-               abstract_state=partitioning.abstract_train_state(config, opt, shardings, decoder_only),
-               initial_state=initial_state, train_step=steps.train_step, data=data, batch_size=batch_size, evaluate=eval_fn,
-               monitor=monitor,
+    abstract_state = card.abstract_state if card else partitioning.abstract_train_state(config, opt, shardings,
+                                                                                         decoder_only)
+    return Run(model_dir=model_dir, task=task, config=config, vocab=vocab, decoder_only=decoder_only, mesh=mesh,
+               rules=rules, abstract_state=abstract_state, initial_state=initial_state,
+               train_step=card.train_step if card else steps.train_step, data=data, batch_size=batch_size,
+               evaluate=eval_fn, monitor=monitor,
                train_steps=train_steps, log_period=log_period, eval_period=eval_period,
                checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
-               peer_timeout_s=peer_timeout_s)
+               peer_timeout_s=peer_timeout_s, card=card)

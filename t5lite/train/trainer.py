@@ -56,7 +56,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
           keep_period: Optional[int] = None, async_checkpoints: bool = True, log_period: int = 10,
           eval_period: Optional[int] = None, eval_batches: int = 10, eval_split: str = "validation",
           init_checkpoint: Optional[str] = None, peak_flops: Optional[float] = None, progress: Optional[str] = None,
-          peer_timeout_s: Optional[float] = 600.0, operative_gin: str = "",
+          peer_timeout_s: Optional[float] = 600.0, adapter=None, operative_gin: str = "",
           write_configs: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
     """Trains `model` on `task` for `train_steps` global steps; returns the last logged metrics.
 
@@ -71,6 +71,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
     long (a dead peer). `write_configs(model_dir)` is called once the run holds model_dir (the
     CLI writes config.gin / operative_config.gin there).
+    `adapter` (a t5lite.model.lora.LoraConfig): train only a LoRA card on the frozen `init_checkpoint`;
+    checkpoints hold the card and its optimizer state, and model_dir/card is the card alone.
     """
     preemption = Preemption()  # first: SIGTERM during start-up also exits cleanly
     try:
@@ -86,7 +88,8 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             keep_checkpoints=keep_checkpoints,
             keep_period=keep_period, log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
             eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
-            peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint)
+            peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint,
+            adapter=adapter)
         with _lock(model_dir):
             return _train(run, preemption, operative_gin, write_configs, async_checkpoints)
     finally:
@@ -204,6 +207,7 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
         if step % run.checkpoint_period == 0 or step == run.train_steps or stop:
             _check_finite(_host_metrics(metrics), step, last_saved)
             checkpointer.save(step, state, run.data, meta)
+            run.saved(step, state, meta["gin"])
             last_saved = step
     if stop:
         log.warning("preempted: saved step %d, exiting", step)

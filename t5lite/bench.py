@@ -263,8 +263,8 @@ def train_benchmark(model: str = "tiny", batch_size: int = 8, input_length: int 
     theoretical = peak_flops_per_device(first["device_kind"], override=peak_flops) * first["devices"]
     measured = statistics.median(r["matmul_flops"] for r in results["train-t5lite"])
     step = _summary(ours)
-    row = dict(model=model, batch=batch_size, lengths=f"{input_length}/{target_length}", optimizer=optimizer,
-               dropout=dropout, rounds=rounds, step_s=step, compile_s=first["compile_s"],
+    row = dict(model=model, overrides=overrides, batch=batch_size, lengths=f"{input_length}/{target_length}",
+               optimizer=optimizer, dropout=dropout, rounds=rounds, step_s=step, compile_s=first["compile_s"],
                tokens_per_sec=batch_size * (input_length + target_length) / step["median"],
                mfu_theoretical=flops / step["median"] / theoretical, mfu_matmul=flops / step["median"] / measured,
                matmul_gflops=measured / 1e9, theoretical_gflops=theoretical / 1e9, devices=first["devices"],

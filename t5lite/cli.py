@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the same on both sides (HF: torch AdamW or transformers' Adafactor)")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
-    p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="T5Config field for t5lite (repeatable), e.g. --override scan_layers=True")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="T5Config field for every model (repeatable), e.g. --set position_scheme=rope")
     p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch)")

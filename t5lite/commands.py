@@ -209,7 +209,7 @@ def _overrides(pairs) -> dict:
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise UserError(f"--override {pair!r} needs FIELD=VALUE, e.g. --override scan_layers=True")
+            raise UserError(f"--set {pair!r} needs FIELD=VALUE, e.g. --set num_kv_heads=2")
         name, value = pair.split("=", 1)
         try:
             out[name.strip()] = ast.literal_eval(value)
@@ -223,7 +223,7 @@ def bench_train(args) -> None:
     rows = [train_benchmark(model, args.batch_size, args.input_length, args.target_length, args.steps,
                             rounds=args.rounds, optimizer=args.optimizer, dropout=args.dropout,
                             with_hf=args.with_hf, vocab_size=args.vocab_size, peak_flops=args.peak_flops,
-                            overrides=_overrides(args.override))
+                            overrides=_overrides(args.set))
             for model in args.models]
     _write_json(args.json, rows)
 

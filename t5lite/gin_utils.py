@@ -5,12 +5,15 @@ What differs from plain gin, on purpose:
   then to the working directory, so run files include each other by relative path.
 - `--gin.NAME=VALUE` takes unquoted strings where unambiguous (`--gin.MIXTURE_OR_TASK_NAME=wmt`).
 - A typo in a binding fails with the closest valid names instead of a stack trace.
+- `import my_module` (gin's import statement, e.g. a module that registers an attention class)
+  finds modules next to the gin files and in the working directory as well as on sys.path.
 Files and flags apply in order, so the last file and flag win.
 """
 
 import difflib
 import os
 import re
+import sys
 import traceback
 from typing import List, Optional, Sequence, Tuple
 
@@ -177,8 +180,12 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), model_dir: Opt
     if model_dir is not None:
         lines.append((f"MODEL_DIR = {model_dir!r}", "--model_dir", 0))
     lines += [(_as_gin_binding(b), f"--gin.{b}", 0) for b in bindings]
+    _add_import_paths([os.path.dirname(os.path.abspath(p)) for p in gin_files] + [os.getcwd()])
     try:
         gin.parse_config("\n".join(text for text, _, _ in lines))
+    except ImportError as e:
+        raise UserError(f"gin: {e}; put the module next to the gin file, in the working directory or on "
+                        "PYTHONPATH") from None
     except (ValueError, KeyError, SyntaxError, TypeError, NameError) as e:
         raise _friendly(e, _where(lines, e)) from None
 
@@ -188,6 +195,13 @@ def _raised_by_gin(error: BaseException) -> bool:
     unknown reference), False when the configured function itself raised."""
     frames = traceback.extract_tb(error.__traceback__)
     return bool(frames) and os.path.dirname(frames[-1].filename) == os.path.dirname(gin.config.__file__)
+
+
+def _add_import_paths(directories: Sequence[str]) -> None:
+    """Lets gin's `import my_module` find user modules beside the run files (after installed packages)."""
+    for directory in directories:
+        if directory not in sys.path:
+            sys.path.append(directory)
 
 
 def call_configured(fn):

@@ -17,7 +17,7 @@ def test_train_benchmark_alternates_processes_and_reports_throughput_and_mfu():
 
 
 @pytest.mark.slow
-def test_train_benchmark_takes_t5lite_variants_and_adafactor():
+def test_train_benchmark_compares_adafactor_with_hf():
     row = train_benchmark("tiny", batch_size=2, input_length=16, target_length=8, steps=1, rounds=1,
                           optimizer="adafactor", with_hf=True, overrides={"scan_layers": True})
     assert row["step_s"]["n"] == 1 and row["hf_step_s"]["n"] == 1
@@ -33,3 +33,21 @@ def test_decode_benchmark_times_t5lite_and_hf():
 def test_data_benchmark_counts_tokens():
     result = data_benchmark(batch_size=4, input_length=64, num_batches=3)
     assert result["batches_per_s"] > 0 and result["tokens_per_s"] > 4 * 64
+
+
+def test_bench_train_set_parses_config_overrides():
+    from t5lite.commands import _overrides as _config_overrides
+    from t5lite.errors import UserError
+    assert _config_overrides(["position_scheme=rope", "num_kv_heads=2", "attention_logit_softcap=50.0",
+                              "qk_norm=True", "mlp_activations=('relu',)"]) == dict(
+        position_scheme="rope", num_kv_heads=2, attention_logit_softcap=50.0, qk_norm=True, mlp_activations=("relu",))
+    with pytest.raises(UserError, match="FIELD=VALUE"):
+        _config_overrides(["num_kv_heads"])
+
+
+@pytest.mark.slow
+def test_train_benchmark_takes_an_ablation():
+    row = train_benchmark("tiny", batch_size=2, input_length=16, target_length=8, steps=1, rounds=1,
+                          overrides={"mlp": "moe", "num_experts": 4, "num_kv_heads": 2})
+    assert row["overrides"] == {"mlp": "moe", "num_experts": 4, "num_kv_heads": 2}
+    assert 0 < row["mfu_theoretical"] < 1

@@ -6,7 +6,7 @@ import pytest
 from tests.hf_reference import hf_logits, load_hf, make_hf_checkpoint, random_batch
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.model import EncoderDecoder, init_params
-from t5lite.model.attention import relative_position_bucket
+from t5lite.model.positions import relative_position_bucket
 
 import jax
 

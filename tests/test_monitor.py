@@ -48,6 +48,31 @@ def test_flops_closed_form_single_layer_toy():
     assert model_flops_per_step(_toy(), 2, 3, 2, decoder_only=True, training=False) == 2 * 2 * dec_only == 4720
 
 
+def test_flops_closed_form_grouped_query_attention_and_experts():
+    # D=4, 2 heads x 3 -> A=6; one kv head -> Akv=3; F=5, relu; MoE: 3 experts, top-2. Per token:
+    mlp = 4 * 3 + 2 * (4 * 5 + 5 * 4)  # router + 2 experts                       = 92
+    proj = 2 * 4 * 6 + 2 * 4 * 3  # q, o at full width; k, v at one kv head          = 72
+    enc = 3 * (proj + mlp) + 2 * 3 * 3 * 6  # 3 tokens, scores + sum               = 600
+    dec = 2 * (proj + mlp) + 2 * 2 * 2 * 6  # self-attention block over 2 tokens   = 376
+    dec += 2 * (2 * 4 * 6) + 3 * (2 * 4 * 3) + 2 * 2 * 3 * 6  # cross q, o; k, v of 3 encoder tokens; scores = 240
+    logits = 2 * 4 * 10  # = 80
+    cfg = _toy(num_kv_heads=1, mlp="moe", num_experts=3, experts_per_token=2)
+    assert model_flops_per_step(cfg, 2, 3, 2, training=False) == 2 * 2 * (enc + dec + logits) == 2 * 2 * 1296
+    # MoE only in every 2nd layer: the one layer per stack here is dense again.
+    dense_mlp = 4 * 5 + 5 * 4
+    assert model_flops_per_step(cfg.replace(moe_every=2), 2, 3, 2, training=False) == 2 * 2 * (
+        1296 - (3 + 2) * (mlp - dense_mlp))
+
+
+def test_grouped_query_flops_match_xla_cost_analysis():
+    cfg = get_config("tiny", num_kv_heads=1, position_scheme="rope")
+    model, params = EncoderDecoder(cfg), init_params(cfg, jax.random.key(0))
+    enc, dec = jnp.ones((2, 32), jnp.int32), jnp.ones((2, 16), jnp.int32)
+    forward = lambda p, e, d: model.apply({"params": p}, encoder_input_tokens=e, decoder_input_tokens=d)  # noqa: E731
+    ratio = _xla_flops(forward, params, enc, dec) / model_flops_per_step(cfg, 2, 32, 16, training=False)
+    assert 1.0 <= ratio < 1.1, ratio
+
+
 def _xla_flops(fn, *args):
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

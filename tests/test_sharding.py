@@ -19,10 +19,12 @@ XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimizatio
              "--xla_llvm_disable_expensive_passes=true")
 
 
-def _run_script(*meshes) -> dict:
+def _run_script(*meshes, overrides=None) -> dict:
+    """`overrides`: T5Config fields applied to the tiny model (an ablation variant)."""
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
     arg = json.dumps([list(m) for m in meshes])
-    proc = subprocess.run([sys.executable, __file__, arg], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, arg, json.dumps(overrides or {})], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -53,6 +55,20 @@ def test_data_fsdp_tensor_mesh_matches_one_device():
     # Adafactor's factored moments of wi_0 [embed, mlp]: v_row [embed], v_col [mlp] keep their dim's axes.
     assert specs["v_row_wi_0"] == ["fsdp"] and specs["v_col_wi_0"] == ["tensor"]
     assert result["2x2x2"]["wi_0_shard_shape"] == [32, 64]  # each device holds 1/(fsdp * tensor) of [64, 128]
+
+
+@pytest.mark.slow
+def test_grouped_query_and_mixture_of_experts_model_matches_one_device():
+    """RoPE + GQA (2 kv heads) + an MoE MLP (4 experts, every other layer, z-loss) trains alike on 1 and 8 devices."""
+    result = _run_script((2, 2, 2), overrides=dict(position_scheme="rope", num_kv_heads=2, mlp="moe", num_experts=4,
+                                                   moe_every=2, moe_router_z_loss_weight=1e-3))
+    _check_losses_match(result, ["2x2x2"])  # the losses include the auxiliary losses, and fall
+    for name in ("1x1x1", "2x2x2"):
+        assert result[name]["aux_losses"][0] > 0
+    specs = result["2x2x2"]["all_specs"]
+    assert specs["decoder/layers_0/self_attention/key/kernel"] == ["fsdp", "tensor", None]  # [embed, kv_heads, kv]
+    assert specs["decoder/layers_1/mlp/expert/wi_0/kernel"] == ["fsdp", None, "tensor"]  # [expert, embed, mlp]
+    assert specs["decoder/layers_1/mlp/router/kernel"] == [None, "fsdp"]  # [embed, expert]
 
 
 @pytest.mark.slow
@@ -164,14 +180,14 @@ def _spec(array) -> list:
     return [s if s is None or isinstance(s, str) else list(s) for s in spec]
 
 
-def _setup():
+def _setup(overrides=None):
     """The tiny model (with dropout), an Adafactor with factored moments, and STEPS batches of 8 rows."""
     import numpy as np
 
     from t5lite.model import get_config
     from t5lite.train import optimizers
 
-    config = get_config("tiny", dropout_rate=0.1)
+    config = get_config("tiny", dropout_rate=0.1, **(overrides or {}))
     # min_dim_size_to_factor=32 so the tiny model's matrices get factored second moments.
     optimizer = optimizers.make_optimizer("adafactor", "constant", 0.01, warmup_steps=0, min_dim_size_to_factor=32)
     rng = np.random.RandomState(0)
@@ -207,12 +223,15 @@ def _train(config, optimizer, batches, mesh, local_rows=slice(None)) -> dict:
         v_row_wi_0=_spec(factored.v_row["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]),
         v_col_wi_0=_spec(factored.v_col["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"])),
         wi_0_shard_shape=list(params["mlp"]["wi_0"]["kernel"].addressable_shards[0].data.shape),
-        losses=[], grad_norms=[])
+        all_specs={jax.tree_util.keystr(path, simple=True, separator="/"): _spec(x)
+                   for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]},
+        losses=[], grad_norms=[], aux_losses=[])
     for batch in batches:
         local = {k: v[local_rows] for k, v in batch.items()}
         state, metrics = train(state, partitioning.global_batch_from_local(local, mesh, rules))
         record["losses"].append(float(metrics["loss"]))
         record["grad_norms"].append(float(metrics["grad_norm"]))
+        record["aux_losses"].append(float(metrics.get("aux_loss", 0.0)))
     evaluate = step.make_eval_step(EncoderDecoder(config), mesh, rules, shardings.params)
     local = {k: v[local_rows] for k, v in batches[0].items()}
     sums = evaluate(state.params, partitioning.global_batch_from_local(local, mesh, rules))
@@ -220,13 +239,13 @@ def _train(config, optimizer, batches, mesh, local_rows=slice(None)) -> dict:
     return record
 
 
-def _main_meshes(meshes):
+def _main_meshes(meshes, overrides):
     import jax
     import numpy as np
 
     from t5lite.train import partitioning
 
-    config, optimizer, batches = _setup()
+    config, optimizer, batches = _setup(overrides)
     out = {}
     for shape in [(1, 1, 1)] + [tuple(m) for m in meshes]:
         mesh = partitioning.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
@@ -257,4 +276,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "process":
         _main_process(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        _main_meshes(json.loads(sys.argv[1]))
+        _main_meshes(json.loads(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})

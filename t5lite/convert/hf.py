@@ -164,10 +164,27 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
     return cfg, _nest(flat)
 
 
+# Ablation fields and the only value of each that HF's T5 has (T5ForConditionalGeneration).
+_HF_T5_ARCHITECTURE = dict(position_scheme="t5_relative_bias", attention="multi_head", qk_norm=False,
+                           attention_logit_softcap=None, norm="rms_norm", norm_layout="pre", mlp="dense")
+
+
+def check_hf_representable(cfg: T5Config) -> None:
+    """One-line UserError naming every setting of `cfg` that HF's T5 cannot represent."""
+    unsupported = [f"{name}={getattr(cfg, name)!r}" for name, value in _HF_T5_ARCHITECTURE.items()
+                   if getattr(cfg, name) != value]
+    if cfg.kv_heads != cfg.num_heads:
+        unsupported.append(f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention)")
+    if cfg.mlp_activations not in _ACTIVATIONS_TO_HF:
+        unsupported.append(f"mlp_activations={cfg.mlp_activations}")
+    if unsupported:
+        raise UserError(f"HF transformers' T5 cannot represent {', '.join(unsupported)}; only models with T5's "
+                        "architecture (relative position bias, multi-head attention, pre-RMSNorm, dense MLP) convert")
+
+
 def config_to_hf(cfg: T5Config) -> dict:
     """An HF config.json dict that transformers 4 and 5 read as this architecture."""
-    if cfg.mlp_activations not in _ACTIVATIONS_TO_HF:
-        raise UserError(f"mlp_activations {cfg.mlp_activations} have no HF T5 equivalent")
+    check_hf_representable(cfg)
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,

@@ -58,9 +58,10 @@ def _encoder_decoder_steps(config, params, encoder_input_tokens, max_decode_leng
 
 
 def _decoder_only_steps(config, params, prompt_tokens, max_decode_length, repeat) -> _StepFn:
-    """Prompts are left-aligned to one length P and prefilled at once ([0, x1..xn]); padding
-    slots are masked out of attention, and relative attention only sees offsets, so the left
-    padding changes nothing."""
+    """Prompts are right-aligned in one block of P + 1 slots and prefilled at once ([0, x1..xn]
+    after left padding); padding slots are masked out of attention, and each token's position
+    is its slot minus its row's padding, so the left padding changes nothing for any position
+    scheme (relative ones only see offsets anyway)."""
     model = DecoderOnly(config)
     prompts = jnp.repeat(prompt_tokens, repeat, axis=0)  # [N, P] right-padded
     n, p = prompts.shape
@@ -75,10 +76,12 @@ def _decoder_only_steps(config, params, prompt_tokens, max_decode_length, repeat
     prefix = jnp.logical_and(key_valid, slots[None, :] <= p)  # the prompt block is the prefix
 
     def step(cache, tokens, position):
+        slots = position + jnp.arange(tokens.shape[1])  # [len]
+        positions = jnp.maximum(slots[None, :] - shift[:, None], 0)  # [N, len]; padding slots are masked
         logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True,
                                         decode_position=position, max_decode_length=cache_len,
                                         decoder_key_valid=key_valid, decoder_causal_attention=prefix,
-                                        mutable=["cache"])
+                                        decoder_positions=positions, mutable=["cache"])
         return logits[:, -1], variables["cache"]
 
     def init():

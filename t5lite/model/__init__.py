@@ -1,11 +1,12 @@
-"""The T5 model: config and presets, linen modules, parameter utilities."""
+"""The T5 model: config and presets, linen modules, parameter utilities, the module registry."""
 
 from t5lite.model.config import PRESETS, T5Config, get_config
 from t5lite.model.params import (abstract_params, count_params, init_params, logical_axes, param_shapes,
                                  scan_params, unscan_params)
+from t5lite.model.registry import register
 from t5lite.model.transformer import DecoderOnly, EncoderDecoder
 
 __all__ = [
     "PRESETS", "T5Config", "get_config", "EncoderDecoder", "DecoderOnly", "init_params", "abstract_params",
-    "logical_axes", "param_shapes", "count_params", "scan_params", "unscan_params",
+    "logical_axes", "param_shapes", "count_params", "scan_params", "unscan_params", "register",
 ]

@@ -6,12 +6,14 @@ each are pinned by golden files in tests/golden/.
 """
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 from t5lite.errors import UserError
+from t5lite.model import registry
 
 REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "swish", "linear")
+NORM_LAYOUTS = ("pre", "post", "sandwich")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,28 @@ class T5Config:
     # Decoder-only models: True lets the inputs prefix attend bidirectionally (prefix LM).
     decoder_only_prefix_lm: bool = False
 
+    # --- Ablations. The defaults are T5's architecture; every name below is a registry entry
+    # (t5lite/model/registry.py), so a module of your own is one more valid value.
+    # Positions: t5_relative_bias | absolute_learned | sinusoidal | rope | alibi | none.
+    position_scheme: str = "t5_relative_bias"
+    rope_theta: float = 10_000.0
+    rope_fraction: float = 1.0  # share of each head's dims that rotate (the rest pass through)
+    max_position_embeddings: int = 512  # absolute_learned: table size, the longest sequence
+    attention: str = "multi_head"
+    num_kv_heads: Optional[int] = None  # None: num_heads (MHA); fewer: grouped-query; 1: multi-query
+    qk_norm: bool = False  # RMSNorm on each query / key head, then explicit 1/sqrt(head_dim) scaling
+    attention_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    norm: str = "rms_norm"  # rms_norm | layer_norm
+    norm_layout: str = "pre"  # one of NORM_LAYOUTS: pre (T5), post (Vaswani et al.), sandwich (pre + post)
+    mlp: str = "dense"  # dense | moe: the MLP of every `moe_every`-th layer (the others are dense)
+    moe_every: int = 1
+    num_experts: int = 8
+    experts_per_token: int = 1  # top-k routing; 1 is the Switch Transformer
+    expert_capacity_factor: float = 1.25  # training: slots per expert = ceil(factor * k * row_length / experts)
+    eval_expert_capacity_factor: Optional[float] = None  # eval / decoding; None: no capacity limit (dropless)
+    moe_load_balancing_weight: float = 0.01  # Switch's alpha
+    moe_router_z_loss_weight: float = 0.0  # ST-MoE's router z-loss (they use 1e-3)
+
     def __post_init__(self):
         # Lists from JSON/gin become tuples so the config stays hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -47,9 +71,57 @@ class T5Config:
                 raise UserError(f"unknown mlp activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"unknown remat_policy {self.remat_policy!r}; choose from {', '.join(REMAT_POLICIES)}")
-        for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "relative_attention_num_buckets"):
+        for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "relative_attention_num_buckets",
+                     "max_position_embeddings", "moe_every", "num_experts", "experts_per_token"):
             if getattr(self, name) <= 0:
                 raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+        self._check_ablation_fields()
+
+    def _check_ablation_fields(self):
+        for kind, name in (("positions", self.position_scheme), ("attention", self.attention), ("mlp", self.mlp),
+                           ("norm", self.norm)):
+            registry.get(kind, name)  # a one-line error with the valid names
+        if self.norm_layout not in NORM_LAYOUTS:
+            raise UserError(f"unknown norm_layout {self.norm_layout!r}; choose from {', '.join(NORM_LAYOUTS)}")
+        if self.num_kv_heads is not None and not (0 < self.num_kv_heads <= self.num_heads
+                                                  and self.num_heads % self.num_kv_heads == 0):
+            raise UserError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+                            "(e.g. 1 for multi-query, or None for multi-head attention)")
+        if not 0.0 < self.rope_fraction <= 1.0 or self.rotary_dim < 2:
+            raise UserError(f"rope_fraction={self.rope_fraction} must be in (0, 1] and rotate at least 2 of the "
+                            f"{self.head_dim} head dims")
+        if self.attention_logit_softcap is not None and self.attention_logit_softcap <= 0:
+            raise UserError(f"attention_logit_softcap must be positive or None, got {self.attention_logit_softcap}")
+        if self.experts_per_token > self.num_experts:
+            raise UserError(f"experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}")
+        for name in ("expert_capacity_factor", "eval_expert_capacity_factor"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+        if self.scan_layers and self.layers_per_scan_block > 1:
+            for n in (self.num_encoder_layers, self.num_decoder_layers):
+                if n % self.moe_every:
+                    raise UserError(f"scan_layers scans blocks of moe_every={self.moe_every} layers, which must "
+                                    f"divide the layer counts ({self.num_encoder_layers}, {self.num_decoder_layers}); "
+                                    "change moe_every or set scan_layers=False")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: num_kv_heads, or num_heads when it is None."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates: the even number nearest below rope_fraction * head_dim."""
+        return int(self.head_dim * self.rope_fraction) // 2 * 2
+
+    def mlp_of_layer(self, index: int) -> str:
+        """The registered MLP of layer `index` (0-based): `mlp` in every moe_every-th layer, else dense."""
+        return self.mlp if (index + 1) % self.moe_every == 0 else "dense"
+
+    @property
+    def layers_per_scan_block(self) -> int:
+        """Layers that scan_layers stacks as one block: moe_every when layers differ in their MLP, else 1."""
+        return self.moe_every if self.mlp != "dense" and self.moe_every > 1 else 1
 
     def replace(self, **overrides) -> "T5Config":
         """A copy with some fields changed; unknown names fail with the valid ones listed."""
@@ -63,6 +135,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
+        """The inverse of to_dict; fields a dict lacks (one saved before they existed) take their defaults."""
         _check_fields(d)
         return cls(**d)
 
@@ -77,6 +150,9 @@ def _check_fields(d: dict) -> None:
 _V1_0 = dict(mlp_activations=("relu",), logits_via_embedding=True, vocab_size=32128)
 _V1_1 = dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False, vocab_size=32128)
 _MT5 = dict(_V1_1, vocab_size=250112)
+# The modern encoder-decoder choices (as in T5Gemma): rotary positions instead of the relative bias,
+# grouped-query attention (3 query heads per key/value head) and QK-norm, on T5 v1.1's shapes.
+_MODERN = dict(_V1_1, position_scheme="rope", qk_norm=True)
 
 
 def _size(emb, heads, head_dim, mlp, layers):
@@ -102,6 +178,8 @@ PRESETS = {
     "t5_1_0_11b": dict(_V1_0, **_size(1024, 128, 128, 65536, 24)),
     **{f"t5_1_1_{k}": dict(_V1_1, **v) for k, v in _V1_1_SIZES.items()},
     **{f"mt5_{k}": dict(_MT5, **v) for k, v in _V1_1_SIZES.items()},
+    "modern_small": dict(_MODERN, num_kv_heads=2, **_V1_1_SIZES["small"]),
+    "modern_base": dict(_MODERN, num_kv_heads=4, **_V1_1_SIZES["base"]),
 }
 
 

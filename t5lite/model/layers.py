@@ -1,8 +1,10 @@
-"""Building blocks: token embedding, dense projections, RMSNorm and the (gated) MLP.
+"""Building blocks: token embedding, dense projections, the norms and the (gated) MLP.
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`), so
 t5lite/train/partitioning.py alone decides how it is laid out on a device mesh. Parameters
 are float32; `dtype` is the compute dtype. Names follow T5X, so checkpoints read alike.
+The norms and the MLP are registered (t5lite/model/registry.py) under the names that
+`T5Config.norm` and `T5Config.mlp` select.
 """
 
 from typing import Callable, Sequence, Tuple, Union
@@ -11,6 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from t5lite.model.config import T5Config
+from t5lite.model.registry import register
 
 Axes = Tuple[str, ...]
 Initializer = Callable[..., jax.Array]
@@ -87,20 +92,45 @@ class Embed(nn.Module):
         return jnp.einsum("bld,vd->blv", jnp.asarray(x, self.dtype), jnp.asarray(self.embedding, self.dtype))
 
 
+@register("norm", "rms_norm")
 class RMSNorm(nn.Module):
-    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32."""
+    """T5's layer norm: scale only, no mean subtraction, no bias; computed in float32.
 
-    epsilon: float = 1e-6
-    dtype: jnp.dtype = jnp.float32
+    `axis_name` is the logical name of the normalised dim ('kv' when it normalises attention heads).
+    """
+
+    config: T5Config
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],), jnp.float32)
         variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(variance + self.epsilon) * scale
-        return jnp.asarray(y, self.dtype)
+        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale
+        return jnp.asarray(y, self.config.dtype)
+
+
+@register("norm", "layer_norm")
+class LayerNorm(nn.Module):
+    """The original Transformer's norm: subtract the mean, divide by the std, scale and shift; float32."""
+
+    config: T5Config
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        axes = (self.axis_name,)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, axes), (x.shape[-1],),
+                           jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes), (x.shape[-1],),
+                          jnp.float32)
+        centered = x - jnp.mean(x, axis=-1, keepdims=True)
+        variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        y = centered * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale + bias
+        return jnp.asarray(y, self.config.dtype)
 
 
 ACTIVATION_FNS = {
@@ -115,23 +145,37 @@ ACTIVATION_FNS = {
 }
 
 
+def gate(hidden: Sequence[jax.Array], activations: Tuple[str, ...]) -> jax.Array:
+    """prod_i act_i(hidden_i): one activation is a plain MLP, several a gated one (GLU variants)."""
+    out = None
+    for h, act in zip(hidden, activations):
+        h = ACTIVATION_FNS[act](h)
+        out = h if out is None else out * h
+    return out
+
+
+def mlp_input_names(activations: Tuple[str, ...]) -> Tuple[str, ...]:
+    """T5X's names of the input projections: 'wi' alone, or wi_0, wi_1, ... when gated."""
+    return ("wi",) if len(activations) == 1 else tuple(f"wi_{i}" for i in range(len(activations)))
+
+
+@register("mlp", "dense")
 class MlpBlock(nn.Module):
     """Position-wise MLP. One activation: wo(act(wi x)); several: wo(prod_i act_i(wi_i x)) (gated)."""
 
-    mlp_dim: int
-    activations: Tuple[str, ...] = ("relu",)
-    dropout_rate: float = 0.0
-    dtype: jnp.dtype = jnp.float32
+    config: T5Config
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
         emb_dim = x.shape[-1]
-        hidden = None
-        for i, act in enumerate(self.activations):
-            name = "wi" if len(self.activations) == 1 else f"wi_{i}"
-            h = DenseGeneral(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name=name)(x)
-            h = ACTIVATION_FNS[act](h)
-            hidden = h if hidden is None else hidden * h  # [B, L, F]
+        hidden = gate([DenseGeneral(cfg.mlp_dim, ("embed", "mlp"), dtype=dtype, name=name)(x)
+                       for name in mlp_input_names(cfg.mlp_activations)], cfg.mlp_activations)  # [B, L, F]
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        hidden = nn.Dropout(self.dropout_rate)(hidden, deterministic=deterministic)
-        return DenseGeneral(emb_dim, ("mlp", "embed"), dtype=self.dtype, name="wo")(hidden)
+        hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+        return DenseGeneral(emb_dim, ("mlp", "embed"), dtype=dtype, name="wo")(hidden)
+
+    @staticmethod
+    def macs_per_token(config: T5Config) -> int:
+        """Multiply-adds per token (for FLOP counts): the input projections and wo."""
+        return (len(config.mlp_activations) + 1) * config.emb_dim * config.mlp_dim

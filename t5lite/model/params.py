@@ -1,8 +1,10 @@
 """Parameter-tree utilities: abstract shapes, counts, logical axes and scan-layout conversion.
 
 Scanned models store each stack's layers as one tree with a leading `layers` axis
-(`encoder/layers/...`); unscanned ones as `encoder/layers_0/...`, `layers_1/...`. The
-conversion is a pure restacking, so the same weights give the same logits in either layout.
+(`encoder/layers/...`); unscanned ones as `encoder/layers_0/...`, `layers_1/...`. Stacks
+scanned in blocks of k layers (an MoE MLP every k-th layer) hold `encoder/layers/layer_j/...`
+for j < k, with layer i at [i // k] of `layer_{i % k}`. The conversion is a pure restacking,
+so the same weights give the same logits in either layout.
 """
 
 import re
@@ -60,22 +62,28 @@ def count_params(params: Params) -> int:
 
 
 def unscan_params(params: Params) -> Params:
-    """encoder/layers/<leaf [N, ...]>  ->  encoder/layers_i/<leaf [...]> for each stack."""
+    """encoder/layers/<leaf [N, ...]>  ->  encoder/layers_i/<leaf [...]> for each stack (blocks too)."""
     params = dict(params)
     for stack in _STACKS:
         if stack not in params or "layers" not in params[stack]:
             continue
         tree = dict(params[stack])
         stacked = tree.pop("layers")
-        num_layers = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-        for i in range(num_layers):
-            tree[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+        blocks = sorted(k for k in stacked if re.fullmatch(r"layer_\d+", k))
+        block = [stacked[f"layer_{j}"] for j in range(len(blocks))] if blocks else [stacked]
+        num_steps = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        for i in range(num_steps * len(block)):
+            step = i // len(block)
+            tree[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, step=step: x[step], block[i % len(block)])
         params[stack] = tree
     return params
 
 
-def scan_params(params: Params) -> Params:
-    """encoder/layers_i/<leaf>  ->  encoder/layers/<leaf stacked on a new leading axis>."""
+def scan_params(params: Params, layers_per_block: int = 1) -> Params:
+    """encoder/layers_i/<leaf>  ->  encoder/layers/<leaf stacked on a new leading axis>.
+
+    `layers_per_block` > 1 (T5Config.layers_per_scan_block) stacks blocks of that many layers.
+    """
     params = dict(params)
     for stack in _STACKS:
         if stack not in params:
@@ -85,6 +93,10 @@ def scan_params(params: Params) -> Params:
         if not names:
             continue
         layers = [tree.pop(k) for k in names]
-        tree["layers"] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)
+        stack_of = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+        if layers_per_block == 1:
+            tree["layers"] = stack_of(layers)
+        else:
+            tree["layers"] = {f"layer_{j}": stack_of(layers[j::layers_per_block]) for j in range(layers_per_block)}
         params[stack] = tree
     return params

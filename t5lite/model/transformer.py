@@ -1,21 +1,24 @@
 """T5 encoder, decoder and the two top-level models, EncoderDecoder and DecoderOnly.
 
-Pre-norm residual layers (RMSNorm -> sublayer -> dropout -> add). Each stack owns one
-relative-position table shared by all its layers. With `config.scan_layers` the layers are
+Residual layers whose attention, MLP, norm and position modules are looked up by the names
+in the config (t5lite/model/registry.py): T5 is pre-norm (norm -> sublayer -> dropout -> add),
+`norm_layout` also gives post-norm and sandwich. Each stack owns one positions module (T5's
+relative-position table, shared by all its layers). With `config.scan_layers` the layers are
 one `nn.scan` over a stacked parameter tree (leading `layers` axis), which compiles once
-instead of once per layer; `t5lite.model.params.scan_params` / `unscan_params` convert.
+instead of once per layer; `t5lite.model.params.scan_params` / `unscan_params` convert. When
+the layers differ (an MoE MLP every k-th layer) the scan steps over blocks of k layers.
 """
 
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5lite.model.attention import (MultiHeadAttention, RelativePositionBias, make_attention_mask,
-                                    make_causal_mask, make_segment_mask, mask_to_bias)
+from t5lite.model import registry
+from t5lite.model.attention import make_attention_mask, make_causal_mask, make_segment_mask, mask_to_bias
 from t5lite.model.config import T5Config
-from t5lite.model.layers import BATCH_LENGTH_EMBED, DenseGeneral, Embed, MlpBlock, RMSNorm
+from t5lite.model.layers import BATCH_LENGTH_EMBED, DenseGeneral, Embed
 
 _REMAT_POLICIES = {
     "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -24,24 +27,37 @@ _REMAT_POLICIES = {
 }
 
 
+def _residual(layer: nn.Module, x: jax.Array, stem: str, sublayer) -> jax.Array:
+    """x + sublayer(x) in the config's norm layout, with the norms named like T5X's ('pre_<stem>_layer_norm').
+
+    pre: x + f(norm(x)) (T5); post: norm(x + f(x)) (Vaswani et al.); sandwich: x + norm(f(norm(x))).
+    """
+    cfg: T5Config = layer.config
+    norm = registry.get("norm", cfg.norm)
+    h = norm(cfg, name=f"pre_{stem}_layer_norm")(x) if cfg.norm_layout != "post" else x
+    h = sublayer(h)
+    if cfg.norm_layout == "sandwich":
+        h = norm(cfg, name=f"post_{stem}_layer_norm")(h)
+    x = x + nn.Dropout(cfg.dropout_rate)(h, deterministic=layer.deterministic)
+    return norm(cfg, name=f"post_{stem}_layer_norm")(x) if cfg.norm_layout == "post" else x
+
+
 class EncoderLayer(nn.Module):
-    """Self-attention then MLP, each pre-normed with a residual connection."""
+    """Self-attention then MLP, each a residual block (`_residual`)."""
 
     config: T5Config
     deterministic: bool
+    mlp_name: str = "dense"  # the registered MLP of this layer (see T5Config.mlp_of_layer)
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array):
-        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-        dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # noqa: E731
-        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-        h = MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, name="attention")(
-            h, h, bias, self.deterministic)
-        x = x + dropout(h)
-        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dtype, name="mlp")(h, self.deterministic)
-        x = nn.with_logical_constraint(x + dropout(h), BATCH_LENGTH_EMBED)  # [B, L, D]
+    def __call__(self, x: jax.Array, bias: jax.Array, rotary: Optional[Tuple[jax.Array, jax.Array]]):
+        cfg = self.config
+        attention = registry.get("attention", cfg.attention)(cfg, name="attention")
+        x = _residual(self, x, "attention", lambda h: attention(h, h, bias, self.deterministic, rotary))
+        mlp = registry.get("mlp", self.mlp_name)(cfg, name="mlp")
+        x = nn.with_logical_constraint(_residual(self, x, "mlp", lambda h: mlp(h, self.deterministic)),
+                                       BATCH_LENGTH_EMBED)  # [B, L, D]
         return (x, None) if self.scanned else x
 
 
@@ -50,28 +66,47 @@ class DecoderLayer(nn.Module):
 
     config: T5Config
     deterministic: bool
+    mlp_name: str = "dense"
     decoder_only: bool = False
     decode: bool = False  # read/write the key-value cache (see MultiHeadAttention)
     cache_length: Optional[int] = None
     scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, self_bias: jax.Array, encoded: Optional[jax.Array],
-                 cross_bias: Optional[jax.Array], decode_position: Optional[jax.Array] = None):
-        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-        dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # noqa: E731
-        attention = lambda name, is_cross: MultiHeadAttention(  # noqa: E731
-            cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dtype, is_cross=is_cross, decode=self.decode,
-            cache_length=self.cache_length, name=name)
-        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-        x = x + dropout(attention("self_attention", False)(h, h, self_bias, self.deterministic, decode_position))
+    def __call__(self, x: jax.Array, self_bias: jax.Array, rotary: Optional[Tuple[jax.Array, jax.Array]],
+                 encoded: Optional[jax.Array], cross_bias: Optional[jax.Array],
+                 decode_position: Optional[jax.Array] = None):
+        cfg = self.config
+        attention_cls = registry.get("attention", cfg.attention)
+        attention = lambda name, is_cross: attention_cls(  # noqa: E731
+            cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name)
+        self_attention = attention("self_attention", False)
+        x = _residual(self, x, "self_attention",
+                      lambda h: self_attention(h, h, self_bias, self.deterministic, rotary, decode_position))
         if not self.decoder_only:
-            h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-            x = x + dropout(attention("encoder_decoder_attention", True)(h, encoded, cross_bias, self.deterministic))
-        h = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-        h = MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dtype, name="mlp")(h, self.deterministic)
-        x = nn.with_logical_constraint(x + dropout(h), BATCH_LENGTH_EMBED)  # [B, L, D]
+            cross_attention = attention("encoder_decoder_attention", True)
+            x = _residual(self, x, "cross_attention",
+                          lambda h: cross_attention(h, encoded, cross_bias, self.deterministic))
+        mlp = registry.get("mlp", self.mlp_name)(cfg, name="mlp")
+        x = nn.with_logical_constraint(_residual(self, x, "mlp", lambda h: mlp(h, self.deterministic)),
+                                       BATCH_LENGTH_EMBED)  # [B, L, D]
         return (x, None) if self.scanned else x
+
+
+class _LayerBlock(nn.Module):
+    """`size` consecutive layers as one scan step (layer_0 .. layer_{size-1}), for stacks whose
+    layers repeat with a period (an MoE MLP every `moe_every`-th layer)."""
+
+    layer_cls: Any
+    size: int
+    layer_kwargs: Tuple[Tuple[str, Any], ...]  # what each layer is built with (config, deterministic, ...)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *args):
+        kwargs = dict(self.layer_kwargs)
+        for j in range(self.size):
+            x = self.layer_cls(**kwargs, mlp_name=kwargs["config"].mlp_of_layer(j), name=f"layer_{j}")(x, *args)
+        return x, None
 
 
 def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *args, **layer_kwargs):
@@ -81,18 +116,35 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
         layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
         for i in range(num_layers):
-            x = layer_cls(**layer_kwargs, name=f"layers_{i}", parent=parent)(x, *args)
+            x = layer_cls(**layer_kwargs, mlp_name=cfg.mlp_of_layer(i), name=f"layers_{i}", parent=parent)(x, *args)
         return x
+    block = cfg.layers_per_scan_block
+    if block == 1:
+        step, step_kwargs = layer_cls, dict(layer_kwargs, mlp_name=cfg.mlp_of_layer(0), scanned=True)
+    else:
+        step, step_kwargs = _LayerBlock, dict(layer_cls=layer_cls, size=block,
+                                              layer_kwargs=tuple(sorted(layer_kwargs.items())))
     scanned = nn.scan(
-        layer_cls,
-        variable_axes={"params": 0, "cache": 0},
+        step,
+        variable_axes={"params": 0, "cache": 0, "aux_loss": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),
-        length=num_layers,
+        length=num_layers // block,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    x, _ = scanned(**layer_kwargs, scanned=True, name="layers", parent=parent)(x, *args)
+    x, _ = scanned(**step_kwargs, name="layers", parent=parent)(x, *args)
     return x
+
+
+def _positions(cfg: T5Config, bidirectional: bool) -> nn.Module:
+    """The stack's positions module, named by its class (e.g. 'relpos_bias', T5X's name)."""
+    cls = registry.get("positions", cfg.position_scheme)
+    return cls(cfg, bidirectional, name=cls.scope_name)
+
+
+def _final_norm(cfg: T5Config, name: str, x: jax.Array) -> jax.Array:
+    """The stack's last norm; post-norm layers already end normalised, so they have none."""
+    return x if cfg.norm_layout == "post" else registry.get("norm", cfg.norm)(cfg, name=name)(x)
 
 
 class Encoder(nn.Module):
@@ -103,21 +155,20 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, segment_ids: Optional[jax.Array] = None,
-                 deterministic: bool = True) -> jax.Array:
+                 deterministic: bool = True, positions: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         length = tokens.shape[-1]
         mask = make_attention_mask(tokens > 0, tokens > 0)  # [B, 1, L, L]
         if segment_ids is not None:
             mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
-        relpos = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                      cfg.num_heads, bidirectional=True, name="relpos_bias")(length, length)
-        bias = mask_to_bias(mask) + relpos  # [B, H, L, L]
-
         x = self.token_embedder(tokens)
+        x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
+        bias = mask_to_bias(mask) if position_bias is None else mask_to_bias(mask) + position_bias  # [B, H, L, L]
+
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = _run_layers(self, EncoderLayer, cfg.num_encoder_layers, x, bias,
+        x = _run_layers(self, EncoderLayer, cfg.num_encoder_layers, x, bias, rotary,
                         config=cfg, deterministic=deterministic)
-        x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="encoder_norm")(x)
+        x = _final_norm(cfg, "encoder_norm", x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -143,11 +194,10 @@ class Decoder(nn.Module):
                  deterministic: bool = True, decode: bool = False,
                  decode_position: Optional[jax.Array] = None,
                  max_decode_length: Optional[int] = None,
-                 decoder_key_valid: Optional[jax.Array] = None) -> jax.Array:
+                 decoder_key_valid: Optional[jax.Array] = None,
+                 decoder_positions: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         length = decoder_input_tokens.shape[-1]
-        relpos_bias = RelativePositionBias(cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-                                           cfg.num_heads, bidirectional=False, name="relpos_bias")
         prefix = decoder_causal_attention if cfg.decoder_only_prefix_lm else None
         stepping = decode and decode_position is not None
         # Without targets every decoder position counts as real (token 0 is also the start token).
@@ -162,15 +212,18 @@ class Decoder(nn.Module):
                 self_mask = jnp.logical_or(self_mask, make_attention_mask(q_prefix, prefix))
             if decoder_key_valid is not None:  # e.g. left padding of prompts
                 self_mask = jnp.logical_and(self_mask, decoder_key_valid[:, None, None, :].astype(bool))
-            relpos = relpos_bias(length, max_decode_length, q_offset=decode_position)
+            key_length, query_offset = max_decode_length, decode_position
         else:
             self_mask = make_causal_mask(length, prefix)  # [1 or B, 1, T, T]
             if valid is not None:
                 self_mask = jnp.logical_and(self_mask, make_attention_mask(valid, valid))
             if decoder_segment_ids is not None:
                 self_mask = jnp.logical_and(self_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
-            relpos = relpos_bias(length, length)
-        self_bias = mask_to_bias(self_mask) + relpos  # [B, H, T, T or Lmax]
+            key_length, query_offset = length, None
+        x = self.token_embedder(decoder_input_tokens)
+        x, position_bias, rotary = _positions(cfg, bidirectional=False)(x, decoder_positions, key_length, query_offset)
+        self_bias = mask_to_bias(self_mask)  # [B, H, T, T or Lmax]
+        self_bias = self_bias if position_bias is None else self_bias + position_bias
 
         cross_bias = None
         if not self.decoder_only:
@@ -180,12 +233,11 @@ class Decoder(nn.Module):
                 cross_mask = jnp.logical_and(cross_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
             cross_bias = mask_to_bias(cross_mask)
 
-        x = self.token_embedder(decoder_input_tokens)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = _run_layers(self, DecoderLayer, cfg.num_decoder_layers, x, self_bias, encoded, cross_bias,
+        x = _run_layers(self, DecoderLayer, cfg.num_decoder_layers, x, self_bias, rotary, encoded, cross_bias,
                         decode_position, config=cfg, deterministic=deterministic,
                         decoder_only=self.decoder_only, decode=decode, cache_length=max_decode_length)
-        x = RMSNorm(cfg.layer_norm_epsilon, jnp.dtype(cfg.dtype), name="decoder_norm")(x)
+        x = _final_norm(cfg, "decoder_norm", x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if cfg.logits_via_embedding:
             # Tied embeddings: rescale so the logits keep unit-ish variance (T5 v1.0).
@@ -206,27 +258,30 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(cfg, self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
-    def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=False):
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=False, encoder_positions=None):
         """[B, L] int32 -> encoded [B, L, D]."""
-        return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic=not enable_dropout)
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, deterministic=not enable_dropout,
+                            positions=encoder_positions)
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False, decode=False,
-               decode_position=None, max_decode_length=None):
+               decode_position=None, max_decode_length=None, decoder_positions=None):
         """Decoder pass over `encoded` -> logits [B, T, V]; teacher-forced, or on a cache with `decode`."""
         return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, decoder_target_tokens,
                             encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout,
-                            decode=decode, decode_position=decode_position, max_decode_length=max_decode_length)
+                            decode=decode, decode_position=decode_position, max_decode_length=max_decode_length,
+                            decoder_positions=decoder_positions)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
                  decoder_positions=None, enable_dropout=False, **unused_features):
-        # Relative attention depends only on offsets within a segment, which equal offsets in the
-        # packed row, so the *_positions features are accepted (T5X batches carry them) but not needed.
-        del encoder_positions, decoder_positions, unused_features
-        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout)
+        """`*_positions` [B, L]: each token's position in its segment (packed rows restart at 0);
+        absent, positions are 0..L-1. Relative schemes only use offsets inside a segment."""
+        del unused_features
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
-                           encoder_segment_ids, decoder_segment_ids, enable_dropout)
+                           encoder_segment_ids, decoder_segment_ids, enable_dropout,
+                           decoder_positions=decoder_positions)
 
 
 class DecoderOnly(nn.Module):
@@ -245,11 +300,13 @@ class DecoderOnly(nn.Module):
         """`decoder_causal_attention` [B, T] marks the prefix (1) that attends bidirectionally.
 
         When decoding on a cache it covers all cache positions [B, max_decode_length], and
-        `decoder_key_valid` [B, max_decode_length] masks cache slots that hold no token (padding).
+        `decoder_key_valid` [B, max_decode_length] masks cache slots that hold no token (padding);
+        `decoder_positions` then gives the positions of the tokens fed (default decode_position..).
         """
-        del decoder_positions, unused_features
+        del unused_features
         return self.decoder(decoder_input_tokens, decoder_target_tokens=decoder_target_tokens,
                             decoder_segment_ids=decoder_segment_ids,
                             decoder_causal_attention=decoder_causal_attention,
                             deterministic=not enable_dropout, decode=decode, decode_position=decode_position,
-                            max_decode_length=max_decode_length, decoder_key_valid=decoder_key_valid)
+                            max_decode_length=max_decode_length, decoder_key_valid=decoder_key_valid,
+                            decoder_positions=decoder_positions)

@@ -154,7 +154,7 @@ def load_params(path: str, config: T5Config = None) -> Tuple[T5Config, dict]:
 def _in_layout(config: T5Config, stored: T5Config, params: dict) -> Tuple[T5Config, dict]:
     """Restacks the layers when the wanted config's scan_layers differs from the stored one."""
     if config.scan_layers != stored.scan_layers:
-        params = scan_params(params) if config.scan_layers else unscan_params(params)
+        params = scan_params(params, config.layers_per_scan_block) if config.scan_layers else unscan_params(params)
     return config, params
 
 

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import jax
 
 from t5lite.errors import UserError
+from t5lite.model import registry
 from t5lite.model.config import T5Config
 
 log = logging.getLogger(__name__)
@@ -29,38 +30,44 @@ def model_flops_per_step(config: T5Config, batch_size: int, input_length: int, t
                          decoder_only: bool = False, training: bool = True) -> float:
     """Analytic model FLOPs of one step on a [batch_size] batch: matmuls only, no remat recompute.
 
-    With D = emb_dim, A = num_heads * head_dim, F = mlp_dim, n = len(mlp_activations) (2 when
-    gated), V = vocab_size, L = input_length, T = target_length, multiply-adds per sequence are
+    With D = emb_dim, A = num_heads * head_dim, Akv = kv_heads * head_dim (A unless grouped-
+    query), V = vocab_size, L = input_length, T = target_length, and M = the MLP's multiply-adds
+    per token (dense: (n+1)*D*mlp_dim with n = len(mlp_activations), 2 when gated; MoE: the
+    router D*E plus k experts' (n+1)*D*mlp_dim; the layer's registered class tells, via its
+    `macs_per_token(config)`), multiply-adds per sequence are
 
-        encoder layer:  L * (4*D*A + (n+1)*D*F)        q, k, v, o and the MLP
+        encoder layer:  L * (2*D*A + 2*D*Akv + M)      q, o; k, v; the MLP
                         + 2 * L*L*A                     scores Q K^T and weighted sum A V
-        decoder layer:  T * (4*D*A + (n+1)*D*F)        self-attention and MLP
+        decoder layer:  T * (2*D*A + 2*D*Akv + M)      self-attention and MLP
                         + 2 * T*T*A                     self-attention scores and sum
-                        + T * 2*D*A + L * 2*D*A         cross q, o (decoder) and k, v (encoder tokens)
+                        + T * 2*D*A + L * 2*D*Akv       cross q, o (decoder) and k, v (encoder tokens)
                         + 2 * T*L*A                     cross-attention scores and sum
         logits:         T * D * V
 
-    forward = 2 * batch_size * (layers * per-layer + logits); training = 3 * forward (the backward
+    forward = 2 * batch_size * (sum over layers + logits); training = 3 * forward (the backward
     pass costs two matmuls per forward one). Attention counts the full score matrix, as the model
     computes it (no causal halving). Decoder-only: T <- L + T (prefix + targets) through the
-    decoder stack, no cross-attention, no encoder. Embedding lookups, norms, softmax and other
-    elementwise ops are not counted (XLA's count is a few percent higher).
+    decoder stack, no cross-attention, no encoder. Embedding lookups, norms, softmax, rotary /
+    ALiBi terms, MoE dispatch / combine and other elementwise ops are not counted.
     """
-    d, a, f, v = config.emb_dim, config.num_heads * config.head_dim, config.mlp_dim, config.vocab_size
-    n_in = len(config.mlp_activations)
-    dense = 4 * d * a + (n_in + 1) * d * f  # per token: attention projections + MLP
+    d, a, v = config.emb_dim, config.num_heads * config.head_dim, config.vocab_size
+    akv = config.kv_heads * config.head_dim
 
-    def self_layer(length):
-        return length * dense + 2 * length * length * a
+    def mlp_macs(layer: int) -> int:
+        cls = registry.get("mlp", config.mlp_of_layer(layer))
+        return getattr(cls, "macs_per_token", registry.get("mlp", "dense").macs_per_token)(config)
+
+    def self_layer(length, layer):
+        return length * (2 * d * a + 2 * d * akv + mlp_macs(layer)) + 2 * length * length * a
 
     if decoder_only:
         t = input_length + target_length
-        macs = config.num_decoder_layers * self_layer(t) + t * d * v
+        macs = sum(self_layer(t, i) for i in range(config.num_decoder_layers)) + t * d * v
     else:
         el, tl = input_length, target_length
-        cross = tl * 2 * d * a + el * 2 * d * a + 2 * tl * el * a
-        macs = (config.num_encoder_layers * self_layer(el)
-                + config.num_decoder_layers * (self_layer(tl) + cross) + tl * d * v)
+        cross = tl * 2 * d * a + el * 2 * d * akv + 2 * tl * el * a
+        macs = (sum(self_layer(el, i) for i in range(config.num_encoder_layers))
+                + sum(self_layer(tl, i) + cross for i in range(config.num_decoder_layers)) + tl * d * v)
     forward = 2.0 * batch_size * macs
     return 3.0 * forward if training else forward
 

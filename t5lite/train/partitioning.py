@@ -8,7 +8,10 @@ mesh axes. The mesh has three axes:
     tensor  model parallelism: splits the mlp / heads / vocab dims of each matmul
 
 A batch is split over ('data', 'fsdp'). Rule sets follow T5X / MaxText: embed -> fsdp,
-mlp / heads / vocab -> tensor, everything else (length, kv, layers, relpos buckets) replicated.
+mlp / heads / kv_heads / vocab -> tensor, everything else (length, kv, layers, relpos buckets)
+replicated. MoE experts go to fsdp (listed before embed, so an expert kernel [expert, embed,
+mlp] is split by expert there); key/value heads that do not divide the tensor axis (e.g. one
+multi-query head) are replicated by `_fit`.
 A mesh axis is used at most once per array (flax resolves rules in order), so the activations
 [batch, length, embed] keep batch on ('data', 'fsdp') and embed replicated.
 """
@@ -32,10 +35,12 @@ BATCH_MESH_AXES = ("data", "fsdp")
 # Logical names that no rule set shards.
 _REPLICATED = (("length", None), ("kv", None), ("relpos_buckets", None), ("layers", None))
 
-DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), ("mlp", None), ("heads", None)) + _REPLICATED
-FSDP = (("batch", BATCH_MESH_AXES), ("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None)) + _REPLICATED
+DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), ("mlp", None), ("heads", None),
+                 ("kv_heads", None), ("expert", None)) + _REPLICATED
+FSDP = (("batch", BATCH_MESH_AXES), ("expert", "fsdp"), ("embed", "fsdp"), ("vocab", None), ("mlp", None),
+        ("heads", None), ("kv_heads", None)) + _REPLICATED
 FSDP_TENSOR = (("batch", BATCH_MESH_AXES), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"),
-               ("embed", "fsdp")) + _REPLICATED
+               ("kv_heads", "tensor"), ("expert", "fsdp"), ("embed", "fsdp")) + _REPLICATED
 RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
 
 log = logging.getLogger(__name__)

@@ -140,7 +140,8 @@ def checkpoint_vocabulary(meta: dict) -> Optional[Vocabulary]:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_loss(eval_step, params, batches, mesh, rules, batch_size: Optional[int] = None) -> Dict[str, float]:
-    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided).
+    """Teacher-forced loss, perplexity and token accuracy over `batches` (summed, then divided); plus
+    aux_loss when the model reports auxiliary losses (e.g. MoE load balancing).
 
     Stops at the first batch without a weighted token in the whole global batch (the end of a
     finite split whose shards pad after their end): every process sees the same global sums."""
@@ -149,12 +150,13 @@ def evaluate_loss(eval_step, params, batches, mesh, rules, batch_size: Optional[
         sums = jax.device_get(eval_step(params, partitioning.global_batch_from_local(batch, mesh, rules, batch_size)))
         if float(sums["weight_sum"]) == 0:
             break
-        for k in totals:
-            totals[k] += float(sums[k])
+        for k in sums:
+            totals[k] = totals.get(k, 0.0) + float(sums[k])
     weight = max(totals["weight_sum"], 1e-9)
     loss = totals["loss_sum"] / weight
+    aux = {"aux_loss": totals["aux_loss_sum"] / weight} if "aux_loss_sum" in totals else {}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals["correct"] / weight,
-            "tokens": totals["weight_sum"]}
+            "tokens": totals["weight_sum"], **aux}
 
 
 def _take(iterator, n: int):

@@ -92,20 +92,48 @@ def _model_features(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "decoder_loss_weights"}
 
 
+AUX_LOSS = "aux_loss"  # the collection modules sow auxiliary losses into (e.g. MoE load balancing)
+
+
+def aux_losses(sown) -> Dict[str, jax.Array]:
+    """Sums what modules sowed into the 'aux_loss' collection -> {'aux_loss': total, 'aux_loss/<name>': ...}.
+
+    Every sown value counts, whatever module sowed it (a scanned stack sows one per layer).
+    Empty (a model that sows nothing) -> {}.
+    """
+    by_name: Dict[str, jax.Array] = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+        by_name[f"{AUX_LOSS}/{name}"] = by_name.get(f"{AUX_LOSS}/{name}", 0.0) + jnp.sum(value)
+    return {AUX_LOSS: sum(by_name.values()), **by_name} if by_name else {}
+
+
+def _apply_with_aux(model: nn.Module, params, batch: Batch, **kwargs):
+    """model.apply that also collects the sown auxiliary losses -> (logits, aux_losses dict)."""
+    logits, sown = model.apply({"params": params}, **_model_features(batch), mutable=[AUX_LOSS], **kwargs)
+    return logits, aux_losses(sown.get(AUX_LOSS, {}))
+
+
 # ---------------------------------------------------------------------------------------------
 # Train step: compute grads -> accumulate over microbatches -> apply grads.
 # ---------------------------------------------------------------------------------------------
 
 def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Module, z_loss: float = 0.0,
                   label_smoothing: float = 0.0):
-    """Gradient of the *summed* weighted loss of one (micro)batch -> (grads, sums dict)."""
+    """Gradient of the *summed* weighted loss of one (micro)batch -> (grads, sums dict).
+
+    Auxiliary losses the modules report count as a loss on every weighted token (added
+    x weight_sum), so after the final normalisation they add their value to the mean loss.
+    """
 
     def loss_fn(p):
-        logits = model.apply({"params": p}, **_model_features(batch), enable_dropout=True,
-                             rngs={"dropout": dropout_rng})  # [B, T, V] float32
+        logits, aux = _apply_with_aux(model, p, batch, enable_dropout=True,
+                                      rngs={"dropout": dropout_rng})  # [B, T, V] float32
         loss, z, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch),
                                                        z_loss=z_loss, label_smoothing=label_smoothing)
-        return loss, dict(loss=loss, z_loss=z, weight_sum=weight, correct=correct)
+        aux = {k: v * weight for k, v in aux.items()}
+        total = loss + aux[AUX_LOSS] if aux else loss
+        return total, dict(loss=total, z_loss=z, weight_sum=weight, correct=correct, **aux)
 
     return jax.grad(loss_fn, has_aux=True)(params)
 
@@ -140,7 +168,9 @@ def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microb
         carry_grads, carry_sums = carry
         return (constrain(jax.tree.map(jnp.add, carry_grads, grads)), jax.tree.map(jnp.add, carry_sums, sums)), None
 
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "z_loss", "weight_sum", "correct")}
+    sums_shape = jax.eval_shape(lambda: compute_grads(params, jax.tree.map(lambda x: x[0], microbatches),
+                                                      dropout_rng, **grad_kwargs)[1])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)  # incl. any aux losses
     init = (constrain(jax.tree.map(jnp.zeros_like, params)), zero_sums)
     (grads, sums), _ = jax.lax.scan(body, init, (jnp.arange(num_microbatches), microbatches))
     return grads, sums
@@ -158,9 +188,10 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
                loss_normalizing_factor: Optional[float] = None, grad_shardings=None) -> Tuple[TrainState, Metrics]:
     """One update on `batch` -> (new_state, metrics).
 
-    metrics: loss (incl. z-loss) and z_loss per weighted token (or / loss_normalizing_factor),
-    accuracy (argmax == target over weighted tokens), weight_sum, grad_norm (global, before
-    any clipping), learning_rate (of this update; NaN for an optimizer without a schedule).
+    metrics: loss (incl. z-loss and auxiliary losses) and z_loss per weighted token (or /
+    loss_normalizing_factor), accuracy (argmax == target over weighted tokens), weight_sum,
+    grad_norm (global, before any clipping), learning_rate (of this update; NaN for an optimizer
+    without a schedule), and when modules report any: aux_loss and aux_loss/<name>, normalised alike.
     """
     dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
     grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
@@ -178,18 +209,21 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
         weight_sum=sums["weight_sum"],
         grad_norm=optax.tree.norm(grads),
         learning_rate=jnp.asarray(lr_fn(state.step) if lr_fn else jnp.nan, jnp.float32),
+        **{k: v / norm for k, v in sums.items() if k.startswith(AUX_LOSS)},
     )
     return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, model: nn.Module) -> Metrics:
-    """Sums over one batch, to be added over many: loss_sum (plain CE), correct, weight_sum.
+    """Sums over one batch, to be added over many: loss_sum (plain CE), correct, weight_sum, and
+    aux_loss_sum (auxiliary losses x weight_sum) when modules report any.
 
     Mean loss = loss_sum / weight_sum, perplexity = exp(that), accuracy = correct / weight_sum.
     """
-    logits = model.apply({"params": params}, **_model_features(batch), enable_dropout=False)  # [B, T, V]
+    logits, aux = _apply_with_aux(model, params, batch, enable_dropout=False)  # [B, T, V]
     loss, _, weight, correct = _cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch))
-    return dict(loss_sum=loss, correct=correct, weight_sum=weight)
+    extra = {"aux_loss_sum": aux[AUX_LOSS] * weight} if aux else {}
+    return dict(loss_sum=loss, correct=correct, weight_sum=weight, **extra)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from t5lite.errors import UserError
 
@@ -46,7 +46,7 @@ def _csv(kind):
     return lambda text: tuple(kind(x) for x in text.split(",") if x.strip())
 
 
-def _size(text: str) -> Optional[int]:
+def _size(text: str) -> int | None:
     return None if text == "all" else int(text)
 
 
@@ -96,6 +96,7 @@ def run_stage(name: str, gin_file: str, bindings: Sequence[str], out: str, quick
     """Trains one stage exactly like `t5lite train --gin_file=... --model_dir=out/name --gin.B ...`
     (skipped when its final checkpoint exists) -> {stage, model_dir, steps, wall_s, final_loss, ...}."""
     import gin
+
     from t5lite import gin_utils
     files = [os.path.join(gin_utils.EXPERIMENTS_DIR, gin_file)]
     if quick:
@@ -164,16 +165,16 @@ def evaluate(model_dir: str, split: str, max_examples: int, args) -> dict:
     return saved
 
 
-def finetune_name(size: Optional[int], label: str, seed: int, lr: float) -> str:
+def finetune_name(size: int | None, label: str, seed: int, lr: float) -> str:
     arm = "pretrained" if label == "pretrained" else "scratch"
     return f"finetune/n{size or 'all'}/{arm}_seed{seed}_lr{lr:g}"
 
 
-def _quick_bindings(args) -> List[str]:
+def _quick_bindings(args) -> list[str]:
     return [f"TRAIN_STEPS={QUICK_STEPS['finetune']}"] if args.quick else []
 
 
-def tune_and_test(size: Optional[int], label: str, seed: int, args, learning_rates: Sequence[float],
+def tune_and_test(size: int | None, label: str, seed: int, args, learning_rates: Sequence[float],
                   extra_bindings: Sequence[str] = ()) -> dict:
     """One arm, one seed: fine-tune at every learning rate, keep the best validation chrF (ties: the
     first), decode the test verses with it. Selection never sees the test split."""
@@ -198,8 +199,8 @@ def tune_and_test(size: Optional[int], label: str, seed: int, args, learning_rat
             "test_records": test["records"], "test_wall_s": test["wall_s"]}
 
 
-def compare(size: Optional[int], args, chosen: Optional[Dict[tuple, float]] = None,
-            extra_bindings: Sequence[str] = ()) -> Dict[str, List[dict]]:
+def compare(size: int | None, args, chosen: dict[tuple, float] | None = None,
+            extra_bindings: Sequence[str] = ()) -> dict[str, list[dict]]:
     """{arm label: [tune_and_test per seed]}, seeds outermost so seed 0's pair finishes first. Each arm
     searches args.learning_rates, or uses chosen[(label, seed)] when given."""
     per_arm = {label: [] for label, _, _ in ARMS}
@@ -219,7 +220,7 @@ def spread(values: Sequence[float]) -> dict:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "values": values}
 
 
-def summarize(per_arm: Dict[str, List[dict]]) -> dict:
+def summarize(per_arm: dict[str, list[dict]]) -> dict:
     """Per arm: each metric's mean / min / max over seeds and the chosen learning rates; the chrF gain
     of pre-training (difference of means) and whether every pretrained seed beats every scratch seed."""
     arms = {label: {**{m: spread([r["test"][m] for r in runs]) for m in ("chrf", "bleu", "perplexity")},
@@ -242,19 +243,19 @@ def _cell(s: dict, digits: int = 1) -> str:
 def results_markdown(results: dict) -> str:
     summary, ev, p = results["summary"], results["eval_settings"], results["pretrain"]
     lines = [results["regime"], "",
-             f"{TASK}, {ev['num_examples']} held-out test verses, greedy decoding; mean over seeds "
+             (f"{TASK}, {ev['num_examples']} held-out test verses, greedy decoding; mean over seeds "
              f"{', '.join(map(str, results['seeds']))} (min–max); each arm's learning rate chosen per seed on "
-             f"{ev['val_examples']} validation verses from {', '.join(f'{lr:g}' for lr in results['learning_rates'])}.", "",
+             f"{ev['val_examples']} validation verses from {', '.join(f'{lr:g}' for lr in results['learning_rates'])}."), "",
              "| fine-tuned | chrF | BLEU | reference perplexity | learning rate per seed | fine-tune wall time (all runs) |",
              "|---|---:|---:|---:|---|---:|"]
     for label, arm in summary["arms"].items():
         lines.append(f"| {label} | {_cell(arm['chrf'])} | {_cell(arm['bleu'])} | {_cell(arm['perplexity'], 2)} | "
                      f"{', '.join(f'{lr:g}' for lr in arm['learning_rates'])} | {arm['train_wall_s']:.0f} s |")
     verdict = "yes" if summary["every_seed_wins"] else "no"
-    lines += ["", f"chrF gain from pre-training: {summary['chrf_gain']:+.1f} (mean over seeds); every pretrained "
-              f"seed beats every scratch seed: {verdict}.", "",
-              f"Pre-training: {p['steps']} steps of span corruption in {p['wall_s']:.0f} s (final loss "
-              f"{_fmt(p['final_loss'], 3)}), shared by every pretrained fine-tuning run.", "",
+    lines += ["", (f"chrF gain from pre-training: {summary['chrf_gain']:+.1f} (mean over seeds); every pretrained "
+              f"seed beats every scratch seed: {verdict}."), "",
+              (f"Pre-training: {p['steps']} steps of span corruption in {p['wall_s']:.0f} s (final loss "
+              f"{_fmt(p['final_loss'], 3)}), shared by every pretrained fine-tuning run."), "",
               "| stage | steps | train wall time | validation chrF | evaluation wall time |", "|---|---:|---:|---:|---:|",
               f"| pretrain | {p['steps']} | {p['wall_s']:.0f} s | | |"]
     for runs in results["runs"].values():
@@ -273,7 +274,7 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def pick_examples(per_arm: Dict[str, List[dict]], n: int = 3) -> List[dict]:
+def pick_examples(per_arm: dict[str, list[dict]], n: int = 3) -> list[dict]:
     """The first `n` test verses with a short reference (readable), whatever the predictions are (seed 0)."""
     first = {label: runs[0]["test_records"] for label, runs in per_arm.items()}
     records = first["pretrained"]
@@ -282,7 +283,7 @@ def pick_examples(per_arm: Dict[str, List[dict]], n: int = 3) -> List[dict]:
              **{label: first[label][i]["prediction"] for label in first}} for i in picked]
 
 
-def plot(out: str, pretrain_dir: str, per_arm: Dict[str, List[dict]]) -> List[str]:
+def plot(out: str, pretrain_dir: str, per_arm: dict[str, list[dict]]) -> list[str]:
     from t5lite.train.monitor import plot_metrics
     paths = [os.path.join(out, "loss_curves.png"), os.path.join(out, "finetune_vs_scratch.png")]
     chosen = {f"{label}, seed {r['seed']}, lr {r['learning_rate']:g}": os.path.join(r["model_dir"], "metrics.jsonl")
@@ -302,7 +303,7 @@ def clean(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def regime(size: Optional[int]) -> str:
+def regime(size: int | None) -> str:
     from t5lite.data import tasks
     total = tasks.get(TASK).num_examples("train")
     size = total if size is None else size

@@ -11,7 +11,6 @@ pairs are then seen less than once). Writes curve.md, curve.json and curve.png n
 import json
 import os
 import time
-from typing import Dict, List, Optional
 
 from t5lite import demo
 
@@ -19,15 +18,16 @@ OUTPUTS = ("curve.md", "curve.json", "curve.png")
 MAX_STEP_MULTIPLE = 4  # sizes above the demo's train for up to 4x the demo's fine-tuning steps
 
 
-def finetune_steps(size: Optional[int], demo_size: int, demo_steps: int, total: int) -> int:
+def finetune_steps(size: int | None, demo_size: int, demo_steps: int, total: int) -> int:
     """The demo's steps, scaled with the set size above the demo's (same epochs), capped at MAX_STEP_MULTIPLE x."""
     size = total if size is None else size
     multiple = min(max(size / demo_size, 1.0), MAX_STEP_MULTIPLE)
-    return int(round(demo_steps * multiple))
+    return round(demo_steps * multiple)
 
 
 def _demo_steps(args) -> int:
     import gin
+
     from t5lite import gin_utils
     if args.quick:
         return demo.QUICK_STEPS["finetune"]
@@ -35,9 +35,9 @@ def _demo_steps(args) -> int:
     return gin.query_parameter("%TRAIN_STEPS")
 
 
-def curve_markdown(points: List[dict], machine: str) -> str:
-    lines = [f"chrF on {points[0]['num_examples']} held-out test verses against the number of labelled pairs "
-             f"fine-tuned on; mean over seeds (min–max). {machine}", "",
+def curve_markdown(points: list[dict], machine: str) -> str:
+    lines = [(f"chrF on {points[0]['num_examples']} held-out test verses against the number of labelled pairs "
+             f"fine-tuned on; mean over seeds (min–max). {machine}"), "",
              "| labelled pairs | fine-tune steps | pretrained chrF | from-scratch chrF | gain | every seed wins |",
              "|---:|---:|---:|---:|---:|---|"]
     for p in points:
@@ -48,7 +48,7 @@ def curve_markdown(points: List[dict], machine: str) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(points: List[dict], out_png: str) -> None:
+def plot_curve(points: list[dict], out_png: str) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -66,7 +66,7 @@ def plot_curve(points: List[dict], out_png: str) -> None:
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
 
 
-def run(args) -> List[dict]:
+def run(args) -> list[dict]:
     """The demo at args.train_size (grid search), then every other size with the chosen rates."""
     from t5lite.data import tasks
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def run(args) -> List[dict]:
     demo_size = args.train_size or total
     demo_steps = _demo_steps(args)
     demo.pretrain(args)
-    points: Dict[Optional[int], dict] = {}
+    points: dict[int | None, dict] = {}
     per_arm = demo.compare(args.train_size, args)
     chosen = {(label, r["seed"]): r["learning_rate"] for label, runs in per_arm.items() for r in runs}
     points[args.train_size] = {"per_arm": per_arm, "steps": demo_steps}

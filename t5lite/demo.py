@@ -64,6 +64,12 @@ def parse_args(argv):
     p.add_argument("--seeds", type=_csv(int), default=(0, 1), help="fine-tuning seeds: subset, data order, init")
     p.add_argument("--learning_rates", type=_csv(float), default=(0.003, 0.01),
                    help="the grid each arm searches (best on the validation split)")
+    p.add_argument("--pretrain_gin", default=PRETRAIN_GIN,
+                   help="pre-training run file under experiments/ (e.g. ablations/objective_ul2.gin)")
+    p.add_argument("--pretrain_set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a gin binding for the pre-training run (repeatable), e.g. TRAIN_STEPS=600")
+    p.add_argument("--finetune_set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a gin binding for every fine-tuning run of both arms (repeatable), e.g. train.optimizer=adamw")
     p.add_argument("--curve_sizes", type=_csv(_size), default=(500, 2000, 8000, None),
                    help="--curve: fine-tuning set sizes ('all' for every pair)")
     p.add_argument("--val_examples", type=int, default=None, help="validation verses decoded to choose (default 100)")
@@ -133,8 +139,8 @@ def run_stage(name: str, gin_file: str, bindings: Sequence[str], out: str, quick
 
 
 def pretrain(args) -> dict:
-    return run_stage("pretrain", PRETRAIN_GIN, [f"TRAIN_STEPS={QUICK_STEPS['pretrain']}"] if args.quick else [],
-                     args.out, args.quick)
+    quick = [f"TRAIN_STEPS={QUICK_STEPS['pretrain']}"] if args.quick else []
+    return run_stage("pretrain", args.pretrain_gin, [*quick, *args.pretrain_set], args.out, args.quick)
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -182,12 +188,12 @@ def tune_and_test(size: int | None, label: str, seed: int, args, learning_rates:
     runs = []
     for lr in learning_rates:
         bindings = [f"RANDOM_SEED={seed}", f"train.learning_rate={lr}", f"train_subset_task.size={size}",
-                    *_quick_bindings(args), *extra_bindings]
+                    *_quick_bindings(args), *extra_bindings, *args.finetune_set]
         if from_pretrain:
             bindings.append(f"INITIAL_CHECKPOINT_PATH='{os.path.join(args.out, 'pretrain')}'")
         stage = run_stage(finetune_name(size, label, seed, lr), gin_file, bindings, args.out, args.quick)
         run = {"learning_rate": lr, "stage": stage, "validation": None, "val_wall_s": 0.0}
-        if len(learning_rates) > 1:  # nothing to choose: no validation decoding
+        if len(learning_rates) > 1:  # with one rate there is nothing to choose: no validation decoding
             val = evaluate(stage["model_dir"], "validation", args.val_examples, args)
             print(f"   {label}, seed {seed}, lr {lr:g}: validation chrF {_fmt(val['results']['chrf'])}", flush=True)
             run.update(validation=val["results"], val_wall_s=val["wall_s"])
@@ -254,7 +260,7 @@ def results_markdown(results: dict) -> str:
     verdict = "yes" if summary["every_seed_wins"] else "no"
     lines += ["", (f"chrF gain from pre-training: {summary['chrf_gain']:+.1f} (mean over seeds); every pretrained "
               f"seed beats every scratch seed: {verdict}."), "",
-              (f"Pre-training: {p['steps']} steps of span corruption in {p['wall_s']:.0f} s (final loss "
+              (f"Pre-training ({p['gin_file']}): {p['steps']} steps in {p['wall_s']:.0f} s (final loss "
               f"{_fmt(p['final_loss'], 3)}), shared by every pretrained fine-tuning run."), "",
               "| stage | steps | train wall time | validation chrF | evaluation wall time |", "|---|---:|---:|---:|---:|",
               f"| pretrain | {p['steps']} | {p['wall_s']:.0f} s | | |"]
@@ -283,12 +289,14 @@ def pick_examples(per_arm: dict[str, list[dict]], n: int = 3) -> list[dict]:
              **{label: first[label][i]["prediction"] for label in first}} for i in picked]
 
 
-def plot(out: str, pretrain_dir: str, per_arm: dict[str, list[dict]]) -> list[str]:
+def plot(out: str, pre: dict, per_arm: dict[str, list[dict]]) -> list[str]:
+    """loss_curves.png: pre-training; finetune_vs_scratch.png: each arm's chosen run per seed (fine-tuning's
+    120 steps would be a sliver on pre-training's axis)."""
     from t5lite.train.monitor import plot_metrics
     paths = [os.path.join(out, "loss_curves.png"), os.path.join(out, "finetune_vs_scratch.png")]
     chosen = {f"{label}, seed {r['seed']}, lr {r['learning_rate']:g}": os.path.join(r["model_dir"], "metrics.jsonl")
               for label, runs in per_arm.items() for r in runs}
-    plot_metrics({"pre-training (span corruption)": os.path.join(pretrain_dir, "metrics.jsonl"), **chosen}, paths[0])
+    plot_metrics({f"pre-training ({pre['gin_file']})": os.path.join(pre["model_dir"], "metrics.jsonl")}, paths[0])
     plot_metrics(chosen, paths[1])
     return paths
 
@@ -325,7 +333,7 @@ def run(args) -> dict:
         "eval_settings": {"split": "test", "num_examples": per_arm["pretrained"][0]["test"]["num_examples"],
                           "val_examples": args.val_examples, "method": "greedy", "input_length": args.input_length,
                           "max_decode_length": args.max_decode_length},
-        "examples": pick_examples(per_arm), "plots": plot(args.out, pre["model_dir"], per_arm),
+        "examples": pick_examples(per_arm), "plots": plot(args.out, pre, per_arm),
         "total_wall_s": time.perf_counter() - start,  # this invocation (skipped stages cost nothing)
     }
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:

@@ -83,6 +83,29 @@ def test_the_learning_rate_is_chosen_on_validation_and_only_the_choice_sees_test
     assert calls == [(0.01, "test")]  # one rate: nothing to choose, no validation decoding
 
 
+def test_the_grid_is_searched_on_the_first_seed_and_reused_unless_every_seed_searches(monkeypatch, tmp_path):
+    searched = []
+
+    def fake_tune(size, label, seed, args, learning_rates, extra_bindings=()):
+        searched.append((label, seed, tuple(learning_rates)))
+        best = {"pretrained": 0.003, "from scratch": 0.01}[label] if len(learning_rates) > 1 else learning_rates[0]
+        return {"seed": seed, "learning_rate": best}
+
+    monkeypatch.setattr(demo, "tune_and_test", fake_tune)
+    args = demo.parse_args(["--out", str(tmp_path), "--seeds", "0,1,2"])
+    per_arm = demo.compare(2000, args)
+    grid = (0.003, 0.01)
+    assert searched == [("pretrained", 0, grid), ("from scratch", 0, grid), ("pretrained", 1, (0.003,)),
+                        ("from scratch", 1, (0.01,)), ("pretrained", 2, (0.003,)), ("from scratch", 2, (0.01,))]
+    assert [r["learning_rate"] for r in per_arm["from scratch"]] == [0.01, 0.01, 0.01]
+    searched.clear()
+    demo.compare(2000, demo.parse_args(["--out", str(tmp_path), "--search_every_seed"]))
+    assert [lrs for _, _, lrs in searched] == [grid] * 4
+    searched.clear()
+    demo.compare(500, args, chosen={(label, s): 0.001 for label, _, _ in demo.ARMS for s in (0, 1, 2)})
+    assert [lrs for _, _, lrs in searched] == [(0.001,)] * 6  # the curve: rates fixed by the demo's choice
+
+
 def _arm_runs(chrfs, lr=0.01):
     return [{"seed": s, "learning_rate": lr, "test": {"chrf": c, "bleu": c / 10, "perplexity": 100 - c},
              "grid": [{"stage": {"wall_s": 10.0}}, {"stage": {"wall_s": 5.0}}]} for s, c in enumerate(chrfs)]
@@ -126,9 +149,11 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
         assert len(arm["chrf"]["values"]) == 2 and all(lr in (0.003, 0.01) for lr in arm["learning_rates"])
         for key in ("chrf", "bleu", "perplexity"):
             assert math.isfinite(arm[key]["mean"]) and arm[key]["min"] <= arm[key]["mean"] <= arm[key]["max"]
-        for run in results["runs"][label]:
-            assert run["test"]["num_examples"] == 16 and len(run["grid"]) == 2
-            assert all(g["validation"]["num_examples"] == 8 for g in run["grid"])
+        first, second = results["runs"][label]
+        assert len(first["grid"]) == 2 and all(g["validation"]["num_examples"] == 8 for g in first["grid"])
+        assert len(second["grid"]) == 1 and second["learning_rate"] == first["learning_rate"]  # reused
+        for run in (first, second):
+            assert run["test"]["num_examples"] == 16
             assert os.path.isdir(os.path.join(run["model_dir"], "checkpoints", str(demo.QUICK_STEPS["finetune"])))
     assert results["summary"]["chrf_gain"] == pytest.approx(results["summary"]["arms"]["pretrained"]["chrf"]["mean"]
                                                             - results["summary"]["arms"]["from scratch"]["chrf"]["mean"])
@@ -141,11 +166,11 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
     assert "| pretrained |" in (out / "results.md").read_text()
 
     again = _demo(out)  # every stage and every evaluation is done: skipped
-    assert again.count("already trained") == 1 + 2 * 2 * 2 and "validation chrF" in again
+    assert again.count("already trained") == 1 + 2 * (2 + 1) and "validation chrF" in again
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
     curve = _demo(out, "--curve", "--curve_sizes", "100,2000")  # the demo's size is reused
-    assert curve.count("already trained") == 1 + 2 * 2 * 2 and "| 100 |" in curve and "| 2,000 |" in curve
+    assert curve.count("already trained") == 1 + 2 * (2 + 1) and "| 100 |" in curve and "| 2,000 |" in curve
     points = json.loads((out / "curve.json").read_text())["points"]
     assert [p["pairs"] for p in points] == [100, 2000] and (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     for label in ("pretrained", "from scratch"):  # 100 pairs reuse each seed's choice at 2,000
@@ -153,5 +178,5 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
 
     fresh = _demo(out, "--fresh", "--seeds", "0", "--learning_rates", "0.01")
     assert "already trained" not in fresh and not (out / "curve.json").exists()
-    assert not (out / "finetune" / "n2000" / "scratch_seed1_lr0.003").exists()
+    assert not (out / "finetune" / "n100").exists() and not (out / "finetune" / "n2000" / "scratch_seed0_lr0.003").exists()
     assert json.loads((out / "results.json").read_text())["seeds"] == [0]

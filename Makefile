@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Pre-train once; fine-tune on 2,000 en->es verse pairs with and without it (2 seeds x a 2-point learning-rate
-# grid, chosen on validation); compare on held-out test verses (~15 min, 2 CPU cores).
+# Pre-train once; fine-tune on 2,000 en->es verse pairs with and without it (2 seeds; each arm's learning rate
+# chosen from a 2-point grid on validation); compare on held-out test verses (~15 min, 2 CPU cores).
 # Finished stages are skipped on a re-run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
 	$(PY) -m t5lite.demo $(DEMO_ARGS)

@@ -354,6 +354,62 @@ def ul2_task(name: str, corpus_task: str = "bible_span_corruption_en_es", rates=
                                      f"{corpus_task}'s documents"), replace=True)
 
 
+class Subset:
+    """Records `indices` of a random-access source, in that order."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self._source, self.indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict:
+        return self._source[self.indices[index]]
+
+    def __getitems__(self, positions: Sequence[int]) -> list[dict]:
+        if hasattr(self._source, "__getitems__"):  # one batched read of a TFDS source
+            return self._source.__getitems__([self.indices[p] for p in positions])
+        return [self[p] for p in positions]
+
+
+def subset_indices(num_records: int, size: int, seed: int) -> list[int]:
+    """`size` record indices of range(num_records) drawn with `seed`, sorted. The first `size` of one
+    seeded permutation, so for one seed a smaller subset lies inside every larger one."""
+    return sorted(np.random.default_rng(seed).permutation(num_records)[:size].tolist())
+
+
+def train_subset_task(task: str = "bible_translate_en_es", size: int | None = 2000, seed: int = 0,
+                      name: str | None = None) -> Task:
+    """Register (or replace) `task` with its train split cut to `size` records drawn with `seed` (None:
+    all); its other splits (validation, test) are the task's own, so the subset never overlaps them.
+
+    The limited-labelled-data regime of fine-tuning: e.g. 2,000 of 29,827 parallel verses."""
+    base = get(task)
+    if not isinstance(base, Task) or "train" not in base.splits:
+        raise UserError(f"train_subset_task: {task!r} must be a task with a train split, not a mixture")
+    total = base.num_examples("train")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, np.integer))
+                             or not 1 <= size <= total):
+        raise UserError(f"train_subset_task: size {size!r} must be an integer in [1, {total}] (the train "
+                        f"records of {task!r}) or None for all of them")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise UserError(f"train_subset_task: seed {seed!r} must be an integer in [0, 2**32)")
+    size = total if size is None else int(size)
+    indices = subset_indices(total, size, int(seed))
+
+    def source_fn(split):
+        if split == "train":
+            return Subset(base.source("train"), indices)
+        if split.split("[")[0] == "train":
+            raise UserError(f"task {name!r}: the train subset cannot be sliced; use split 'train'")
+        return base.source(split)
+
+    name = name or f"{base.name}_train{size}_seed{seed}"
+    return register(dataclasses.replace(base, name=name, source_fn=source_fn,
+                                        description=f"{size} of the {total} train records of {base.name} "
+                                                    f"(seed {seed}); its own validation and test"), replace=True)
+
+
 # --- The user's own text-to-text task from files ---------------------------------------------------
 
 

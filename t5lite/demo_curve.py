@@ -1,0 +1,103 @@
+"""`make demo-curve`: chrF of pretrained vs from-scratch fine-tuning at several fine-tuning set sizes.
+
+The demo's comparison (demo.compare) repeated at each size of --curve_sizes, over the demo's
+pre-training run. The demo's own size searches the learning-rate grid on validation; the other
+sizes reuse the learning rate each arm chose there for the same seed (a fair rule, the same for
+both arms, that halves the runs). Larger sets get proportionally more steps (finetune_steps), so each
+pair is seen about as often as in the demo, up to MAX_STEP_MULTIPLE times the demo's steps (all ~30k
+pairs are then seen less than once). Writes curve.md, curve.json and curve.png next to the demo's results.
+"""
+
+import json
+import os
+import time
+
+from t5lite import demo
+
+OUTPUTS = ("curve.md", "curve.json", "curve.png")
+MAX_STEP_MULTIPLE = 4  # sizes above the demo's train for up to 4x the demo's fine-tuning steps
+
+
+def finetune_steps(size: int | None, demo_size: int, demo_steps: int, total: int) -> int:
+    """The demo's steps, scaled with the set size above the demo's (same epochs), capped at MAX_STEP_MULTIPLE x."""
+    size = total if size is None else size
+    multiple = min(max(size / demo_size, 1.0), MAX_STEP_MULTIPLE)
+    return round(demo_steps * multiple)
+
+
+def _demo_steps(args) -> int:
+    import gin
+
+    from t5lite import gin_utils
+    if args.quick:
+        return demo.QUICK_STEPS["finetune"]
+    gin_utils.parse([os.path.join(gin_utils.EXPERIMENTS_DIR, demo.ARMS[0][1])])
+    return gin.query_parameter("%TRAIN_STEPS")
+
+
+def curve_markdown(points: list[dict], machine: str) -> str:
+    lines = [(f"chrF on {points[0]['num_examples']} held-out test verses against the number of labelled pairs "
+             f"fine-tuned on; mean over seeds (min–max). {machine}"), "",
+             "| labelled pairs | fine-tune steps | pretrained chrF | from-scratch chrF | gain | every seed wins |",
+             "|---:|---:|---:|---:|---:|---|"]
+    for p in points:
+        arms = p["summary"]["arms"]
+        lines.append(f"| {p['pairs']:,} | {p['steps']} | {demo._cell(arms['pretrained']['chrf'])} | "
+                     f"{demo._cell(arms['from scratch']['chrf'])} | {p['summary']['chrf_gain']:+.1f} | "
+                     f"{'yes' if p['summary']['every_seed_wins'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def plot_curve(points: list[dict], out_png: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    sizes = [p["pairs"] for p in points]
+    for label, marker in (("pretrained", "o"), ("from scratch", "s")):
+        stats = [p["summary"]["arms"][label]["chrf"] for p in points]
+        means = [s["mean"] for s in stats]
+        err = [[m - s["min"] for m, s in zip(means, stats)], [s["max"] - m for m, s in zip(means, stats)]]
+        ax.errorbar(sizes, means, yerr=err, marker=marker, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled en→es verse pairs fine-tuned on")
+    ax.set_ylabel("test chrF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(out_png, dpi=120, bbox_inches="tight")
+
+
+def run(args) -> list[dict]:
+    """The demo at args.train_size (grid search), then every other size with the chosen rates."""
+    from t5lite.data import tasks
+    start = time.perf_counter()
+    total = tasks.get(demo.TASK).num_examples("train")
+    demo_size = args.train_size or total
+    demo_steps = _demo_steps(args)
+    demo.pretrain(args)
+    points: dict[int | None, dict] = {}
+    per_arm = demo.compare(args.train_size, args)
+    chosen = {(label, r["seed"]): r["learning_rate"] for label, runs in per_arm.items() for r in runs}
+    points[args.train_size] = {"per_arm": per_arm, "steps": demo_steps}
+    for size in args.curve_sizes:
+        if size == args.train_size:
+            continue
+        steps = finetune_steps(size, demo_size, demo_steps, total)
+        print(f"== curve: {size or total} labelled pairs, {steps} fine-tuning steps", flush=True)
+        points[size] = {"per_arm": demo.compare(size, args, chosen, [f"TRAIN_STEPS={steps}"]), "steps": steps}
+    rows = []
+    for size in sorted(points, key=lambda s: total if s is None else s):
+        per_arm = points[size]["per_arm"]
+        rows.append({"pairs": total if size is None else size, "steps": points[size]["steps"],
+                     "summary": demo.summarize(per_arm),
+                     "num_examples": per_arm["pretrained"][0]["test"]["num_examples"],
+                     "learning_rates": {label: [r["learning_rate"] for r in runs] for label, runs in per_arm.items()}})
+    machine = f"{os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; this invocation {time.perf_counter() - start:.0f} s."
+    text = curve_markdown(rows, machine)
+    with open(os.path.join(args.out, "curve.json"), "w", encoding="utf-8") as f:
+        json.dump({"points": rows, "machine": machine, "seeds": list(args.seeds)}, f, indent=2)
+    with open(os.path.join(args.out, "curve.md"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    plot_curve(rows, os.path.join(args.out, "curve.png"))
+    print("\n" + text)
+    print(f"wrote {os.path.join(args.out, 'curve.md')}, curve.json, curve.png")
+    return rows

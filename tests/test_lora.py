@@ -142,7 +142,7 @@ def test_mixed_batch_decodes_each_example_with_its_own_card(method):
     kwargs = dict(max_decode_length=8, method=method, num_beams=3)
     mixed, mixed_scores = map(np.asarray, generate(config, params, inputs, cards=table, card_index=index, **kwargs))
     singles = []
-    for number, (spec, card) in enumerate([(spec_a, card_a), (spec_b, card_b)]):
+    for spec, card in [(spec_a, card_a), (spec_b, card_b)]:
         merged = lora.merge(params, lora.in_layout(card, config), spec)
         singles.append(tuple(map(np.asarray, generate(config, merged, inputs, **kwargs))))
     singles.append(tuple(map(np.asarray, generate(config, params, inputs, **kwargs))))

@@ -8,11 +8,28 @@ each are pinned by golden files in tests/golden/.
 import dataclasses
 from typing import Optional, Tuple
 
+import jax
+
 from t5lite.errors import UserError
 from t5lite.model import registry
 
-REMAT_POLICIES = ("none", "minimal", "save_dots", "full")
-ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_exact", "silu", "swish", "linear")
+# What each name means, in one place: config validation, the layers and the HF converter read these.
+REMAT_POLICIES = {  # name -> what a rematerialised layer keeps for the backward pass
+    "none": None,  # no remat: every activation is kept
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    # T5 v1.1's "gelu" is the tanh approximation (HF calls it gelu_new).
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "linear": lambda x: x,
+}
 NORM_LAYOUTS = ("pre", "post", "sandwich")
 
 

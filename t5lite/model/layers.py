@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5lite.model.config import T5Config
+from t5lite.model.config import ACTIVATIONS, T5Config
 from t5lite.model.registry import register
 
 Axes = Tuple[str, ...]
@@ -137,23 +137,11 @@ class LayerNorm(nn.Module):
         return jnp.asarray(y, self.config.dtype)
 
 
-ACTIVATION_FNS = {
-    "relu": jax.nn.relu,
-    # T5 v1.1's "gelu" is the tanh approximation (HF calls it gelu_new).
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "linear": lambda x: x,
-}
-
-
 def gate(hidden: Sequence[jax.Array], activations: Tuple[str, ...]) -> jax.Array:
     """prod_i act_i(hidden_i): one activation is a plain MLP, several a gated one (GLU variants)."""
     out = None
     for h, act in zip(hidden, activations):
-        h = ACTIVATION_FNS[act](h)
+        h = ACTIVATIONS[act](h)
         out = h if out is None else out * h
     return out
 

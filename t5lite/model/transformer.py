@@ -17,14 +17,8 @@ import jax.numpy as jnp
 
 from t5lite.model import registry
 from t5lite.model.attention import make_attention_mask, make_causal_mask, make_segment_mask, mask_to_bias
-from t5lite.model.config import T5Config
+from t5lite.model.config import REMAT_POLICIES, T5Config
 from t5lite.model.layers import BATCH_LENGTH_EMBED, DenseGeneral, Embed
-
-_REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 
 def _residual(layer: nn.Module, x: jax.Array, stem: str, sublayer) -> jax.Array:
@@ -113,7 +107,7 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
     """Applies `num_layers` layers, unrolled as layers_0..N-1 or scanned as one stacked `layers`."""
     cfg: T5Config = layer_kwargs["config"]
     if cfg.remat_policy != "none":
-        layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
         for i in range(num_layers):
             x = layer_cls(**layer_kwargs, mlp_name=cfg.mlp_of_layer(i), name=f"layers_{i}", parent=parent)(x, *args)

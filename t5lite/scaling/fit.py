@@ -244,9 +244,9 @@ def fit_sweep(rows: Sequence[dict], loss: str = "eval_loss", params: str = "para
     if len(train) < MIN_JOINT_POINTS or len({r[params] for r in train}) < 2 or len({r[tokens] for r in train}) < 2:
         raise UserError(f"the L(N, D) fit needs at least {MIN_JOINT_POINTS} finished points with {loss} over 2+ model "
                         f"sizes and 2+ token budgets; this sweep has {len(train)}")
-    n, d, l = (np.array([r[k] for r in train], np.float64) for k in (params, tokens, loss))
-    joint, optima = fit_power_law([n, d], l, keep_optima=True)
-    samples, ci = bootstrap([n, d], l, bootstrap_samples, seed, starts=optima)
+    n, d, losses = (np.array([r[k] for r in train], np.float64) for k in (params, tokens, loss))
+    joint, optima = fit_power_law([n, d], losses, keep_optima=True)
+    samples, ci = bootstrap([n, d], losses, bootstrap_samples, seed, starts=optima)
     exponents = [allocation_exponents(s) for s in samples]
     ci.update(intervals(exponents))
     budgets = _budgets(6 * n * d)
@@ -266,7 +266,7 @@ def fit_sweep(rows: Sequence[dict], loss: str = "eval_loss", params: str = "para
             held_out.append({"name": r["name"], "params": r[params], "tokens": r[tokens], "observed": r[loss],
                              "predicted": predicted, "predicted_interval": tuple(np.percentile(boot, [2.5, 97.5])),
                              "relative_error": (predicted - r[loss]) / r[loss]})
-    residuals = np.log(joint.predict(n, d)) - np.log(l)
+    residuals = np.log(joint.predict(n, d)) - np.log(losses)
     return {"loss": loss, "params": params, "tokens": tokens, "num_points": len(train),
             "bootstrap_samples": bootstrap_samples, "seed": seed, "huber_delta": HUBER_DELTA,
             "joint": {**joint.to_dict(), **allocation_exponents(joint), "intervals": ci,

@@ -26,7 +26,6 @@ from t5lite.model import T5Config
 from t5lite.train import partitioning, setup
 from t5lite.train.checkpoint import TrainCheckpointer
 from t5lite.train.lock import ModelDirLock
-from t5lite.train.monitor import Monitor
 from t5lite.train.preemption import Preemption, Watchdog, fail
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,15 @@ demo: $(STAMP)
 demo-curve: $(STAMP)
 	$(PY) -m t5lite.demo --curve $(DEMO_ARGS)
 
+# Lint first (ruff: [tool.ruff] in pyproject.toml), then the suite on 2 pytest-xdist workers: XLA's
+# compiles are single-threaded, so two test processes keep both cores busy.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check t5lite tests launch
+	$(PY) -m pytest -q -n 2
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/ruff check t5lite tests launch
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

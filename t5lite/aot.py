@@ -292,10 +292,10 @@ def _decode_program(steps, decoder_only: bool, batch: int, input_length: int, ma
     inputs = jax.ShapeDtypeStruct((batch, input_length), jnp.int32,
                                   sharding=partitioning.batch_sharding(steps.mesh, steps.rules))
     seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    return lambda: decoding._generate.trace(
-        steps.config, params, inputs, seed, max_decode_length=max_decode_length, method=method,
+    return lambda: decoding._generate.trace(  # the plain model: no adapter cards
+        steps.config, params, inputs, seed, None, None, None, max_decode_length=max_decode_length, method=method,
         num_beams=num_beams, length_penalty=1.0, length_penalty_style="hf", early_stopping=True, temperature=1.0,
-        top_k=0, top_p=1.0, decoder_only=decoder_only)
+        top_k=0, top_p=1.0, decoder_only=decoder_only, card_spec=None)
 
 
 def kv_cache_bytes(config: T5Config, batch: int, input_length: int, max_decode_length: int,

@@ -10,13 +10,13 @@ transformers 4 `tie_word_embeddings: false`).
 
 import json
 import os
-import shutil
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
 from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
 from t5lite.errors import UserError
+from t5lite.fileio import new_directory
 from t5lite.model.config import T5Config
 from t5lite.model.params import abstract_params, nest_paths, param_shapes, unscan_params
 
@@ -207,15 +207,7 @@ def to_hf(config: T5Config, params: dict, path: str) -> None:
             raise UserError(f"parameter {ours} has shape {flat[ours].shape}, config expects {tuple(expected[ours])}")
         tensors[theirs] = np.ascontiguousarray(to_hf_fn(np.asarray(flat[ours], np.float32)))
 
-    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=False)
-    try:
+    with new_directory(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         write_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
-        if os.path.isdir(path):
-            os.rmdir(path)  # empty (checked above)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,13 +8,13 @@ HF module names the card adapts, so PEFT adapts exactly those.
 
 import json
 import os
-import shutil
 
 import numpy as np
 from safetensors.numpy import save_file
 
 from t5lite.convert.hf import check_hf_representable, parameter_map
 from t5lite.errors import UserError
+from t5lite.fileio import new_directory
 from t5lite.model.lora import flat_paths
 
 PEFT_PREFIX = "base_model.model."
@@ -53,15 +53,7 @@ def export_peft(card, path: str, base_model_name_or_path=None) -> None:
               "lora_dropout": card.spec.dropout, "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
               "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
               "modules_to_save": None, "base_model_name_or_path": base_model_name_or_path, "revision": None}
-    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
-    os.makedirs(tmp)
-    try:
+    with new_directory(path) as tmp:
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=2)
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

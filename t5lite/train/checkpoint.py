@@ -15,7 +15,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from t5lite.errors import UserError
+from t5lite.fileio import new_directory
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
 from t5lite.train.data_checkpoint import DataPositionRestore, DataPositionSave
 
@@ -92,21 +92,12 @@ def save_params(path: str, config: T5Config, params: dict) -> None:
     path = os.path.abspath(path)
     if os.path.exists(path) and os.listdir(path):
         raise UserError(f"output directory {path} is not empty; choose a new --out or remove it")
-    tmp = f"{path.rstrip(os.sep)}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with new_directory(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"format": PARAMS_FORMAT, "model": config.to_dict()}, f, indent=2)
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
             ckptr.wait_until_finished()
-        if os.path.isdir(path):
-            os.rmdir(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def is_params_checkpoint(path: str) -> bool:

@@ -298,6 +298,9 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                    peer_timeout_s=peer_timeout_s, progress=progress)
     loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
     check_loss_and_teacher(loss_fn, loss, teacher_checkpoint)
+    if adapter is not None and (loss != "cross_entropy" or teacher_checkpoint):
+        raise UserError(f"an adapter card trains with the cross_entropy loss only, not {loss!r} with a teacher; "
+                        "drop train.adapter, or train.loss / train.teacher_checkpoint")
     task_obj = tasks_lib.get(task)
     vocab = Vocabulary(vocab_path) if vocab_path else tasks_lib.default_vocabulary()
     config = resolve_config(model, model_overrides)
@@ -342,9 +345,6 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
 
     card = None
     if adapter is not None:  # train a LoRA card on the frozen init_checkpoint
-        if loss != "cross_entropy" or teacher_checkpoint:
-            raise UserError(f"an adapter card trains with the cross_entropy loss only, not {loss!r} with a teacher; "
-                            "drop train.adapter, or train.loss / train.teacher_checkpoint")
         card = prepare_card_training(adapter, config=config, decoder_only=decoder_only, module=steps.module,
                                      optimizer=opt, mesh=mesh, rules=rules, base_shardings=shardings.params,
                                      init_checkpoint=init_checkpoint, model_dir=model_dir, seed=seed,

@@ -324,7 +324,7 @@ def decode_benchmark(model: str = "t5_1_1_small", batch_sizes=(1, 32), input_len
 
 
 def data_benchmark(task: str = "bible_span_corruption_en_es", batch_size: int = 32, input_length: int = 512,
-                   num_batches: int = 30, pack: bool = True) -> Dict:
+                   num_batches: int = 128, pack: bool = True) -> Dict:
     """Batches/s and tokens/s of a task's training pipeline (span corruption by default, 32 x 512)."""
     from t5lite.data import tasks
     from t5lite.data.pipeline import benchmark_pipeline

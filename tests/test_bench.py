@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from t5lite.bench import data_benchmark, decode_benchmark, train_benchmark
@@ -33,6 +34,24 @@ def test_decode_benchmark_times_t5lite_and_hf():
 def test_data_benchmark_counts_tokens():
     result = data_benchmark(batch_size=4, input_length=64, num_batches=3)
     assert result["batches_per_s"] > 0 and result["tokens_per_s"] > 4 * 64
+
+
+def test_pipeline_benchmark_counts_the_window_the_first_batch_prepares():
+    """Packing prepares a window of batches on the first call: that work must be inside the timing."""
+    import time
+
+    from t5lite.data.pipeline import benchmark_pipeline
+
+    def window_of_four():
+        while True:
+            time.sleep(0.2)                      # packs 4 batches at once
+            for _ in range(4):
+                yield {"decoder_target_tokens": np.ones((2, 8), np.int32)}
+
+    result = benchmark_pipeline(window_of_four(), num_batches=8)
+    assert result["first_batch_s"] >= 0.2
+    assert result["seconds"] >= 0.4 and result["batches_per_s"] <= 8 / 0.4
+    assert result["tokens_per_s"] == 8 * 16 / result["seconds"]
 
 
 def test_bench_train_set_parses_config_overrides():

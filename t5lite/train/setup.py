@@ -268,14 +268,12 @@ class Run:
 
 
 def _first_batch(iterator, what: str) -> None:
-    """Reads one batch (malformed data and bad preprocessing fail now) and rewinds the iterator."""
-    start = iterator.get_state()
+    """Reads one batch of a throwaway iterator, so malformed data and bad preprocessing fail now."""
     try:
         next(iterator)
     except StopIteration:
         raise UserError(f"{what} yields no batch: it has too few examples for one batch; add data or lower "
                         "BATCH_SIZE") from None
-    iterator.set_state(start)
 
 
 def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, feature_lengths: Dict[str, int],
@@ -323,14 +321,15 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
     shards = partitioning.data_shards_of_rows(partitioning.process_batch_rows(mesh, rules, batch_size), batch_size,
                                               num_shards)
 
-    def batches(split, shuffle, num_epochs):
+    def batches(split, shuffle, num_epochs, **options):
         return task_obj.pipeline(split, vocab, feature_lengths=feature_lengths, batch_size=batch_size, seed=seed,
                                  shuffle=shuffle, num_epochs=num_epochs, pack=pack, decoder_only=decoder_only,
                                  num_shards=num_shards, shards=shards, pad_after_end=num_epochs is not None,
-                                 prefetch=2 if num_epochs is None else 0)
+                                 **options)
 
-    data = batches("train", True, None)
-    _first_batch(data, f"the train split of task {task_obj.name!r}")
+    # A check batch from its own iterator, packing one row per shard at a time: the training iterator's
+    # first batch packs a whole window ahead (32 batches' worth), work a throwaway read would waste.
+    _first_batch(batches("train", True, None, pack_window=1), f"the train split of task {task_obj.name!r}")
     eval_fn = None
     if eval_period:
         if eval_split not in task_obj.splits:
@@ -343,6 +342,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
         eval_fn = lambda params: evaluate_loss(eval_step, params, _take(batches(eval_split, False, 1), eval_batches),  # noqa: E731
                                                mesh, rules, batch_size)
 
+    data = batches("train", True, None, prefetch=2)
     card = None
     if adapter is not None:  # train a LoRA card on the frozen init_checkpoint
         card = prepare_card_training(adapter, config=config, decoder_only=decoder_only, module=steps.module,

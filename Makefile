@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-curve test test-fast clean
+.PHONY: install demo demo-curve test test-fast test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,14 +25,20 @@ demo-curve: $(STAMP)
 	$(PY) -m t5lite.demo --curve $(DEMO_ARGS)
 
 # Lint first (ruff: [tool.ruff] in pyproject.toml), then the suite on 2 pytest-xdist workers: XLA's
-# compiles are single-threaded, so two test processes keep both cores busy.
+# compiles are single-threaded, so two test processes keep both cores busy. `make test` leaves out only
+# the `extended` tests (the base and large C4 recipes' pod compiles, ~6 min more); `make test-all` runs
+# them too, `make test-fast` also skips the `slow` ones.
 test: $(STAMP)
 	$(VENV)/bin/ruff check t5lite tests launch
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not extended"
 
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check t5lite tests launch
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow and not extended"
+
+test-all: $(STAMP)
+	$(VENV)/bin/ruff check t5lite tests launch
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

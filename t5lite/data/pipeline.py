@@ -285,9 +285,13 @@ def _examples(source, preprocessors: Sequence, *, seed: int, shuffle: bool, num_
     # Stages after each concatenate-and-split step: streaming; the rng follows the chunk index.
     for i, (fns, split) in enumerate(stages[1:], start=1):
         ds = ConcatSplitIterDataset(ds, split.length, split.feature)
-        if shuffle and shuffle_window > 1:  # chunks of one document otherwise land side by side
+        # Chunks of one long document would otherwise follow each other in this shard's rows. The window
+        # counts chunks of the whole stream, split over the shards: every shard fills its window at once,
+        # so a per-shard window of the full size would tokenize num_shards x as much before the first batch.
+        window = -(-shuffle_window // num_shards)
+        if shuffle and window > 1:
             ds = grain.experimental.WindowShuffleIterDataset(
-                ds, window_size=shuffle_window, seed=_derive_seed(seed, num_shards, shard, i, 1))
+                ds, window_size=window, seed=_derive_seed(seed, num_shards, shard, i, 1))
         if fns:
             ds = ds.random_map(_chain(fns), seed=_derive_seed(seed, num_shards, shard, i))
             ds = ds.filter(lambda ex: ex is not None)
@@ -457,7 +461,8 @@ def make_pipeline(source, preprocessors: Sequence = (), *, feature_lengths: Mapp
     preprocessors: fn(example, rng) -> example | None (None drops it), and split_tokens(...) steps.
     Options: num_shards, shards, pad_after_end (a finite stream yields padding rows forever after
     its end), pack_window (rows first-fit packs at once per shard, default max(rows, 32)),
-    shuffle_window (chunk shuffle after a split, 128), num_threads (reader threads per shard, 0),
+    shuffle_window (chunks of the whole stream shuffled together after a split, 128; each shard
+    shuffles its 1/num_shards share), num_threads (reader threads per shard, 0),
     prefetch (batches prepared ahead in a thread, 0).
     """
     return iter(make_dataset(source, preprocessors, feature_lengths=feature_lengths,

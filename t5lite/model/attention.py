@@ -97,6 +97,13 @@ class MultiHeadAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
         if self.decode:
             k, v = self._use_cache(k, v, decode_position)
+        q_shape = q.shape
+        rows = q_shape[0] // k.shape[0]
+        if cached_cross and rows > 1:
+            # Beam search: each example's cross-attention cache serves its `rows` beams (consecutive query
+            # rows), which attend as one row of rows x q queries: keys and values are read once, not per beam.
+            q = _rows_as_queries(q, rows, axis=1)  # [B, rows * q, H, Dh]
+            bias = _rows_as_queries(jnp.broadcast_to(bias, q_shape[:1] + bias.shape[1:]), rows, axis=2)
 
         scores = self.scores(q, k)  # [B, H, q, k] float32
         if cfg.attention_logit_softcap is not None:
@@ -104,7 +111,7 @@ class MultiHeadAttention(nn.Module):
             scores = cap * jnp.tanh(scores / cap)
         weights = jax.nn.softmax(scores + bias, axis=-1)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-        out = self.weighted_sum(jnp.asarray(weights, dtype), v)  # [B, q, H, Dh]
+        out = self.weighted_sum(jnp.asarray(weights, dtype), v).reshape(q_shape)  # [B, q, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return DenseGeneral(emb_dim, ("heads", "kv", "embed"), num_contracting=2, dtype=dtype,
                             kernel_init=fan_in, name="out")(out)
@@ -155,6 +162,13 @@ class MultiHeadAttention(nn.Module):
             cached.value = jax.lax.dynamic_update_slice(cached.value, _to_cache_layout(new).astype(cached.value.dtype),
                                                         start)
         return _from_cache_layout(cached_k.value), _from_cache_layout(cached_v.value)
+
+
+def _rows_as_queries(x: jax.Array, rows: int, axis: int) -> jax.Array:
+    """[B * rows, ..., q (at `axis`), ...] -> [B, ..., rows * q, ...]: each group of rows becomes one row's queries."""
+    x = jnp.moveaxis(x, axis, 1)  # [B * rows, q, ...]
+    x = x.reshape((x.shape[0] // rows, rows * x.shape[1]) + x.shape[2:])
+    return jnp.moveaxis(x, 1, axis)
 
 
 def _to_cache_layout(x: jax.Array) -> jax.Array:

@@ -1,8 +1,10 @@
 """Autoregressive decoding on a key/value cache: greedy, beam search, and sampling.
 
-The encoder runs once; the decoder runs one token per step on the cache (self-attention keys
-and values grow in place, cross-attention keys and values are projected once). Everything is
-one `jax.jit` with a `lax.while_loop` that stops when every example has finished.
+The encoder runs once per example (not per beam); the decoder runs one token per step on the
+cache (self-attention keys and values grow in place, cross-attention keys and values are
+projected once and shared by an example's beams; both are stored heads first, the layout the
+attention matmuls read, see MultiHeadAttention). Everything is one `jax.jit` with a
+`lax.while_loop` that stops when every example has finished.
 
 Beam search follows HF transformers' `generate` (the reference the tests compare against):
 2k candidates per step, hypotheses finish at EOS or at max length, scores are

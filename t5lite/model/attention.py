@@ -57,8 +57,9 @@ class MultiHeadAttention(nn.Module):
     ([B, kv_heads, length, Dh], see `_use_cache`). The first call creates it: self-attention
     allocates cache_length zero slots; cross-attention projects the encoder output once. Later
     calls take the queries at `decode_position`, write their keys/values there and attend over
-    the whole cache (the caller's bias masks slots not yet written). Subclasses may override
-    `scores` (e.g. another similarity) and keep the rest.
+    the whole cache (the caller's bias masks slots not yet written). A cross-attention cache with
+    fewer rows than the queries is shared by consecutive query rows (beam search: an example's
+    beams). Subclasses may override `scores` (e.g. another similarity) and keep the rest.
     """
 
     config: T5Config

@@ -159,8 +159,8 @@ def test_grouped_query_attention_sizes_projections_and_cache():
         {"params": p}, e, x, s, decode=True, max_decode_length=10, method=model.decode, mutable=["cache"]),
         params, encoded, enc, start)
     cache = variables["cache"]["decoder"]["layers_0"]
-    assert cache["self_attention"]["cached_key"].shape == (1, 10, 2, 16)
-    assert cache["encoder_decoder_attention"]["cross_key"].shape == (1, 3, 2, 16)
+    assert cache["self_attention"]["cached_key"].shape == (1, 2, 10, 16)  # heads first: [B, Hkv, L, Dh]
+    assert cache["encoder_decoder_attention"]["cross_key"].shape == (1, 2, 3, 16)
 
 
 def test_grouped_query_equals_multi_head_with_repeated_key_value_heads():

@@ -1,5 +1,7 @@
 """Decoding: the KV cache against the full forward pass, HF generate parity, sampling semantics."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,7 @@ import pytest
 from t5lite.convert.hf import from_hf
 from t5lite.errors import UserError
 from t5lite.infer import generate
-from t5lite.infer.decoding import _filter_logits
+from t5lite.infer.decoding import _filter_logits, _generate
 from t5lite.model import DecoderOnly, EncoderDecoder, get_config, init_params, scan_params
 
 
@@ -41,6 +43,70 @@ def test_cached_steps_equal_full_forward(tiny, scan):
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("variant", ["mha", "gqa_scanned"])
+def test_beams_sharing_the_cross_attention_cache_equal_the_full_forward(variant):
+    """Beam search keeps one cross-attention cache row per example, shared by its beams (adjacent rows);
+    stepping 3 beams per example, each on its own tokens, gives the full forward pass of every row."""
+    cfg = get_config("tiny", num_kv_heads=2 if variant == "gqa_scanned" else None)
+    params = init_params(cfg, jax.random.key(1))
+    if variant == "gqa_scanned":
+        cfg, params = cfg.replace(scan_layers=True), scan_params(params)
+    model, beams, axis = EncoderDecoder(cfg), 3, _batch_axis(cfg)
+    rng = np.random.default_rng(1)
+    enc = np.array([list(rng.integers(2, 500, 6)) + [1], list(rng.integers(2, 500, 3)) + [1, 0, 0, 0]])  # [2, 7]
+    row_enc = np.repeat(enc, beams, axis=0)  # [6, 7]: beams adjacent
+    dec = np.concatenate([np.zeros((6, 1), int), rng.integers(2, 500, (6, 5))], axis=1)  # [6, 6]
+    full = model.apply({"params": params}, row_enc, dec)  # [6, 6, V]
+
+    encoded = model.apply({"params": params}, enc, method=model.encode)  # [2, 7, D]: once per example
+    _, variables = model.apply({"params": params}, encoded, enc, dec[::beams, :1], decode=True, max_decode_length=6,
+                               method=model.decode, mutable=["cache"])
+    cache = jax.tree_util.tree_map_with_path(  # self-attention rows per beam; cross-attention rows per example
+        lambda path, x: jnp.repeat(x, beams, axis=axis) if path[-1].key.startswith("cached_") else x,
+        variables["cache"])
+    for t in range(6):
+        logits, variables = model.apply({"params": params, "cache": cache}, None, row_enc, dec[:, t:t + 1],
+                                        decode=True, decode_position=jnp.int32(t), max_decode_length=6,
+                                        method=model.decode, mutable=["cache"])
+        cache = variables["cache"]
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5 * np.abs(full).max())
+    cross = [x for path, x in jax.tree_util.tree_leaves_with_path(cache) if path[-1].key == "cross_key"]
+    assert cross and all(x.shape[axis] == 2 for x in cross)
+
+
+def _batch_axis(cfg):
+    return 1 if cfg.scan_layers else 0
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_loop_never_relayouts_a_cache(tiny, method):
+    """The caches are stored heads first, the layout the attention matmuls read: no instruction of the
+    compiled decoding loop produces a transposed copy of a cached key or value (XLA's CPU backend used to
+    transpose every layer's cross-attention keys and values, and the self-attention cache, at every step)."""
+    cfg, params = tiny
+    batch, beams, length, steps = 2, 3, 9, 12
+    rows = batch * beams if method == "beam" else batch
+    inputs = np.random.default_rng(0).integers(2, 500, (batch, length)).astype(np.int32)
+    compiled = _generate.lower(cfg, params, inputs, jnp.int32(0), None, None, None, max_decode_length=steps,
+                               method=method, num_beams=beams, length_penalty=1.0, length_penalty_style="hf",
+                               early_stopping=True, temperature=1.0, top_k=0, top_p=1.0, decoder_only=False,
+                               card_spec=None).compile().as_text()
+    # The self- and cross-attention caches: rows x kv heads x slots x head dims, in some order.
+    heads, dh = cfg.kv_heads, cfg.head_dim
+    cache_dims = [sorted((rows, heads, steps + 1, dh)), sorted((batch, heads, length, dh))]
+    body_name = re.search(r"while\(.*body=%?([\w.\-]+)", compiled).group(1)
+    body = re.search(rf"\n%?{re.escape(body_name)} .*?\n}}", compiled, re.S).group(0)
+    shapes = lambda text: {tuple(int(d) for d in m.split(",")) for m in re.findall(r"f32\[([\d,]+)\]", text)}  # noqa: E731
+    carried = {s for s in shapes(body.split("\n")[1]) if sorted(s) in cache_dims}  # the loop state's caches
+    relayouts = []
+    for line in body.splitlines()[2:]:
+        out = re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]+)\]\S* (\S+)\(", line)
+        dims = out and tuple(int(d) for d in out.group(1).split(","))
+        if dims and out.group(2) != "bitcast" and sorted(dims) in cache_dims and dims not in carried:
+            relayouts.append(line.strip()[:120])
+    assert len(carried) == 2 and not relayouts, relayouts
+
+
 def test_greedy_scores_are_the_model_log_probs(tiny):
     cfg, params = tiny
     enc = np.array([[5, 6, 7, 8, 1, 0], [9, 10, 1, 0, 0, 0]])
@@ -71,6 +137,24 @@ def test_decoder_only_generation_matches_full_forward(prefix_lm):
             assert seq[-1] == int(tokens[row, t])
             if seq[-1] == 1:
                 break
+
+
+def test_decoder_only_beam_search_scores_its_tokens_like_the_full_forward():
+    """Decoder-only beams start from one prefill per prompt (repeated for the beams): each example's best
+    hypothesis scores what the full forward pass, without a cache, gives its tokens (alpha 0: the sum)."""
+    cfg = get_config("tiny")
+    params = init_params(cfg, jax.random.key(2), decoder_only=True)
+    prompts = np.array([[5, 6, 7, 8], [9, 10, 0, 0]])  # right-padded, different lengths
+    tokens, scores = generate(cfg, params, prompts, max_decode_length=6, method="beam", num_beams=3,
+                              length_penalty=0.0, decoder_only=True)
+    model = DecoderOnly(cfg)
+    for row, prompt in enumerate([[5, 6, 7, 8], [9, 10]]):
+        out = [int(t) for t in tokens[row]]
+        out = out[:out.index(1) + 1] if 1 in out else out
+        seq = np.array([[0] + prompt + out])
+        log_probs = jax.nn.log_softmax(model.apply({"params": params}, seq[:, :-1]))[0]  # [T, V]
+        picked = [log_probs[len(prompt) + j, token] for j, token in enumerate(out)]
+        np.testing.assert_allclose(scores[row], np.sum(picked), rtol=1e-5)
 
 
 def test_sampling_top_k_one_and_tiny_temperature_equal_greedy(tiny):

@@ -1,8 +1,10 @@
 """Autoregressive decoding on a key/value cache: greedy, beam search, and sampling.
 
-The encoder runs once; the decoder runs one token per step on the cache (self-attention keys
-and values grow in place, cross-attention keys and values are projected once). Everything is
-one `jax.jit` with a `lax.while_loop` that stops when every example has finished.
+The encoder runs once per example (not per beam); the decoder runs one token per step on the
+cache (self-attention keys and values grow in place, cross-attention keys and values are
+projected once and shared by an example's beams; both are stored heads first, the layout the
+attention matmuls read, see MultiHeadAttention). Everything is one `jax.jit` with a
+`lax.while_loop` that stops when every example has finished.
 
 Beam search follows HF transformers' `generate` (the reference the tests compare against):
 2k candidates per step, hypotheses finish at EOS or at max length, scores are
@@ -34,55 +36,68 @@ METHODS = ("greedy", "beam", "sample")
 
 
 class _StepFn(NamedTuple):
-    """init() -> (cache, first-token logits [N, V]); step(cache, tokens [N, 1], position) -> (logits, cache)."""
+    """init() -> (cache, first-token logits [N, V]); step(cache, tokens [N, 1], position) -> (logits, cache).
+
+    N = B * repeat rows, the `repeat` beams of an example adjacent. What is the same for every beam (the
+    encoder, the cross-attention keys and values, the prompt or start token) runs once per example in
+    init(), whose self-attention cache is then repeated for the beams.
+    """
     init: callable
     step: callable
     first_position: jax.Array  # position of the first generated token in the decoder sequence
 
 
-def _encoder_decoder_steps(config, variables, encoder_input_tokens, max_decode_length, repeat) -> _StepFn:
+def _encoder_decoder_steps(config, variables, encoder_input_tokens, max_decode_length, repeat, cards) -> _StepFn:
     model = EncoderDecoder(config)
     cache_length = max_decode_length + 1  # start token + generated tokens (+1 unused beam-search step)
-    enc = jnp.repeat(encoder_input_tokens, repeat, axis=0)  # [N, L] with beams adjacent
-    encoded = model.apply(variables, enc, method=model.encode)  # [N, L, D]
+    enc = encoder_input_tokens  # [B, L]
+    row_enc = jnp.repeat(enc, repeat, axis=0)  # [N, L]: each row's cross-attention mask
     start = jnp.zeros((enc.shape[0], 1), jnp.int32)
 
-    def init():
-        # Allocates the cache and projects cross-attention keys/values; then decodes the start token.
-        _, cached = model.apply(variables, encoded, enc, start, decode=True, max_decode_length=cache_length,
-                                method=model.decode, mutable=["cache"])
-        return step(cached["cache"], start, jnp.int32(0))
-
-    def step(cache, tokens, position):
-        logits, cached = model.apply({**variables, "cache": cache}, None, enc, tokens, decode=True,
+    def run(cache, encoder_tokens, tokens, position):
+        logits, cached = model.apply({**variables, "cache": cache}, None, encoder_tokens, tokens, decode=True,
                                      decode_position=position, max_decode_length=cache_length,
                                      method=model.decode, mutable=["cache"])
         return logits[:, -1], cached["cache"]
 
+    def init():
+        with cards(1):
+            encoded = model.apply(variables, enc, method=model.encode)  # [B, L, D]
+            # Allocates the cache and projects cross-attention keys/values; then decodes the start token.
+            _, cached = model.apply(variables, encoded, enc, start, decode=True, max_decode_length=cache_length,
+                                    method=model.decode, mutable=["cache"])
+            logits, cache = run(cached["cache"], enc, start, jnp.int32(0))
+        return _repeat_rows(logits, cache, repeat, config)
+
+    def step(cache, tokens, position):
+        with cards(repeat):
+            return run(cache, row_enc, tokens, position)
+
     return _StepFn(init, step, jnp.int32(1))
 
 
-def _decoder_only_steps(config, variables, prompt_tokens, max_decode_length, repeat) -> _StepFn:
+def _decoder_only_steps(config, variables, prompt_tokens, max_decode_length, repeat, cards) -> _StepFn:
     """Prompts are right-aligned in one block of P + 1 slots and prefilled at once ([0, x1..xn]
     after left padding); padding slots are masked out of attention, and each token's position
     is its slot minus its row's padding, so the left padding changes nothing for any position
     scheme (relative ones only see offsets anyway)."""
     model = DecoderOnly(config)
-    prompts = jnp.repeat(prompt_tokens, repeat, axis=0)  # [N, P] right-padded
-    n, p = prompts.shape
-    lengths = jnp.sum(prompts > 0, axis=1)  # [N]
+    p = prompt_tokens.shape[1]  # [B, P] right-padded
+    lengths = jnp.sum(prompt_tokens > 0, axis=1)  # [B]
     cache_len = p + 1 + max_decode_length
-    shift = p - lengths  # left padding per row
     cols = jnp.arange(p + 1)
-    src = cols[None, :] - 1 - shift[:, None]  # prompt index feeding each prefill column
-    prefill = jnp.where(src >= 0, jnp.take_along_axis(prompts, jnp.clip(src, 0, p - 1), axis=1), 0)  # [N, P+1]
     slots = jnp.arange(cache_len)
-    key_valid = slots[None, :] >= shift[:, None]  # [N, Lc]
-    prefix = jnp.logical_and(key_valid, slots[None, :] <= p)  # the prompt block is the prefix
+    shift = p - lengths  # left padding per example
+    src = cols[None, :] - 1 - shift[:, None]  # prompt index feeding each prefill column
+    prefill = jnp.where(src >= 0, jnp.take_along_axis(prompt_tokens, jnp.clip(src, 0, p - 1), axis=1), 0)  # [B, P+1]
+    key_valid = slots[None, :] >= shift[:, None]  # [B, Lc]
+    rows = dict(shift=shift, key_valid=key_valid,
+                prefix=jnp.logical_and(key_valid, slots[None, :] <= p))  # the prompt block is the prefix
+    beam_rows = jax.tree.map(lambda x: jnp.repeat(x, repeat, axis=0), rows)  # [N, ...]
 
-    def step(cache, tokens, position):
+    def run(cache, tokens, position, shift, key_valid, prefix):
         slots = position + jnp.arange(tokens.shape[1])  # [len]
-        positions = jnp.maximum(slots[None, :] - shift[:, None], 0)  # [N, len]; padding slots are masked
+        positions = jnp.maximum(slots[None, :] - shift[:, None], 0)  # [rows, len]; padding slots are masked
         logits, cached = model.apply({**variables, "cache": cache}, tokens, decode=True,
                                      decode_position=position, max_decode_length=cache_len,
                                      decoder_key_valid=key_valid, decoder_causal_attention=prefix,
@@ -90,9 +105,15 @@ def _decoder_only_steps(config, variables, prompt_tokens, max_decode_length, rep
         return logits[:, -1], cached["cache"]
 
     def init():
-        _, cached = model.apply(variables, prefill[:, :1], decode=True, max_decode_length=cache_len,
-                                mutable=["cache"])
-        return step(cached["cache"], prefill, jnp.int32(0))
+        with cards(1):
+            _, cached = model.apply(variables, prefill[:, :1], decode=True, max_decode_length=cache_len,
+                                    mutable=["cache"])
+            logits, cache = run(cached["cache"], prefill, jnp.int32(0), **rows)
+        return _repeat_rows(logits, cache, repeat, config)
+
+    def step(cache, tokens, position):
+        with cards(repeat):
+            return run(cache, tokens, position, **beam_rows)
 
     return _StepFn(init, step, jnp.int32(p + 1))
 
@@ -107,6 +128,15 @@ def _reorder_cache(cache, flat_indices, batch_axis):
         name = path[-1].key
         return jnp.take(x, flat_indices, axis=batch_axis) if name in ("cached_key", "cached_value") else x
     return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def _repeat_rows(logits, cache, repeat, config):
+    """One row per example -> `repeat` adjacent rows (its beams): the logits and the self-attention cache.
+    The cross-attention cache keeps one row per example, which its beams share (see MultiHeadAttention)."""
+    if repeat == 1:
+        return logits, cache
+    rows = jnp.repeat(jnp.arange(logits.shape[0]), repeat)  # [N]
+    return jnp.take(logits, rows, axis=0), _reorder_cache(cache, rows, _cache_batch_axis(config))
 
 
 # --- Token choice --------------------------------------------------------------------------------
@@ -262,17 +292,20 @@ def _generate(config, params, inputs, seed, card_table, card_scales, card_index,
     repeat = num_beams if method == "beam" else 1
     make_steps = _decoder_only_steps if decoder_only else _encoder_decoder_steps
     variables = {"params": params}
-    cards = contextlib.nullcontext()
-    if card_spec is not None:  # every row (beams next to each other) uses its example's card
+    if card_spec is not None:
         variables[lora.COLLECTION] = card_table
-        cards = lora.adapted(card_spec, jnp.repeat(card_index, repeat), card_scales)
-    with cards:  # active while the loops below are traced
-        steps = make_steps(config, variables, inputs, max_decode_length, repeat)
-        if method == "beam":
-            return _beam_search(steps, batch, num_beams, max_decode_length, length_penalty, length_penalty_style,
-                                early_stopping, _cache_batch_axis(config))
-        return _sample_or_greedy(steps, batch, max_decode_length, method == "greedy", temperature, top_k, top_p,
-                                 seed)
+
+    def cards(rows_per_example):
+        """The context in which the model applies each example's card to its rows (beams adjacent)."""
+        if card_spec is None:
+            return contextlib.nullcontext()
+        return lora.adapted(card_spec, jnp.repeat(card_index, rows_per_example), card_scales)
+
+    steps = make_steps(config, variables, inputs, max_decode_length, repeat, cards)
+    if method == "beam":
+        return _beam_search(steps, batch, num_beams, max_decode_length, length_penalty, length_penalty_style,
+                            early_stopping, _cache_batch_axis(config))
+    return _sample_or_greedy(steps, batch, max_decode_length, method == "greedy", temperature, top_k, top_p, seed)
 
 
 def generate(config: T5Config, params, encoder_input_tokens, *, max_decode_length: int, method: str = "greedy",

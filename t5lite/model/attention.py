@@ -53,11 +53,13 @@ def mask_to_bias(mask: jax.Array) -> jax.Array:
 class MultiHeadAttention(nn.Module):
     """Bias-free attention (self or cross) under an additive float32 score bias.
 
-    Decoding (`decode=True`) keeps keys/values in the 'cache' collection. The first call
-    creates it: self-attention allocates [B, cache_length, kv_heads, Dh] zeros; cross-attention
-    projects the encoder output once. Later calls take the queries at `decode_position`, write
-    their keys/values there and attend over the whole cache (the caller's bias masks slots not
-    yet written). Subclasses may override `scores` (e.g. another similarity) and keep the rest.
+    Decoding (`decode=True`) keeps keys/values in the 'cache' collection, heads first
+    ([B, kv_heads, length, Dh], see `_use_cache`). The first call creates it: self-attention
+    allocates cache_length zero slots; cross-attention projects the encoder output once. Later
+    calls take the queries at `decode_position`, write their keys/values there and attend over
+    the whole cache (the caller's bias masks slots not yet written). A cross-attention cache with
+    fewer rows than the queries is shared by consecutive query rows (beam search: an example's
+    beams). Subclasses may override `scores` (e.g. another similarity) and keep the rest.
     """
 
     config: T5Config
@@ -82,7 +84,8 @@ class MultiHeadAttention(nn.Module):
         key, value = project(name="key"), project(name="value")
         cached_cross = self.decode and self.is_cross and self.has_variable("cache", "cross_key")
         if cached_cross:
-            k, v = self.get_variable("cache", "cross_key"), self.get_variable("cache", "cross_value")
+            k = _from_cache_layout(self.get_variable("cache", "cross_key"))
+            v = _from_cache_layout(self.get_variable("cache", "cross_value"))
         else:
             k, v = key(inputs_kv), value(inputs_kv)  # [B, k, Hkv, Dh]
         if cfg.qk_norm:  # normalised heads lose the folded-in scaling: scale explicitly
@@ -95,6 +98,13 @@ class MultiHeadAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
         if self.decode:
             k, v = self._use_cache(k, v, decode_position)
+        q_shape = q.shape
+        rows = q_shape[0] // k.shape[0]
+        if cached_cross and rows > 1:
+            # Beam search: each example's cross-attention cache serves its `rows` beams (consecutive query
+            # rows), which attend as one row of rows x q queries: keys and values are read once, not per beam.
+            q = _rows_as_queries(q, rows, axis=1)  # [B, rows * q, H, Dh]
+            bias = _rows_as_queries(jnp.broadcast_to(bias, q_shape[:1] + bias.shape[1:]), rows, axis=2)
 
         scores = self.scores(q, k)  # [B, H, q, k] float32
         if cfg.attention_logit_softcap is not None:
@@ -102,7 +112,7 @@ class MultiHeadAttention(nn.Module):
             scores = cap * jnp.tanh(scores / cap)
         weights = jax.nn.softmax(scores + bias, axis=-1)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
-        out = self.weighted_sum(jnp.asarray(weights, dtype), v)  # [B, q, H, Dh]
+        out = self.weighted_sum(jnp.asarray(weights, dtype), v).reshape(q_shape)  # [B, q, H, Dh]
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return DenseGeneral(emb_dim, ("heads", "kv", "embed"), num_contracting=2, dtype=dtype,
                             kernel_init=fan_in, name="out")(out)
@@ -128,18 +138,45 @@ class MultiHeadAttention(nn.Module):
         return out.reshape(b, lq, self.config.num_heads, v.shape[-1])
 
     def _use_cache(self, k: jax.Array, v: jax.Array, decode_position: Optional[jax.Array]):
+        """Stores k, v [B, k, Hkv, Dh] in the cache, heads first, and returns what the queries attend to.
+
+        Heads-first caches are what the attention matmuls read without copying: in the [B, k, Hkv, Dh]
+        layout XLA's CPU backend transposes every cached key and value, of every layer, at every step.
+        `scores` and `weighted_sum` still see [B, k, Hkv, Dh]: a transposed view that XLA folds into the dots.
+        """
         if self.is_cross:
             if not self.has_variable("cache", "cross_key"):
-                self.put_variable("cache", "cross_key", k)
-                self.put_variable("cache", "cross_value", v)
+                # The barrier keeps XLA from cancelling this transpose against the view taken at each step
+                # (it would then carry [B, k, Hkv, Dh] through the decoding loop and transpose it every step).
+                cross_k, cross_v = jax.lax.optimization_barrier((_to_cache_layout(k), _to_cache_layout(v)))
+                self.put_variable("cache", "cross_key", cross_k)
+                self.put_variable("cache", "cross_value", cross_v)
             return k, v
         initialized = self.has_variable("cache", "cached_key")
-        shape = (k.shape[0], self.cache_length or k.shape[1], *k.shape[2:])  # [B, Lmax, Hkv, Dh]
+        shape = (k.shape[0], k.shape[2], self.cache_length or k.shape[1], k.shape[3])  # [B, Hkv, Lmax, Dh]
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
         if not initialized or decode_position is None:
             return k, v
-        start = (0, decode_position, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
-        return cached_k.value, cached_v.value
+        start = (0, 0, decode_position, 0)
+        for cached, new in ((cached_k, k), (cached_v, v)):  # in place: the while loop's carry is not copied
+            cached.value = jax.lax.dynamic_update_slice(cached.value, _to_cache_layout(new).astype(cached.value.dtype),
+                                                        start)
+        return _from_cache_layout(cached_k.value), _from_cache_layout(cached_v.value)
+
+
+def _rows_as_queries(x: jax.Array, rows: int, axis: int) -> jax.Array:
+    """[B * rows, ..., q (at `axis`), ...] -> [B, ..., rows * q, ...]: each group of rows becomes one row's queries."""
+    x = jnp.moveaxis(x, axis, 1)  # [B * rows, q, ...]
+    x = x.reshape((x.shape[0] // rows, rows * x.shape[1]) + x.shape[2:])
+    return jnp.moveaxis(x, 1, axis)
+
+
+def _to_cache_layout(x: jax.Array) -> jax.Array:
+    """[B, k, Hkv, Dh] -> the cache's heads-first [B, Hkv, k, Dh]."""
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _from_cache_layout(x: jax.Array) -> jax.Array:
+    """A cached [B, Hkv, k, Dh] tensor -> the [B, k, Hkv, Dh] view that attention computes with."""
+    return jnp.swapaxes(x, 1, 2)

@@ -165,7 +165,7 @@ def clean(out: str) -> None:
 def run(args) -> dict:
     from t5lite.commands import load_for_inference
     from t5lite.model import count_params, lora
-    from t5lite.train.cards import card_for, load_card
+    from t5lite.train.cards import check_base, load_card
     start = time.perf_counter()
     pre = base_stage(args)
     stages = {name: card_stage(name, gin_file, pre["model_dir"], args) for name, gin_file, _, _ in CARDS}
@@ -176,7 +176,7 @@ def run(args) -> dict:
     for name, _, task_name, metric in CARDS:
         stage = stages[name]
         card = load_card(stage["model_dir"])
-        card.params = card_for(card, config, params, pre["model_dir"])  # checked against this base, its layout
+        check_base(card, fingerprint, pre["model_dir"])
         plain = score(os.path.join(args.out, f"base_{task_name}.json"), {"base": fingerprint, **settings},
                       task_name, base, None, args)
         adapted = score(os.path.join(stage["model_dir"], "cards_eval_test.json"),

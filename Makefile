@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-curve test test-fast test-all clean
+.PHONY: install demo demo-curve cards test test-fast test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)
 # cores; reuses what `make demo` trained).
 demo-curve: $(STAMP)
 	$(PY) -m t5lite.demo --curve $(DEMO_ARGS)
+
+# Three LoRA adapter cards (en->es, KJV->WEB, WordNet definitions) on the demo's pre-trained base, each scored
+# against the base on its task, then one decode batch mixing the three cards and the base: runs/cards/results.md
+# (<= ~10 min on 2 CPU cores after `make demo`; without it, the demo's pre-training runs first).
+# Finished stages are skipped on a re-run; `make cards CARDS_ARGS=--fresh` starts the cards over.
+cards: $(STAMP)
+	$(PY) -m t5lite.cards_demo $(CARDS_ARGS)
 
 # Lint first (ruff: [tool.ruff] in pyproject.toml), then the suite on 2 pytest-xdist workers: XLA's
 # compiles are single-threaded, so two test processes keep both cores busy. `make test` leaves out only

@@ -25,7 +25,7 @@ import numpy as np
 
 from t5lite.data import packing
 from t5lite.errors import UserError
-from t5lite.model import T5Config
+from t5lite.model import T5Config, lora, unscan_params
 from t5lite import program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
@@ -282,20 +282,29 @@ def _model_config(train_args: dict) -> T5Config:
     return T5Config.from_dict(config.to_dict())  # gin's T5Config subclass -> the plain, hashable one
 
 
-def _decode_program(steps, decoder_only: bool, batch: int, input_length: int, max_decode_length: int,
+def _decode_program(steps, params, decoder_only: bool, batch: int, input_length: int, max_decode_length: int,
                     method: str, num_beams: int):
+    """`generate` on the abstract params; a card run's program serves its card (a one-card table, as
+    `infer --card` builds it), a plain run's the model alone."""
     from t5lite.infer import decoding
     replicated = jax.sharding.NamedSharding(steps.mesh, jax.sharding.PartitionSpec())
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          partitioning.abstract_train_state(steps.config, steps.optimizer, steps.shardings,
-                                                            decoder_only).params, steps.shardings.params)
     inputs = jax.ShapeDtypeStruct((batch, input_length), jnp.int32,
                                   sharding=partitioning.batch_sharding(steps.mesh, steps.rules))
     seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    return lambda: decoding._generate.trace(  # the plain model: no adapter cards
-        steps.config, params, inputs, seed, None, None, None, max_decode_length=max_decode_length, method=method,
+    cards, card_spec = (None, None, None), None
+    if steps.card is not None:
+        def one_card_table(card):  # lora.stack_cards' layout: cards stacked unscanned, then in the model's layout
+            return lora.in_layout(jax.tree.map(lambda x: x[None], unscan_params(card)), steps.config)
+
+        table = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                             jax.eval_shape(one_card_table, steps.card.abstract_state.params))
+        cards = (table, jax.ShapeDtypeStruct((1,), jnp.float32, sharding=replicated),
+                 jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated))
+        card_spec = steps.card.spec
+    return lambda: decoding._generate.trace(
+        steps.config, params, inputs, seed, *cards, max_decode_length=max_decode_length, method=method,
         num_beams=num_beams, length_penalty=1.0, length_penalty_style="hf", early_stopping=True, temperature=1.0,
-        top_k=0, top_p=1.0, decoder_only=decoder_only, card_spec=None)
+        top_k=0, top_p=1.0, decoder_only=decoder_only, card_spec=card_spec)
 
 
 def kv_cache_bytes(config: T5Config, batch: int, input_length: int, max_decode_length: int,
@@ -318,7 +327,8 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     program its `memory` (bytes per chip; `fits`), `flops` (per chip: executed, analytic, the
     MFU upper bound analytic / executed), `collectives` (by kind, bytes per chip per step) and
     `warnings` (counts of XLA's involuntary-rematerialization and memory-rematerialization
-    warnings, and the distinct warning lines).
+    warnings, and the distinct warning lines). A run with `train.adapter` (a LoRA card) compiles the
+    card's programs: the base is an input of each, only the card has gradients and optimizer state.
     """
     unknown = sorted(set(programs) - {"train", "eval", "decode"})
     if unknown:
@@ -333,12 +343,13 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     batch = abstract_batch(batch_size, lengths, mesh, rules, decoder_only=decoder_only,
                            pack=train_args.get("pack", True), prefix_lm=config.decoder_only_prefix_lm)
     state = partitioning.abstract_train_state(config, steps.optimizer, steps.shardings, decoder_only)
+    card = steps.card  # an adapter-card run: programs of (card state, frozen base, batch)
     peak = peak_flops_per_device(devices[0].device_kind)
     inputs_length, targets_length = lengths.get("inputs", 0), lengths["targets"]
 
     def analytic(batch: int, training: bool) -> float:
         flops = model_flops_per_step(config, batch, inputs_length, targets_length, decoder_only=decoder_only,
-                                     training=training)
+                                     training=training, frozen_base=card is not None)
         if training and steps.teacher:  # a distillation step also runs the teacher forward (as train() counts it)
             flops += model_flops_per_step(steps.teacher.config, batch, inputs_length, targets_length,
                                           decoder_only=decoder_only, training=False)
@@ -356,18 +367,25 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
                         "vocab_size": config.vocab_size, "dtype": config.dtype, "scan_layers": config.scan_layers,
                         "remat_policy": config.remat_policy},
               "programs": {}}
+    if card is not None:
+        base_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params)))
+        report["adapter"] = {**card.spec.to_dict(), "params": card.num_params, "base_params": base_params}
     hlo = (lambda name: os.path.join(hlo_dir, f"{name}.hlo.txt")) if hlo_dir else (lambda name: None)
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
     common = dict(context=under_mesh, hbm_bytes=topology.hbm_bytes, num_chips=topology.num_chips, peak_flops=peak)
+    if card is None:
+        train_program = lambda: steps.train_step.trace(state, batch)  # noqa: E731
+        eval_program = lambda: steps.eval_step.trace(state.params, batch)  # noqa: E731
+    else:
+        train_program = lambda: card.train_step.trace(card.abstract_state, state.params, batch)  # noqa: E731
+        eval_program = lambda: card.eval_step.trace(card.abstract_state.params, state.params, batch)  # noqa: E731
     if "train" in programs:
-        report["programs"]["train"] = compile_program(lambda: steps.train_step.trace(state, batch),
-                                                      analytic_flops=analytic(batch_size, True), hlo_path=hlo("train"),
-                                                      **common)
+        report["programs"]["train"] = compile_program(train_program, analytic_flops=analytic(batch_size, True),
+                                                      hlo_path=hlo("train"), **common)
     if "eval" in programs:
-        report["programs"]["eval"] = compile_program(lambda: steps.eval_step.trace(state.params, batch),
-                                                     analytic_flops=analytic(batch_size, False), hlo_path=hlo("eval"),
-                                                     **common)
+        report["programs"]["eval"] = compile_program(eval_program, analytic_flops=analytic(batch_size, False),
+                                                     hlo_path=hlo("eval"), **common)
     if "decode" in programs:
         serve = int(decode_batch or batch_size)
         length = int(decode_input_length or inputs_length or targets_length)
@@ -376,7 +394,8 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
         if serve % data_shards:
             raise UserError(f"decode batch {serve} is not divisible by the {data_shards} data x fsdp shards; "
                             f"use a multiple of {data_shards}")
-        program = _decode_program(steps, decoder_only, serve, length, decode_length, decode_method, num_beams)
+        program = _decode_program(steps, state.params, decoder_only, serve, length, decode_length, decode_method,
+                                  num_beams)
         decode = compile_program(program, analytic_flops=None, hlo_path=hlo("decode"), **common)
         beams = num_beams if decode_method == "beam" else 1
         decode["setting"] = {"batch": serve, "input_length": length, "max_decode_length": decode_length,
@@ -481,6 +500,11 @@ def format_report(report: dict) -> str:
              f"microbatches {report['num_microbatches']}, {report['optimizer']}; model d={model['emb_dim']} "
              f"layers={model['layers']} vocab={model['vocab_size']} {model['dtype']} scan={model['scan_layers']} "
              f"remat={model['remat_policy']}"]
+    if "adapter" in report:
+        card = report["adapter"]
+        lines.append(f"adapter card: rank {card['rank']}, alpha {card['alpha']:g}, targets {', '.join(card['targets'])}: "
+                     f"{card['params']:,} trainable params ({100 * card['params'] / card['base_params']:.3f} % of the "
+                     f"base's {card['base_params']:,}, a frozen input of every program)")
     for name, program in report["programs"].items():
         lines += _program_lines(name, program)
     if "largest_batch" in report:

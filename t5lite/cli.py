@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("eval", help="metrics of a checkpoint on a task split (decoding + perplexity)")
     p.add_argument("--task", required=True, help="task name, e.g. bible_translate_en_es")
     p.add_argument("--output", help="also write per-example predictions as JSONL")
+    p.add_argument("--card", help="score the base --checkpoint with this adapter card (a card directory or a card "
+                   "run's model_dir), in the same decode program as `infer --card`")
     _add_decoding_flags(p)
     p.set_defaults(run=run.run_eval)
 

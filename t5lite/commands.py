@@ -90,20 +90,24 @@ def _progress(total: int, desc: str):
 
 
 def run_eval(args) -> None:
-    """Decodes a task split with a checkpoint and prints the task's metrics plus perplexity."""
+    """Decodes a task split with a checkpoint (with --card: the base plus that adapter card) and prints the
+    task's metrics plus perplexity."""
     from t5lite.data import tasks
     from t5lite.infer.evaluate import evaluate_task
-    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    from t5lite.train.cards import load_card
+    card = load_card(args.card) if args.card else None  # a bad card fails before the base is read
     task = tasks.get(args.task)
+    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    cards = _stack_cards({"card": card}, config, params, args.checkpoint)[0] if card else None
     with _progress(args.max_examples or 0, f"eval {args.task}/{args.split}") as bar:
         results, records = evaluate_task(config, params, task, vocab, split=args.split,
                                          max_examples=args.max_examples, batch_size=args.batch_size,
                                          input_length=args.input_length, max_decode_length=args.max_decode_length,
-                                         strict=args.strict, decoder_only=decoder_only, progress=bar,
+                                         strict=args.strict, decoder_only=decoder_only, progress=bar, cards=cards,
                                          **_decode_kwargs(args))
     if args.output:
         _write_jsonl(args.output, records)
-    print(json.dumps({"task": args.task, "split": args.split, **results}))
+    print(json.dumps({"task": args.task, "split": args.split, **({"card": card.path} if card else {}), **results}))
 
 
 def run_infer(args) -> None:

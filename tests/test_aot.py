@@ -130,6 +130,49 @@ def test_tiny_fsdp_argument_memory_is_the_sum_of_the_shards():
     assert train["collectives"]["by_kind"]["all-gather"]["count"] > 0  # FSDP gathers weights
 
 
+def _shard_bytes(boxed, fsdp: int) -> int:
+    """float32 bytes per chip of a boxed (logically named) tree whose 'embed' axes are split `fsdp` ways."""
+    total = 0
+    for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        shape = [d // fsdp if axis == "embed" else d for d, axis in zip(leaf.value.shape, leaf.names)]
+        total += 4 * int(np.prod(shape))
+    return total
+
+
+@pytest.mark.slow
+def test_a_card_run_compiles_the_card_step_with_the_base_frozen(capsys):
+    """train.adapter: the compiled train step takes the base once (an input, not donated, no optimizer
+    state) and the card with AdamW's mu and nu; XLA's argument bytes equal that sum computed by hand, far
+    below the full fine-tuning step's three copies of the base. Eval and decode serve the card too."""
+    from t5lite.model import lora
+    from t5lite.train.monitor import model_flops_per_step
+    args = _tile_aligned_tiny_run((1, 4, 1))
+    spec = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "v"))
+    topology = aot.parse_topology("v5e:2x2")
+    full = aot.compile_run(args, topology, programs=("train",))["programs"]["train"]["memory"]
+    report = aot.compile_run({**args, "adapter": spec}, topology)
+    train = report["programs"]["train"]
+    assert train["compiled"] and train["memory"]["fits"]
+
+    config = args["model"]
+    base_bytes, card_bytes = _shard_bytes(abstract_params(config), 4), _shard_bytes(lora.abstract_card(config, spec), 4)
+    assert report["adapter"]["params"] == lora.num_card_params(lora.abstract_card(config, spec))
+    scalars, batch_bytes = 3, 6 * (8 // 4) * 128 * 4  # as in the FSDP test above
+    donated = 3 * card_bytes + scalars * TPU_TILE_BYTES  # card, mu, nu and the counters
+    assert train["memory"]["arguments"] == base_bytes + donated + batch_bytes
+    assert train["memory"]["aliased"] == donated  # the base is not donated: it is read, never updated
+    assert full["arguments"] == 3 * base_bytes + scalars * TPU_TILE_BYTES + batch_bytes
+    # No weight gradients for the base: the model FLOPs of a frozen-base step.
+    assert train["flops"]["analytic_per_chip"] == pytest.approx(
+        model_flops_per_step(config, 8, 128, 128, frozen_base=True) / 4)
+    assert model_flops_per_step(config, 8, 128, 128, frozen_base=True) < model_flops_per_step(config, 8, 128, 128)
+    # Eval: the base and the card as sharded in training; decode: a one-card table, replicated (it is small).
+    for program, card_copy in (("eval", card_bytes), ("decode", _shard_bytes(lora.abstract_card(config, spec), 1))):
+        arguments = report["programs"][program]["memory"]["arguments"]
+        assert base_bytes + card_copy <= arguments < base_bytes + card_copy + 16 * 1024, program
+    assert "adapter card: rank 8, alpha 16, targets q, v" in aot.format_report(report)
+
+
 @pytest.mark.slow
 def test_train_eval_and_decode_compile_and_print(capsys):
     """The whole command on the demo run shrunk to tiny: three programs, a readable report, and a

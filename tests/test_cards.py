@@ -12,7 +12,7 @@ import pytest
 
 from t5lite.cli import main
 from t5lite.data import tasks
-from t5lite.infer.evaluate import decode_texts
+from t5lite.infer.evaluate import decode_texts, evaluate_task
 from t5lite.model import EncoderDecoder, get_config, init_params, lora
 from t5lite.train.cards import Card, load_card, save_card
 from t5lite.train.checkpoint import load_params, save_params, stored_state_shapes
@@ -153,6 +153,36 @@ def test_infer_mixes_cards_in_one_batch_in_a_fresh_process(run, tmp_path, capsys
                     "card 'b' is not one of the --card names (a)")
     _one_line_error(["infer", "--checkpoint", str(root / "base"), "--input", str(tmp_path / "in.jsonl"),
                      "--output", str(tmp_path / "x.jsonl"), "--card", "a"], capsys, "needs NAME=DIR")
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_eval_with_a_card_scores_the_adapted_model_and_refuses_another_base(run, tmp_path, capsys):
+    """`t5lite eval --card`: the metrics and predictions of base + card, which equal those of the merged
+    checkpoint (an independent path: W + (alpha/r) A B folded in); on another base, one line, nothing written."""
+    root, config, params = run
+    flags = ["--task", "bible_translate_en_es", "--split", "validation", "--max_examples", "6", "--batch_size", "4",
+             "--input_length", "64", "--max_decode_length", "8"]
+    assert main(["eval", "--checkpoint", str(root / "base"), "--card", str(root / "card_run"), *flags,
+                 "--output", str(tmp_path / "preds.jsonl")]) == 0
+    adapted = json.loads(capsys.readouterr().out)
+    assert adapted["card"] == str(root / "card_run" / "card") and adapted["num_examples"] == 6
+    assert main(["eval", "--checkpoint", str(root / "base"), *flags]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert abs(adapted["perplexity"] - base["perplexity"]) > 1.0  # the card is used
+
+    card = load_card(str(root / "card_run"))
+    results, records = evaluate_task(config, lora.merge(params, card.params, card.spec),
+                                     tasks.get("bible_translate_en_es"), tasks.default_vocabulary(), split="validation",
+                                     max_examples=6, batch_size=4, input_length=64, max_decode_length=8)
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert predictions == [r["prediction"] for r in records]
+    assert adapted["chrf"] == pytest.approx(results["chrf"])
+    assert adapted["perplexity"] == pytest.approx(results["perplexity"], rel=1e-4)
+
+    _one_line_error(["eval", "--checkpoint", str(root / "other_base"), "--card", str(root / "card_run"), *flags,
+                     "--output", str(tmp_path / "x.jsonl")], capsys, "was trained on another base model")
+    _one_line_error(["eval", "--checkpoint", str(root / "base"), "--card", str(tmp_path), *flags], capsys,
+                    "is not an adapter card")
     assert not (tmp_path / "x.jsonl").exists()
 
 

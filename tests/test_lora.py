@@ -39,6 +39,22 @@ def _logits(config, params, card=None, spec=None):
     return np.asarray(jax.jit(adapted)(params, lora.in_layout(card, config)))
 
 
+def test_mixture_of_experts_experts_carry_no_card():
+    """In an MoE model (MoE MLP in every 2nd layer) 'wi' / 'wo' adapt the dense MLPs and the attention, never
+    the experts; a fresh card is still a no-op and a trained one changes the outputs."""
+    config = get_config("tiny", mlp="moe", num_experts=4, moe_every=2)
+    spec = lora.LoraConfig(rank=2, targets=("q", "wi", "wo"))
+    paths = list(lora.flat_paths(lora.abstract_card(config, spec)))
+    assert paths and not any("expert" in p for p in paths)
+    assert any("layers_0/mlp/wi_0" in p for p in paths) and not any("layers_1/mlp" in p for p in paths)
+    params = _params(config)
+    fresh = jax.jit(lambda k: lora.init_card(config, spec, k))(jax.random.key(1))
+    np.testing.assert_array_equal(_logits(config, params, fresh, spec), _logits(config, params))
+    assert np.abs(_logits(config, params, _card(config, spec, 2), spec) - _logits(config, params)).max() > 1e-3
+    with pytest.raises(UserError, match="'expert/wi_0' matches no projection"):
+        lora.check_targets(lora.LoraConfig(targets=("expert/wi_0",)), config)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_fresh_card_leaves_the_outputs_bit_identical(scan):
     config = get_config("tiny", scan_layers=scan)

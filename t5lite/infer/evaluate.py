@@ -17,7 +17,7 @@ from t5lite import metrics as metrics_lib
 from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
 from t5lite.infer.decoding import generate
-from t5lite.model import EncoderDecoder
+from t5lite.model import EncoderDecoder, lora
 
 
 def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = EOS_ID,
@@ -51,12 +51,14 @@ def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_d
                    decoder_only: bool = False, progress=None, cards=None, card_index=None, **decode_kwargs):
     """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N]).
 
-    `cards` (a lora.CardTable) and `card_index` [N]: example i decodes with card card_index[i] (< 0: none)."""
+    `cards` (a lora.CardTable) and `card_index` [N]: example i decodes with card card_index[i] (< 0: none;
+    no card_index: every example with card 0)."""
     tokens, scores = [], []
+    card_index = _card_index_or_first(cards, card_index, len(inputs))
     for start in range(0, len(inputs), batch_size):
         n = len(inputs[start:start + batch_size])
         chunk = _fill_batch(inputs[start:start + batch_size], batch_size)
-        index = None if cards is None else _fill_batch(np.asarray(card_index)[start:start + batch_size], batch_size)
+        index = None if cards is None else _fill_batch(card_index[start:start + batch_size], batch_size)
         out, score = generate(config, params, chunk, max_decode_length=max_decode_length,
                               decoder_only=decoder_only, cards=cards, card_index=index, **decode_kwargs)
         tokens.append(np.asarray(out)[:n])
@@ -66,6 +68,21 @@ def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_d
     if not tokens:
         return np.zeros((0, max_decode_length), np.int32), np.zeros((0,), np.float32)
     return np.concatenate(tokens), np.concatenate(scores)
+
+
+def _card_index_or_first(cards, card_index, n: int) -> Optional[np.ndarray]:
+    """Each example's card number [N]: `card_index`, or card 0 for all (one card); None without cards."""
+    if cards is None:
+        return None
+    return np.zeros(n, np.int32) if card_index is None else np.asarray(card_index, np.int32)
+
+
+def _apply(model, params, cards, card_index, *args, **kwargs):
+    """model.apply with the base params, and each example's card from the CardTable when one is given."""
+    if cards is None:
+        return model.apply({"params": params}, *args, **kwargs)
+    with lora.adapted(cards.spec, card_index, cards.scales):
+        return model.apply({"params": params, lora.COLLECTION: cards.table}, *args, **kwargs)
 
 
 def _decoder_only_rows(inputs: np.ndarray, targets: np.ndarray):
@@ -84,20 +101,21 @@ def _decoder_only_rows(inputs: np.ndarray, targets: np.ndarray):
 
 
 def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int,
-                           decoder_only: bool = False):
+                           decoder_only: bool = False, cards=None, card_index=None):
     """Sum of log p(target token) per example under teacher forcing -> (log-likelihoods [N], token counts [N]).
 
     Decoder-only models score the targets after the prompt in one sequence (prefix attention when the
-    model is a prefix LM)."""
+    model is a prefix LM). `cards` / `card_index`: each example scored with its card (see decode_batches)."""
+    card_index = _card_index_or_first(cards, card_index, len(inputs))
     if decoder_only:
         from t5lite.model import DecoderOnly
         model = DecoderOnly(config)
         tgt, dec_in, prefix, weights = _decoder_only_rows(inputs, targets)
 
         @jax.jit
-        def score(dec_in, tgt, prefix, weights):
-            logits = model.apply({"params": params}, dec_in, decoder_target_tokens=tgt,
-                                 decoder_causal_attention=prefix)
+        def score(index, dec_in, tgt, prefix, weights):
+            logits = _apply(model, params, cards, index, dec_in, decoder_target_tokens=tgt,
+                            decoder_causal_attention=prefix)
             picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[..., None], axis=-1)[..., 0]
             return jnp.sum(picked * weights, axis=1)
 
@@ -106,9 +124,9 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
         model = EncoderDecoder(config)
 
         @jax.jit
-        def score(enc, tgt):
+        def score(index, enc, tgt):
             dec_in = jnp.concatenate([jnp.zeros_like(tgt[:, :1]), tgt[:, :-1]], axis=1)
-            logits = model.apply({"params": params}, enc, dec_in, decoder_target_tokens=tgt)
+            logits = _apply(model, params, cards, index, enc, dec_in, decoder_target_tokens=tgt)
             log_probs = jax.nn.log_softmax(logits, axis=-1)
             picked = jnp.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
             return jnp.sum(picked * (tgt > 0), axis=1)
@@ -118,7 +136,8 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
     for start in range(0, len(inputs), batch_size):
         n = len(inputs[start:start + batch_size])
         chunk = [_fill_batch(c[start:start + batch_size], batch_size) for c in columns]
-        totals.append(np.asarray(score(*chunk))[:n])
+        index = None if cards is None else _fill_batch(card_index[start:start + batch_size], batch_size)
+        totals.append(np.asarray(score(index, *chunk))[:n])
     return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
 
 
@@ -141,17 +160,18 @@ def decode_task_split(config, params, task, vocab, *, split: str, max_examples: 
 
 def evaluate_task(config, params, task, vocab, *, split: str = "validation", max_examples: Optional[int] = None,
                   batch_size: int = 32, input_length: int = 128, max_decode_length: int = 64,
-                  strict: bool = False, decoder_only: bool = False, progress=None,
+                  strict: bool = False, decoder_only: bool = False, progress=None, cards=None,
                   **decode_kwargs) -> (Dict[str, float], List[dict]):
     """Decodes `split` of `task`, scores it with the task's metrics -> (metrics, per-example records).
 
     Besides the task's metrics: `perplexity` of the reference targets under teacher forcing
-    (exp of the mean negative log-likelihood per target token) and `num_examples`.
+    (exp of the mean negative log-likelihood per target token) and `num_examples`. `cards` (a
+    lora.CardTable): the base with card 0 (`t5lite eval --card`), for decoding and perplexity alike.
     """
     examples, inputs, tokens, scores = decode_task_split(
         config, params, task, vocab, split=split, max_examples=max_examples, batch_size=batch_size,
         input_length=input_length, max_decode_length=max_decode_length, strict=strict, decoder_only=decoder_only,
-        progress=progress, **decode_kwargs)
+        progress=progress, cards=cards, **decode_kwargs)
     predictions = [task.postprocess(vocab.decode(row)) for row in tokens]
     targets = [ex["targets_pretokenized"] for ex in examples]
     results = metrics_lib.compute(list(task.metrics), targets, predictions)
@@ -159,7 +179,7 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     target_tokens = [vocab.encode(t) + [vocab.eos_id] for t in targets]
     target_length = max(max(len(t) for t in target_tokens), 1)
     tgt, _ = pad_inputs(target_tokens, target_length, vocab.eos_id)
-    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size, decoder_only)
+    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size, decoder_only, cards)
     results["perplexity"] = math.exp(min(-float(log_likelihood.sum()) / max(int(counts.sum()), 1), 50.0))
     results["num_examples"] = len(examples)
     records = [dict(input=ex["inputs_pretokenized"], target=t, prediction=p, score=float(s))
@@ -189,7 +209,7 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(texts), input_length)
-    index = None if cards is None else np.asarray(card_index, np.int32)[real]
+    index = None if cards is None else _card_index_or_first(cards, card_index, len(texts))[real]
     out, scores = decode_batches(config, params, inputs, batch_size=batch_size, max_decode_length=max_decode_length,
                                  decoder_only=decoder_only, progress=progress, cards=cards, card_index=index,
                                  **decode_kwargs)

@@ -91,6 +91,12 @@ def _module_path(module: nn.Module) -> str:
     return "/".join(module.path)
 
 
+def _adaptable(module: nn.Module) -> bool:
+    """A projection a card may adapt: every DenseGeneral except those of mixture-of-experts experts (stacked
+    by nn.vmap; a per-expert card is not supported), so 'wi' / 'wo' adapt the dense MLPs of an MoE model."""
+    return isinstance(module, DenseGeneral) and "expert" not in module.path
+
+
 def _uniform_fan_in(key, shape, fan_in: int):
     """PEFT's A init (kaiming_uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -156,8 +162,7 @@ def adapted(spec: LoraConfig, card_index: Optional[jax.Array] = None, card_scale
     def intercept(next_fun, args, kwargs, context):
         y = next_fun(*args, **kwargs)
         module = context.module
-        if context.method_name != "__call__" or not isinstance(module, DenseGeneral) or \
-                not spec.matches(_module_path(module)):
+        if context.method_name != "__call__" or not _adaptable(module) or not spec.matches(_module_path(module)):
             return y
         update = _low_rank_update(module, args[0], spec, card_index, card_scales, deterministic)
         return y if update is None else y + update.astype(y.dtype)
@@ -177,11 +182,11 @@ def _init_variables(config: T5Config, spec: LoraConfig, rng: jax.Array, decoder_
 
 
 def projections(config: T5Config, decoder_only: bool = False) -> List[str]:
-    """Module paths of every DenseGeneral of the model (what a target can name), traced without memory."""
+    """Module paths of every projection a card can adapt (what a target can name), traced without memory."""
     seen = []
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, DenseGeneral) and context.method_name == "__call__":
+        if _adaptable(context.module) and context.method_name == "__call__":
             seen.append(_module_path(context.module))
         return next_fun(*args, **kwargs)
 

@@ -136,6 +136,55 @@ class CardModel:
 
 
 @dataclasses.dataclass
+class CardSteps:
+    """A card run's jitted steps, the base an input of each: train (state, base, batch) -> (state, metrics),
+    eval (card, base, batch) -> sums. Built from shapes only, so `t5lite compile` traces them without a base."""
+
+    spec: lora.LoraConfig
+    shardings: TrainState  # of NamedShardings: the card, its optimizer state, the step
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings: the restore target
+    new_state: Callable[[jax.Array], TrainState]  # key -> a fresh card and its optimizer state (jit it)
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def num_params(self) -> int:
+        return lora.num_card_params(self.abstract_state.params)
+
+
+def build_card_steps(spec: lora.LoraConfig, *, config: T5Config, decoder_only: bool, module: nn.Module, optimizer,
+                     mesh, rules, base_shardings, seed: int, **step_kwargs: Any) -> CardSteps:
+    """Checks the card's targets against the model and jits its steps (step_kwargs: num_microbatches, z_loss,
+    label_smoothing, loss_normalizing_factor, as train_step takes them). Only the card is differentiated and
+    has optimizer state; the base (sharded by `base_shardings`) is never donated."""
+    if not isinstance(spec, lora.LoraConfig):
+        raise UserError(f"train.adapter must be a LoraConfig (train.adapter = @LoraConfig()), got {spec!r}")
+    lora.check_targets(spec, config, decoder_only)
+    card_shardings = partitioning.param_shardings(lora.abstract_card(config, spec, decoder_only), mesh, rules)
+    new_state = lambda key: TrainState.create(lora.init_card(config, spec, key, decoder_only), optimizer)  # noqa: E731
+    shapes = jax.eval_shape(new_state, jax.random.key(0))
+    opt_shardings = partitioning.opt_state_shardings(shapes.opt_state, shapes.params, card_shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = TrainState(step=replicated, params=card_shardings, opt_state=opt_shardings)
+    batch = partitioning.batch_sharding(mesh, rules)
+
+    def train_step(state, base, batch):
+        return step_lib.train_step(state, batch, model=CardModel(module, spec, base), optimizer=optimizer,
+                                   dropout_seed=seed, grad_shardings=card_shardings, **step_kwargs)
+
+    def eval_step(card, base, batch):
+        return step_lib.eval_step(card, batch, model=CardModel(module, spec, base))
+
+    train_jit = step_lib._under_mesh(jax.jit(train_step, in_shardings=(shardings, base_shardings, batch),
+                                             out_shardings=(shardings, replicated), donate_argnums=(0,)), mesh, rules)
+    eval_jit = step_lib._under_mesh(jax.jit(eval_step, in_shardings=(card_shardings, base_shardings, batch),
+                                            out_shardings=replicated), mesh, rules)
+    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                      shardings)
+    return CardSteps(spec, shardings, abstract, new_state, train_jit, eval_jit)
+
+
+@dataclasses.dataclass
 class CardTraining:
     """What a card run uses instead of the full model's state and steps (built by `prepare_card_training`)."""
 
@@ -184,49 +233,18 @@ def _check_resume(model_dir: str, fingerprint: str) -> None:
         return
 
 
-def prepare_card_training(spec: lora.LoraConfig, *, config: T5Config, decoder_only: bool, module: nn.Module,
-                          optimizer, mesh, rules, base_shardings, init_checkpoint: Optional[str], model_dir: str,
-                          seed: int, **step_kwargs: Any) -> CardTraining:
-    """Checks the card against the model, loads and fingerprints the base, and builds the card's state and steps.
-
-    step_kwargs: num_microbatches, z_loss, label_smoothing, loss_normalizing_factor (as train_step takes them).
-    """
-    if not isinstance(spec, lora.LoraConfig):
-        raise UserError(f"train.adapter must be a LoraConfig (train.adapter = @LoraConfig()), got {spec!r}")
-    if not init_checkpoint:
-        raise UserError("training an adapter card needs the base model it adapts: give --init_checkpoint DIR "
-                        "(or INITIAL_CHECKPOINT_PATH)")
-    lora.check_targets(spec, config, decoder_only)
+def prepare_card_training(steps: CardSteps, *, config: T5Config, base_shardings, init_checkpoint: str,
+                          model_dir: str, seed: int) -> CardTraining:
+    """Loads and fingerprints the base the card adapts (refusing a card run begun on another base) and binds it
+    to the card's steps."""
     _, base = load_any_params(init_checkpoint, config)
     base = jax.device_put(base, base_shardings)
     fingerprint = lora.fingerprint(base)
     _check_resume(model_dir, fingerprint)
-
-    boxed = lora.abstract_card(config, spec, decoder_only)
-    card_shardings = partitioning.param_shardings(boxed, mesh, rules)
-    new_state = lambda key: TrainState.create(lora.init_card(config, spec, key, decoder_only), optimizer)  # noqa: E731
-    shapes = jax.eval_shape(new_state, jax.random.key(0))
-    opt_shardings = partitioning.opt_state_shardings(shapes.opt_state, shapes.params, card_shardings, mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = TrainState(step=replicated, params=card_shardings, opt_state=opt_shardings)
-    batch = partitioning.batch_sharding(mesh, rules)
-
-    def train_step(state, base, batch):
-        return step_lib.train_step(state, batch, model=CardModel(module, spec, base), optimizer=optimizer,
-                                   dropout_seed=seed, grad_shardings=card_shardings, **step_kwargs)
-
-    def eval_step(card, base, batch):
-        return step_lib.eval_step(card, batch, model=CardModel(module, spec, base))
-
-    train_jit = step_lib._under_mesh(jax.jit(train_step, in_shardings=(shardings, base_shardings, batch),
-                                             out_shardings=(shardings, replicated), donate_argnums=(0,)), mesh, rules)
-    eval_jit = step_lib._under_mesh(jax.jit(eval_step, in_shardings=(card_shardings, base_shardings, batch),
-                                            out_shardings=replicated), mesh, rules)
-    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                      shardings)
     return CardTraining(
-        spec=spec, base_checkpoint=init_checkpoint, base_fingerprint=fingerprint, abstract_state=abstract,
-        initial_state=lambda: jax.jit(new_state, out_shardings=shardings)(jax.random.key(seed)),
-        train_step=lambda state, batch: train_jit(state, base, batch),
-        eval_step=lambda card, batch: eval_jit(card, base, batch),
-        num_params=lora.num_card_params(shapes.params), base_params=lora.num_card_params(base))
+        spec=steps.spec, base_checkpoint=init_checkpoint, base_fingerprint=fingerprint,
+        abstract_state=steps.abstract_state,
+        initial_state=lambda: jax.jit(steps.new_state, out_shardings=steps.shardings)(jax.random.key(seed)),
+        train_step=lambda state, batch: steps.train_step(state, base, batch),
+        eval_step=lambda card, batch: steps.eval_step(card, base, batch),
+        num_params=steps.num_params, base_params=lora.num_card_params(base))

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 def model_flops_per_step(config: T5Config, batch_size: int, input_length: int, target_length: int,
-                         decoder_only: bool = False, training: bool = True) -> float:
+                         decoder_only: bool = False, training: bool = True, frozen_base: bool = False) -> float:
     """Analytic model FLOPs of one step on a [batch_size] batch: matmuls only, no remat recompute.
 
     With D = emb_dim, A = num_heads * head_dim, Akv = kv_heads * head_dim (A unless grouped-
@@ -49,6 +49,9 @@ def model_flops_per_step(config: T5Config, batch_size: int, input_length: int, t
     computes it (no causal halving). Decoder-only: T <- L + T (prefix + targets) through the
     decoder stack, no cross-attention, no encoder. Embedding lookups, norms, softmax, rotary /
     ALiBi terms, MoE dispatch / combine and other elementwise ops are not counted.
+    `frozen_base` (training an adapter card): no weight gradients, so the weight matmuls cost 2x their
+    forward and only the attention scores and sums (activations x activations) 3x; the card's rank-r
+    products are not counted.
     """
     d, a, v = config.emb_dim, config.num_heads * config.head_dim, config.vocab_size
     akv = config.kv_heads * config.head_dim
@@ -63,13 +66,18 @@ def model_flops_per_step(config: T5Config, batch_size: int, input_length: int, t
     if decoder_only:
         t = input_length + target_length
         macs = sum(self_layer(t, i) for i in range(config.num_decoder_layers)) + t * d * v
+        attention = config.num_decoder_layers * 2 * t * t * a
     else:
         el, tl = input_length, target_length
         cross = tl * 2 * d * a + el * 2 * d * akv + 2 * tl * el * a
         macs = (sum(self_layer(el, i) for i in range(config.num_encoder_layers))
                 + sum(self_layer(tl, i) + cross for i in range(config.num_decoder_layers)) + tl * d * v)
+        attention = (config.num_encoder_layers * 2 * el * el * a
+                     + config.num_decoder_layers * (2 * tl * tl * a + 2 * tl * el * a))
     forward = 2.0 * batch_size * macs
-    return 3.0 * forward if training else forward
+    if not training:
+        return forward
+    return 2.0 * forward + 2.0 * batch_size * attention if frozen_base else 3.0 * forward
 
 
 # Dense bf16 peak FLOP/s per device, matched as case-insensitive substrings of jax's device_kind,

@@ -24,7 +24,7 @@ from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, abstract_params, get_config
 from t5lite.train import losses, partitioning
-from t5lite.train.cards import CardTraining, prepare_card_training
+from t5lite.train.cards import CardSteps, CardTraining, build_card_steps, prepare_card_training
 from t5lite.train.checkpoint import check_fits, checkpoint_meta, flat_shapes, load_any_params, stored_model
 from t5lite.train.monitor import Monitor, model_flops_per_step, peak_flops_per_device
 from t5lite.train.optimizers import make_optimizer
@@ -183,6 +183,7 @@ class Steps:
     train_step: Callable
     eval_step: Callable
     teacher: Optional[Teacher] = None  # of a distillation run
+    card: Optional[CardSteps] = None  # of an adapter-card run: its steps take the base as an input
 
 
 def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence] = None,
@@ -193,13 +194,17 @@ def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence
                 num_microbatches: int = 1, z_loss: float = 1e-4, label_smoothing: float = 0.0,
                 loss_normalizing_factor: Optional[float] = None, loss: str = "cross_entropy",
                 loss_kwargs: Optional[dict] = None, teacher_checkpoint: Optional[str] = None,
-                teacher_arrays: bool = True, **unused_train_args) -> Steps:
+                teacher_arrays: bool = True, adapter=None, **unused_train_args) -> Steps:
     """Mesh (over `devices`, default all), rules, optimizer, shardings and jitted steps from train()'s arguments.
 
     A `teacher_checkpoint` is read into the mesh (its params become an input of the train step), or
     only described (shapes and shardings: enough to trace and compile) when `teacher_arrays` is False.
+    An `adapter` (LoraConfig) also builds the card's steps (`Steps.card`), which take the base as an input.
     """
     del unused_train_args  # the rest of train()'s arguments (data, checkpoints, logging)
+    if adapter is not None and (loss != "cross_entropy" or teacher_checkpoint):
+        raise UserError(f"an adapter card trains with the cross_entropy loss only, not {loss!r} with a teacher; "
+                        "drop train.adapter, or train.loss / train.teacher_checkpoint")
     mesh = partitioning.make_mesh(*mesh_shape, devices=devices)
     if partition_rules is not None and partition_rules not in partitioning.RULE_SETS:
         raise UserError(f"unknown train.partition_rules {partition_rules!r}; choose from "
@@ -222,7 +227,13 @@ def build_steps(config: T5Config, *, batch_size: int, devices: Optional[Sequence
                                  z_loss=z_loss, label_smoothing=label_smoothing,
                                  loss_normalizing_factor=loss_normalizing_factor)
     eval_step = make_eval_step(module, mesh, rules, shardings.params)
-    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step, teacher)
+    card = None
+    if adapter is not None:
+        card = build_card_steps(adapter, config=config, decoder_only=decoder_only, module=module, optimizer=opt,
+                                mesh=mesh, rules=rules, base_shardings=shardings.params, seed=seed,
+                                num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
+                                loss_normalizing_factor=loss_normalizing_factor)
+    return Steps(config, opt, module, mesh, rules, shardings, train_step, eval_step, teacher, card)
 
 
 @dataclasses.dataclass
@@ -296,15 +307,15 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                    peer_timeout_s=peer_timeout_s, progress=progress)
     loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
     check_loss_and_teacher(loss_fn, loss, teacher_checkpoint)
-    if adapter is not None and (loss != "cross_entropy" or teacher_checkpoint):
-        raise UserError(f"an adapter card trains with the cross_entropy loss only, not {loss!r} with a teacher; "
-                        "drop train.adapter, or train.loss / train.teacher_checkpoint")
     task_obj = tasks_lib.get(task)
     vocab = Vocabulary(vocab_path) if vocab_path else tasks_lib.default_vocabulary()
     config = resolve_config(model, model_overrides)
     check_model_and_features(config, vocab, feature_lengths, decoder_only)
     if init_checkpoint:
         check_init_checkpoint(init_checkpoint, config, decoder_only, vocab)
+    elif adapter is not None:
+        raise UserError("training an adapter card needs the base model it adapts: give --init_checkpoint DIR "
+                        "(or INITIAL_CHECKPOINT_PATH)")
     teacher_cfg = teacher_config(teacher_checkpoint, config, decoder_only, vocab) if teacher_checkpoint else None
 
     steps = build_steps(config, batch_size=batch_size, mesh_shape=mesh_shape, partition_rules=partition_rules,
@@ -312,7 +323,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                         train_steps=train_steps, clip_grad_norm=clip_grad_norm, optimizer_kwargs=optimizer_kwargs,
                         decoder_only=decoder_only, seed=seed, num_microbatches=num_microbatches, z_loss=z_loss,
                         label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor, loss=loss,
-                        loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint)
+                        loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint, adapter=adapter)
     mesh, rules, opt, shardings = steps.mesh, steps.rules, steps.optimizer, steps.shardings
     num_shards = default_num_shards(batch_size) if data_shards is None else data_shards
     _integer("data_shards", num_shards)
@@ -345,11 +356,8 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
     data = batches("train", True, None, prefetch=2)
     card = None
     if adapter is not None:  # train a LoRA card on the frozen init_checkpoint
-        card = prepare_card_training(adapter, config=config, decoder_only=decoder_only, module=steps.module,
-                                     optimizer=opt, mesh=mesh, rules=rules, base_shardings=shardings.params,
-                                     init_checkpoint=init_checkpoint, model_dir=model_dir, seed=seed,
-                                     num_microbatches=num_microbatches, z_loss=z_loss, label_smoothing=label_smoothing,
-                                     loss_normalizing_factor=loss_normalizing_factor)
+        card = prepare_card_training(steps.card, config=config, base_shardings=shardings.params,
+                                     init_checkpoint=init_checkpoint, model_dir=model_dir, seed=seed)
         log.info("adapter card: %d trainable parameters, %.3f%% of the base's %d", card.num_params,
                  100.0 * card.num_params / card.base_params, card.base_params)
     eval_step = card.eval_step if card else steps.eval_step
@@ -366,7 +374,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
         return state
 
     lengths = (feature_lengths.get("inputs", 0), feature_lengths["targets"])
-    flops = model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only)
+    flops = model_flops_per_step(config, batch_size, *lengths, decoder_only=decoder_only, frozen_base=card is not None)
     if teacher_cfg:  # the teacher's forward pass is work the step does too
         flops += model_flops_per_step(teacher_cfg, batch_size, *lengths, decoder_only=decoder_only, training=False)
     peak = peak_flops_per_device(override=peak_flops)

@@ -280,8 +280,10 @@ def results_markdown(results: dict) -> str:
     base = results["copy_baseline"]
     lines.append(f"| no model: copy the English source | {_fmt(base['chrf'])} | {_fmt(base['bleu'])} | | | |")
     verdict = "yes" if summary["every_seed_wins"] else "no"
+    above_floor = ", ".join(f"{label} {'yes' if arm['chrf']['mean'] > base['chrf'] else 'no'}"
+                            for label, arm in summary["arms"].items())
     lines += ["", (f"chrF gain from pre-training: {summary['chrf_gain']:+.1f} (mean over seeds); every pretrained "
-              f"seed beats every scratch seed: {verdict}."), "",
+              f"seed beats every scratch seed: {verdict}; mean chrF above the copy-the-source floor: {above_floor}."), "",
               (f"Pre-training ({p['gin_file']}): {p['steps']} steps in {p['wall_s']:.0f} s (final loss "
               f"{_fmt(p['final_loss'], 3)}), shared by every pretrained fine-tuning run."), "",
               "| stage | steps | train wall time | validation chrF | evaluation wall time |", "|---|---:|---:|---:|---:|",

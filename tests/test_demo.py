@@ -155,6 +155,7 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
     assert "Regime: 2,000 labelled pairs" in stdout
     assert "| pretrained |" in stdout and "| from scratch |" in stdout and "Example 3" in stdout
     assert "| no model: copy the English source |" in stdout
+    assert "above the copy-the-source floor: pretrained " in stdout
     results = json.loads((out / "results.json").read_text())
     assert 0.0 < results["copy_baseline"]["chrf"] < 100.0
     assert results["seeds"] == [0, 1] and results["learning_rates"] == [0.003, 0.01]

@@ -185,6 +185,8 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
 
     curve = _demo(out, "--curve", "--curve_sizes", "100,2000")  # the demo's size is reused
     assert curve.count("already trained") == 1 + 2 * (2 + 1) and "| 100 |" in curve and "| 2,000 |" in curve
+    assert "copying the English source scores" in curve
+    assert json.loads((out / "curve.json").read_text())["copy_chrf"] == pytest.approx(results["copy_baseline"]["chrf"])
     points = json.loads((out / "curve.json").read_text())["points"]
     assert [p["pairs"] for p in points] == [100, 2000] and (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     for label in ("pretrained", "from scratch"):  # 100 pairs reuse each seed's choice at 2,000

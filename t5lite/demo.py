@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from t5lite.errors import UserError
 
 TASK = "bible_translate_en_es"
+SOURCE_PREFIX = "translate English to Spanish: "  # the task's input prefix; the copy baseline strips it
 PRETRAIN_GIN = "demo/pretrain.gin"
 ARMS = (("pretrained", "demo/finetune_en_es.gin", True),  # table label, run file, starts from pretrain
         ("from scratch", "demo/finetune_en_es_scratch.gin", False))
@@ -247,6 +248,15 @@ def summarize(per_arm: dict[str, list[dict]]) -> dict:
             "every_seed_wins": pre["min"] > scratch["max"]}
 
 
+def copy_baseline(records: Sequence[dict]) -> dict:
+    """chrF / BLEU of "translating" by copying the English source: the score a model must beat before it
+    has translated anything (names and numbers are shared; measured 17.8 chrF on the 200 test verses)."""
+    from t5lite import metrics
+    targets = [r["target"] for r in records]
+    copies = [r["input"].removeprefix(SOURCE_PREFIX) for r in records]
+    return {**metrics.chrf(targets, copies), **metrics.bleu(targets, copies)}
+
+
 def _fmt(x, digits=1) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -267,9 +277,13 @@ def results_markdown(results: dict) -> str:
     for label, arm in summary["arms"].items():
         lines.append(f"| {label} | {_cell(arm['chrf'])} | {_cell(arm['bleu'])} | {_cell(arm['perplexity'], 2)} | "
                      f"{', '.join(f'{lr:g}' for lr in arm['learning_rates'])} | {arm['train_wall_s']:.0f} s |")
+    base = results["copy_baseline"]
+    lines.append(f"| no model: copy the English source | {_fmt(base['chrf'])} | {_fmt(base['bleu'])} | | | |")
     verdict = "yes" if summary["every_seed_wins"] else "no"
+    above_floor = ", ".join(f"{label} {'yes' if arm['chrf']['mean'] > base['chrf'] else 'no'}"
+                            for label, arm in summary["arms"].items())
     lines += ["", (f"chrF gain from pre-training: {summary['chrf_gain']:+.1f} (mean over seeds); every pretrained "
-              f"seed beats every scratch seed: {verdict}."), "",
+              f"seed beats every scratch seed: {verdict}; mean chrF above the copy-the-source floor: {above_floor}."), "",
               (f"Pre-training ({p['gin_file']}): {p['steps']} steps in {p['wall_s']:.0f} s (final loss "
               f"{_fmt(p['final_loss'], 3)}), shared by every pretrained fine-tuning run."), "",
               "| stage | steps | train wall time | validation chrF | evaluation wall time |", "|---|---:|---:|---:|---:|",
@@ -345,6 +359,7 @@ def run(args) -> dict:
         "eval_settings": {"split": "test", "num_examples": per_arm["pretrained"][0]["test"]["num_examples"],
                           "val_examples": args.val_examples, "method": "greedy", "input_length": args.input_length,
                           "max_decode_length": args.max_decode_length},
+        "copy_baseline": copy_baseline(per_arm["pretrained"][0]["test_records"]),
         "examples": pick_examples(per_arm), "plots": plot(args.out, pre, per_arm),
         "total_wall_s": time.perf_counter() - start,  # this invocation (skipped stages cost nothing)
     }

@@ -35,9 +35,10 @@ def _demo_steps(args) -> int:
     return gin.query_parameter("%TRAIN_STEPS")
 
 
-def curve_markdown(points: list[dict], machine: str) -> str:
+def curve_markdown(points: list[dict], machine: str, copy_chrf: float) -> str:
     lines = [(f"chrF on {points[0]['num_examples']} held-out test verses against the number of labelled pairs "
-             f"fine-tuned on; mean over seeds (min–max). {machine}"), "",
+             f"fine-tuned on; mean over seeds (min–max); copying the English source scores {copy_chrf:.1f}. "
+             f"{machine}"), "",
              "| labelled pairs | fine-tune steps | pretrained chrF | from-scratch chrF | gain | every seed wins |",
              "|---:|---:|---:|---:|---:|---|"]
     for p in points:
@@ -48,7 +49,7 @@ def curve_markdown(points: list[dict], machine: str) -> str:
     return "\n".join(lines)
 
 
-def plot_curve(points: list[dict], out_png: str) -> None:
+def plot_curve(points: list[dict], out_png: str, copy_chrf: float) -> None:
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -58,6 +59,7 @@ def plot_curve(points: list[dict], out_png: str) -> None:
         means = [s["mean"] for s in stats]
         err = [[m - s["min"] for m, s in zip(means, stats)], [s["max"] - m for m, s in zip(means, stats)]]
         ax.errorbar(sizes, means, yerr=err, marker=marker, capsize=3, label=label)
+    ax.axhline(copy_chrf, color="gray", linestyle="--", label="no model: copy the English source")
     ax.set_xscale("log")
     ax.set_xlabel("labelled en→es verse pairs fine-tuned on")
     ax.set_ylabel("test chrF")
@@ -76,6 +78,7 @@ def run(args) -> list[dict]:
     demo.pretrain(args)
     points: dict[int | None, dict] = {}
     per_arm = demo.compare(args.train_size, args)
+    copy_chrf = demo.copy_baseline(per_arm["pretrained"][0]["test_records"])["chrf"]  # the test verses of every size
     chosen = {(label, r["seed"]): r["learning_rate"] for label, runs in per_arm.items() for r in runs}
     points[args.train_size] = {"per_arm": per_arm, "steps": demo_steps}
     for size in args.curve_sizes:
@@ -92,12 +95,12 @@ def run(args) -> list[dict]:
                      "num_examples": per_arm["pretrained"][0]["test"]["num_examples"],
                      "learning_rates": {label: [r["learning_rate"] for r in runs] for label, runs in per_arm.items()}})
     machine = f"{os.cpu_count()} CPU cores; {time.strftime('%Y-%m-%d')}; this invocation {time.perf_counter() - start:.0f} s."
-    text = curve_markdown(rows, machine)
+    text = curve_markdown(rows, machine, copy_chrf)
     with open(os.path.join(args.out, "curve.json"), "w", encoding="utf-8") as f:
-        json.dump({"points": rows, "machine": machine, "seeds": list(args.seeds)}, f, indent=2)
+        json.dump({"points": rows, "machine": machine, "seeds": list(args.seeds), "copy_chrf": copy_chrf}, f, indent=2)
     with open(os.path.join(args.out, "curve.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    plot_curve(rows, os.path.join(args.out, "curve.png"))
+    plot_curve(rows, os.path.join(args.out, "curve.png"), copy_chrf)
     print("\n" + text)
     print(f"wrote {os.path.join(args.out, 'curve.md')}, curve.json, curve.png")
     return rows

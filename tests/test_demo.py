@@ -121,6 +121,17 @@ def test_summary_means_spreads_and_the_every_seed_verdict():
     assert overlap["chrf_gain"] > 5 and not overlap["every_seed_wins"]  # seed 0 pretrained < seed 1 scratch
 
 
+def test_copy_baseline_scores_the_english_source_without_the_task_prefix():
+    verse = "In the beginning, God created the heavens and the earth."
+    same = demo.copy_baseline([{"input": demo.SOURCE_PREFIX + verse, "target": verse}])
+    assert same["chrf"] == pytest.approx(100.0) and same["bleu"] == pytest.approx(100.0)  # the prefix is not copied
+    spanish = [{"input": demo.SOURCE_PREFIX + verse, "target": "En el principio crió Dios los cielos y la tierra."}]
+    assert 0.0 < demo.copy_baseline(spanish)["chrf"] < 50.0
+    task = tasks.get(demo.TASK)  # the prefix is the one the task renders
+    record = task.source("test")[0]
+    assert task.preprocessors_fn(None, None)[0](dict(record), None)["inputs"] == demo.SOURCE_PREFIX + record["en_web"]
+
+
 def test_curve_steps_keep_the_epochs_of_the_demo_up_to_a_cap():
     assert demo_curve.finetune_steps(500, 2000, 150, 29827) == 150      # smaller sets: the demo's steps
     assert demo_curve.finetune_steps(2000, 2000, 150, 29827) == 150
@@ -143,7 +154,10 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
     stdout = _demo(out)
     assert "Regime: 2,000 labelled pairs" in stdout
     assert "| pretrained |" in stdout and "| from scratch |" in stdout and "Example 3" in stdout
+    assert "| no model: copy the English source |" in stdout
+    assert "above the copy-the-source floor: pretrained " in stdout
     results = json.loads((out / "results.json").read_text())
+    assert 0.0 < results["copy_baseline"]["chrf"] < 100.0
     assert results["seeds"] == [0, 1] and results["learning_rates"] == [0.003, 0.01]
     for label, arm in results["summary"]["arms"].items():
         assert len(arm["chrf"]["values"]) == 2 and all(lr in (0.003, 0.01) for lr in arm["learning_rates"])
@@ -171,6 +185,8 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
 
     curve = _demo(out, "--curve", "--curve_sizes", "100,2000")  # the demo's size is reused
     assert curve.count("already trained") == 1 + 2 * (2 + 1) and "| 100 |" in curve and "| 2,000 |" in curve
+    assert "copying the English source scores" in curve
+    assert json.loads((out / "curve.json").read_text())["copy_chrf"] == pytest.approx(results["copy_baseline"]["chrf"])
     points = json.loads((out / "curve.json").read_text())["points"]
     assert [p["pairs"] for p in points] == [100, 2000] and (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
     for label in ("pretrained", "from scratch"):  # 100 pairs reuse each seed's choice at 2,000

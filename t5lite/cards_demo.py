@@ -17,7 +17,6 @@ tiny smoke-test base and a few steps; its numbers mean nothing.
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -205,14 +204,8 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow_datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.fresh:
-        clean(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    demo.use_compilation_cache(args.out)  # the three cards' runs and evaluations share compiled programs
     try:
+        demo.start(args.out, args.fresh, clean)  # its compilation cache: the cards' runs share compiled programs
         run(args)
     except UserError as e:
         print(f"t5lite.cards_demo: error: {e}", file=sys.stderr)

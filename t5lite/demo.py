@@ -382,16 +382,22 @@ def use_compilation_cache(out: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def start(out: str, fresh: bool, clean_out) -> None:
+    """What `make demo` and `make cards` do first: quiet logs, `--fresh` (clean_out(out)), the output
+    directory and its compilation cache."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "jax._src.compilation_cache", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if fresh:
+        clean_out(out)
+    os.makedirs(out, exist_ok=True)
+    use_compilation_cache(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if args.fresh:
-            clean(args.out)
-        os.makedirs(args.out, exist_ok=True)
-        use_compilation_cache(args.out)
+        start(args.out, args.fresh, clean)
         if args.curve:
             from t5lite import demo_curve
             demo_curve.run(args)

@@ -25,6 +25,7 @@ import numpy as np
 
 from t5lite.data import packing
 from t5lite.data import preprocessors as P
+from t5lite.data import shuffle as shuffling
 from t5lite.errors import UserError
 
 Preprocessor = Callable[[dict, np.random.Generator], "dict | None"]
@@ -275,7 +276,7 @@ def _examples(source, preprocessors: Sequence, *, seed: int, shuffle: bool, num_
     # Per-document stage (random access): the shard's slice, shuffled and repeated per epoch.
     ds = grain.MapDataset.source(source)[shard::num_shards]
     if shuffle:
-        ds = ds.shuffle(seed=_derive_seed(seed, num_shards, shard))  # reshuffled each epoch
+        ds = shuffling.shuffle_map(ds, _derive_seed(seed, num_shards, shard))  # reshuffled each epoch
     ds = ds.repeat(num_epochs)
     stages = _stages(preprocessors)
     # The element index after repeat counts epochs too, so each epoch draws fresh randomness.
@@ -290,7 +291,7 @@ def _examples(source, preprocessors: Sequence, *, seed: int, shuffle: bool, num_
         # so a per-shard window of the full size would tokenize num_shards x as much before the first batch.
         window = -(-shuffle_window // num_shards)
         if shuffle and window > 1:
-            ds = grain.experimental.WindowShuffleIterDataset(
+            ds = shuffling.WindowShuffleIterDataset(
                 ds, window_size=window, seed=_derive_seed(seed, num_shards, shard, i, 1))
         if fns:
             ds = ds.random_map(_chain(fns), seed=_derive_seed(seed, num_shards, shard, i))

@@ -89,6 +89,8 @@ def parse_args(argv):
     for name in ("val_examples", "eval_examples", "eval_batch_size", "input_length", "max_decode_length"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be a positive integer")
+    if any(size is not None and size < 1 for size in (args.train_size, *args.curve_sizes)):
+        p.error("--train_size and --curve_sizes take positive numbers of pairs or 'all'")
     if not args.seeds or not args.learning_rates or any(lr <= 0 for lr in args.learning_rates):
         p.error("--seeds and --learning_rates need at least one value; learning rates must be positive")
     return args

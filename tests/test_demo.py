@@ -54,6 +54,15 @@ def test_train_subset_errors_name_the_fix():
     assert tasks.train_subset_task(size=None).num_examples("train") == total  # None: every pair
 
 
+@pytest.mark.parametrize("argv", [["--train_size", "0"], ["--curve_sizes", "500,-1"], ["--learning_rates", "0"]])
+def test_bad_sizes_and_rates_stop_before_any_training(argv, capsys):
+    """Failed before the fix: --train_size 0 pre-trained for minutes, then stopped with gin's two-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error: --" in capsys.readouterr().err
+
+
 def test_the_learning_rate_is_chosen_on_validation_and_only_the_choice_sees_test(monkeypatch, tmp_path):
     val_chrf = {0.001: 20.0, 0.003: 31.0, 0.01: 31.0}  # a tie: the first (0.003) is kept
     test_chrf = {0.001: 99.0, 0.003: 25.0, 0.01: 50.0}  # test would pick 0.001: it must not be asked

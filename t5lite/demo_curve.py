@@ -36,35 +36,43 @@ def _demo_steps(args) -> int:
 
 
 def curve_markdown(points: list[dict], machine: str, copy_chrf: float) -> str:
-    lines = [(f"chrF on {points[0]['num_examples']} held-out test verses against the number of labelled pairs "
-             f"fine-tuned on; mean over seeds (min–max); copying the English source scores {copy_chrf:.1f}. "
-             f"{machine}"), "",
-             "| labelled pairs | fine-tune steps | pretrained chrF | from-scratch chrF | gain | every seed wins |",
-             "|---:|---:|---:|---:|---:|---|"]
+    lines = [(f"chrF and reference perplexity on {points[0]['num_examples']} held-out test verses against the number "
+             f"of labelled pairs fine-tuned on; mean over seeds (min–max); copying the English source scores "
+             f"{copy_chrf:.1f} chrF. {machine}"), "",
+             "| labelled pairs | fine-tune steps | pretrained chrF | from-scratch chrF | chrF gain | every seed wins "
+             "(chrF) | pretrained perplexity | from-scratch perplexity | every seed wins (perplexity) |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for p in points:
         arms = p["summary"]["arms"]
+        pre, scratch = arms["pretrained"]["perplexity"], arms["from scratch"]["perplexity"]
         lines.append(f"| {p['pairs']:,} | {p['steps']} | {demo._cell(arms['pretrained']['chrf'])} | "
                      f"{demo._cell(arms['from scratch']['chrf'])} | {p['summary']['chrf_gain']:+.1f} | "
-                     f"{'yes' if p['summary']['every_seed_wins'] else 'no'} |")
+                     f"{'yes' if p['summary']['every_seed_wins'] else 'no'} | {demo._cell(pre)} | {demo._cell(scratch)} | "
+                     f"{'yes' if pre['max'] < scratch['min'] else 'no'} |")
     return "\n".join(lines)
 
 
 def plot_curve(points: list[dict], out_png: str, copy_chrf: float) -> None:
+    """Two panels against the number of pairs: test chrF (with the copy-the-source floor) and reference perplexity."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(11, 4.2))
+    chrf_ax, ppl_ax = fig.subplots(1, 2)
     sizes = [p["pairs"] for p in points]
-    for label, marker in (("pretrained", "o"), ("from scratch", "s")):
-        stats = [p["summary"]["arms"][label]["chrf"] for p in points]
-        means = [s["mean"] for s in stats]
-        err = [[m - s["min"] for m, s in zip(means, stats)], [s["max"] - m for m, s in zip(means, stats)]]
-        ax.errorbar(sizes, means, yerr=err, marker=marker, capsize=3, label=label)
-    ax.axhline(copy_chrf, color="gray", linestyle="--", label="no model: copy the English source")
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled en→es verse pairs fine-tuned on")
-    ax.set_ylabel("test chrF")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, metric in ((chrf_ax, "chrf"), (ppl_ax, "perplexity")):
+        for label, marker in (("pretrained", "o"), ("from scratch", "s")):
+            stats = [p["summary"]["arms"][label][metric] for p in points]
+            means = [s["mean"] for s in stats]
+            err = [[m - s["min"] for m, s in zip(means, stats)], [s["max"] - m for m, s in zip(means, stats)]]
+            ax.errorbar(sizes, means, yerr=err, marker=marker, capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled en→es verse pairs fine-tuned on")
+        ax.grid(alpha=0.3)
+    chrf_ax.axhline(copy_chrf, color="gray", linestyle="--", label="no model: copy the English source")
+    chrf_ax.set_ylabel("test chrF (higher is better)")
+    ppl_ax.set_yscale("log")
+    ppl_ax.set_ylabel("test reference perplexity (lower is better)")
+    chrf_ax.legend()
+    ppl_ax.legend()
     fig.savefig(out_png, dpi=120, bbox_inches="tight")
 
 

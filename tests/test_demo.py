@@ -148,6 +148,24 @@ def test_curve_steps_keep_the_epochs_of_the_demo_up_to_a_cap():
     assert demo_curve.finetune_steps(None, 2000, 150, 29827) == 150 * demo_curve.MAX_STEP_MULTIPLE
 
 
+def test_curve_table_reports_both_metrics_and_lower_perplexity_wins(tmp_path):
+    def point(pairs, pre_ppl, scratch_ppl):
+        per_arm = {"pretrained": [{"seed": s, "learning_rate": 0.01, "test": {"chrf": 12.0, "bleu": 1.0, "perplexity": v}}
+                                  for s, v in enumerate(pre_ppl)],
+                   "from scratch": [{"seed": s, "learning_rate": 0.01, "test": {"chrf": 11.0, "bleu": 1.0, "perplexity": v}}
+                                    for s, v in enumerate(scratch_ppl)]}
+        for runs in per_arm.values():
+            for r in runs:
+                r["grid"] = [{"stage": {"wall_s": 1.0}}]
+        return {"pairs": pairs, "steps": 100, "summary": demo.summarize(per_arm), "num_examples": 200}
+    points = [point(500, (400.0, 500.0), (700.0, 720.0)), point(8000, (60.0, 70.0), (65.0, 66.0))]
+    rows = demo_curve.curve_markdown(points, "2 CPU cores", 17.8).splitlines()[4:]
+    assert rows[0].endswith("| 450.0 (400.0–500.0) | 710.0 (700.0–720.0) | yes |")  # every seed lower
+    assert rows[1].endswith("| no |")  # the seeds overlap
+    demo_curve.plot_curve(points, str(tmp_path / "curve.png"), 17.8)
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def _demo(out, *flags):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(demo.__file__)),
                                                         os.environ.get("PYTHONPATH", "")])}

@@ -55,7 +55,7 @@ def curve_markdown(points: list[dict], machine: str, copy_chrf: float) -> str:
 def plot_curve(points: list[dict], out_png: str, copy_chrf: float) -> None:
     """Two panels against the number of pairs: test chrF (with the copy-the-source floor) and reference perplexity."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
-    fig = Figure(figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
     chrf_ax, ppl_ax = fig.subplots(1, 2)
     sizes = [p["pairs"] for p in points]
     for ax, metric in ((chrf_ax, "chrf"), (ppl_ax, "perplexity")):

@@ -240,14 +240,16 @@ def spread(values: Sequence[float]) -> dict:
 
 def summarize(per_arm: dict[str, list[dict]]) -> dict:
     """Per arm: each metric's mean / min / max over seeds and the chosen learning rates; the chrF gain
-    of pre-training (difference of means) and whether every pretrained seed beats every scratch seed."""
+    of pre-training (difference of means) and whether every pretrained seed beats every scratch seed, in chrF
+    (higher) and in reference perplexity (lower)."""
     arms = {label: {**{m: spread([r["test"][m] for r in runs]) for m in ("chrf", "bleu", "perplexity")},
                     "learning_rates": [r["learning_rate"] for r in runs], "seeds": [r["seed"] for r in runs],
                     "train_wall_s": sum(g["stage"]["wall_s"] for r in runs for g in r["grid"])}
             for label, runs in per_arm.items()}
-    pre, scratch = arms["pretrained"]["chrf"], arms["from scratch"]["chrf"]
-    return {"arms": arms, "chrf_gain": pre["mean"] - scratch["mean"],
-            "every_seed_wins": pre["min"] > scratch["max"]}
+    pre, scratch = arms["pretrained"], arms["from scratch"]
+    return {"arms": arms, "chrf_gain": pre["chrf"]["mean"] - scratch["chrf"]["mean"],
+            "every_seed_wins": pre["chrf"]["min"] > scratch["chrf"]["max"],
+            "every_seed_lower_perplexity": pre["perplexity"]["max"] < scratch["perplexity"]["min"]}
 
 
 def copy_baseline(records: Sequence[dict]) -> dict:

@@ -43,12 +43,12 @@ def curve_markdown(points: list[dict], machine: str, copy_chrf: float) -> str:
              "(chrF) | pretrained perplexity | from-scratch perplexity | every seed wins (perplexity) |",
              "|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     for p in points:
-        arms = p["summary"]["arms"]
-        pre, scratch = arms["pretrained"]["perplexity"], arms["from scratch"]["perplexity"]
-        lines.append(f"| {p['pairs']:,} | {p['steps']} | {demo._cell(arms['pretrained']['chrf'])} | "
-                     f"{demo._cell(arms['from scratch']['chrf'])} | {p['summary']['chrf_gain']:+.1f} | "
-                     f"{'yes' if p['summary']['every_seed_wins'] else 'no'} | {demo._cell(pre)} | {demo._cell(scratch)} | "
-                     f"{'yes' if pre['max'] < scratch['min'] else 'no'} |")
+        summary = p["summary"]
+        pre, scratch = summary["arms"]["pretrained"], summary["arms"]["from scratch"]
+        lines.append(f"| {p['pairs']:,} | {p['steps']} | {demo._cell(pre['chrf'])} | {demo._cell(scratch['chrf'])} | "
+                     f"{summary['chrf_gain']:+.1f} | {'yes' if summary['every_seed_wins'] else 'no'} | "
+                     f"{demo._cell(pre['perplexity'])} | {demo._cell(scratch['perplexity'])} | "
+                     f"{'yes' if summary['every_seed_lower_perplexity'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,8 @@ adds a choice with the decorator and is selected by one gin line, with no edit t
     class MyAttention(MultiHeadAttention): ...
 
 What each kind's classes are constructed and called with is documented in README "Add a module".
+t5lite's own modules register themselves when `t5lite.model` is imported (its __init__ imports
+them), so this module imports nothing of the model and the model's files form no import circle.
 """
 
 from typing import Callable, Dict, Tuple, Type
@@ -16,7 +18,6 @@ from t5lite.errors import UserError
 
 KINDS = ("attention", "mlp", "norm", "positions")
 _REGISTRY: Dict[str, Dict[str, Type]] = {kind: {} for kind in KINDS}
-_BUILTINS_LOADED = []
 
 
 def register(kind: str, name: str) -> Callable[[Type], Type]:
@@ -31,21 +32,12 @@ def register(kind: str, name: str) -> Callable[[Type], Type]:
     return add
 
 
-def _load_builtins() -> None:
-    """Imports t5lite's own modules (they register themselves) on the first lookup."""
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED.append(True)
-        from t5lite.model import attention, layers, moe, positions  # noqa: F401
-
-
 def names(kind: str) -> Tuple[str, ...]:
-    _load_builtins()
     return tuple(_REGISTRY[kind])
 
 
 def get(kind: str, name: str) -> Type:
     """The class registered as `name` for `kind`; a one-line UserError listing the valid names if none."""
-    _load_builtins()
     if kind not in KINDS:
         raise UserError(f"unknown module kind {kind!r}; choose from {', '.join(KINDS)}")
     if name not in _REGISTRY[kind]:

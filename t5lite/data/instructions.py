@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from t5lite.data import sources
-from t5lite.data import tasks as tasks_lib
+from t5lite.data import task_registry as tasks_lib
 from t5lite.errors import UserError
 
 Template = tuple[str, str]  # (inputs format, targets format)

@@ -17,19 +17,19 @@ install: $(STAMP)
 # chosen from a 2-point grid on validation); compare on held-out test verses (13 min 50 s measured, 2 CPU cores).
 # Finished stages are skipped on a re-run; `make demo DEMO_ARGS=--fresh` starts over.
 demo: $(STAMP)
-	$(PY) -m t5lite.demo $(DEMO_ARGS)
+	$(PY) -m t5lite.demos.demo $(DEMO_ARGS)
 
 # The same comparison at 500, 2,000, 8,000 and all ~30k pairs: runs/demo/curve.{md,png} (40 min measured after
 # `make demo`, whose runs it reuses; 54 min for both, 2 CPU cores).
 demo-curve: $(STAMP)
-	$(PY) -m t5lite.demo --curve $(DEMO_ARGS)
+	$(PY) -m t5lite.demos.curve $(DEMO_ARGS)
 
 # Three LoRA adapter cards (en->es, KJV->WEB, WordNet definitions) on the demo's pre-trained base, each scored
 # against the base on its task, then one decode batch mixing the three cards and the base: runs/cards/results.md
 # (14 min 51 s measured on 2 CPU cores after `make demo`; without it, the demo's pre-training runs first).
 # Finished stages are skipped on a re-run; `make cards CARDS_ARGS=--fresh` starts the cards over.
 cards: $(STAMP)
-	$(PY) -m t5lite.cards_demo $(CARDS_ARGS)
+	$(PY) -m t5lite.demos.cards $(CARDS_ARGS)
 
 # Lint first (ruff: [tool.ruff] in pyproject.toml), then the suite on 2 pytest-xdist workers: XLA's
 # compiles are single-threaded, so two test processes keep both cores busy. `make test` leaves out only

@@ -1,5 +1,5 @@
 """Adapter cards that learn: a KJV -> WEB card beats its base on held-out chrF and reproduces in a fresh
-process; `make cards` (t5lite.cards_demo) at toy size: stages, the table, the mixed batch, re-runs, --fresh."""
+process; `make cards` (t5lite.demos.cards) at toy size: stages, the table, the mixed batch, re-runs, --fresh."""
 
 import json
 import math
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from t5lite import cards_demo, metrics
+from t5lite import metrics
+from t5lite.demos import cards as cards_demo
 from t5lite.cli import main
 from t5lite.commands import load_for_inference
 from t5lite.data import tasks
@@ -78,7 +79,7 @@ def test_cards_demo_defaults_and_clean_keeps_the_base(tmp_path):
 
 
 def _cards_demo(tmp_path, *flags):
-    run = subprocess.run([sys.executable, "-m", "t5lite.cards_demo", "--quick", "--out", str(tmp_path / "cards"),
+    run = subprocess.run([sys.executable, "-m", "t5lite.demos.cards", "--quick", "--out", str(tmp_path / "cards"),
                           "--demo_out", str(tmp_path / "demo"), *flags], cwd=REPO, capture_output=True, text=True,
                          timeout=1500, env={**os.environ, "PYTHONPATH": REPO})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

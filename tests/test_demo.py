@@ -1,4 +1,4 @@
-"""The demo (t5lite.demo, t5lite.demo_curve) and its fine-tuning subset (tasks.train_subset_task).
+"""The demo (t5lite.demos.demo, t5lite.demos.curve) and its fine-tuning subset (tasks.train_subset_task).
 
 Fast tests: the subset (deterministic for a seed, nested across sizes, disjoint from validation and
 test), the learning-rate choice (validation only), the summary arithmetic and the step rule of the
@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from t5lite import demo, demo_curve
+from t5lite.demos import curve as demo_curve
+from t5lite.demos import demo
 from t5lite.data import tasks
 from t5lite.errors import UserError
 
@@ -166,10 +167,10 @@ def test_curve_table_reports_both_metrics_and_lower_perplexity_wins(tmp_path):
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def _demo(out, *flags):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(demo.__file__)),
+def _demo(out, *flags, module="t5lite.demos.demo"):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(demo.__file__))),
                                                         os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-m", "t5lite.demo", "--quick", "--out", str(out), *flags],
+    run = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out), *flags],
                          check=False, capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     return run.stdout
@@ -210,7 +211,7 @@ def test_quick_demo_runs_every_stage_reports_and_resumes(tmp_path):
     assert again.count("already trained") == 1 + 2 * (2 + 1) and "validation chrF" in again
     assert json.loads((out / "results.json").read_text())["summary"] == results["summary"]
 
-    curve = _demo(out, "--curve", "--curve_sizes", "100,2000")  # the demo's size is reused
+    curve = _demo(out, "--curve_sizes", "100,2000", module="t5lite.demos.curve")  # the demo's size is reused
     assert curve.count("already trained") == 1 + 2 * (2 + 1) and "| 100 |" in curve and "| 2,000 |" in curve
     assert "copying the English source scores" in curve
     assert json.loads((out / "curve.json").read_text())["copy_chrf"] == pytest.approx(results["copy_baseline"]["chrf"])

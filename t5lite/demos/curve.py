@@ -12,9 +12,11 @@ import json
 import os
 import time
 
-from t5lite import demo
+import sys
 
-OUTPUTS = ("curve.md", "curve.json", "curve.png")
+from t5lite.demos import demo
+
+OUTPUTS = demo.CURVE_OUTPUTS
 MAX_STEP_MULTIPLE = 4  # sizes above the demo's train for up to 4x the demo's fine-tuning steps
 
 
@@ -112,3 +114,7 @@ def run(args) -> list[dict]:
     print("\n" + text)
     print(f"wrote {os.path.join(args.out, 'curve.md')}, curve.json, curve.png")
     return rows
+
+
+if __name__ == "__main__":
+    sys.exit(demo.main(body=run))

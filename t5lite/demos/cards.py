@@ -1,7 +1,7 @@
 """`make cards`: one frozen base, three adapter cards, one mixed batch.
 
 1. the base: the small T5 that `make demo` pre-trains (runs/demo/pretrain); when it is missing, the demo's
-   own pre-training stage trains it (t5lite.demo.pretrain, skipped when finished),
+   own pre-training stage trains it (t5lite.demos.demo.pretrain, skipped when finished),
 2. three LoRA cards on it (experiments/cards/*.gin): English -> Spanish, KJV -> WEB modernisation and
    WordNet definitions, each an ordinary card run under runs/cards/<card>/ (its card/ is the card alone),
 3. each card against the base on its task's held-out test examples (greedy; the task's metric: chrF for
@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 
-from t5lite import demo
+from t5lite.demos import demo
 from t5lite.errors import UserError
 
 # name, run file under experiments/, task, headline metric
@@ -34,7 +34,7 @@ OUTPUTS = ("results.md", "results.json")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m t5lite.cards_demo", description="Trains three LoRA adapter cards "
+    p = argparse.ArgumentParser(prog="python -m t5lite.demos.cards", description="Trains three LoRA adapter cards "
                                 "on the demo's pre-trained base, scores each against the base on its task, and "
                                 "decodes one batch that mixes the three cards and the base (~10 min on 2 CPU cores "
                                 "after `make demo`).")
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         demo.start(args.out, args.fresh, clean)  # its compilation cache: the cards' runs share compiled programs
         run(args)
     except UserError as e:
-        print(f"t5lite.cards_demo: error: {e}", file=sys.stderr)
+        print(f"t5lite.demos.cards: error: {e}", file=sys.stderr)
         return 2
     return 0
 

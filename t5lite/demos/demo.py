@@ -14,7 +14,7 @@
 Every stage goes through the same gin path as `t5lite train` (gin_utils.parse, then the
 gin-configured `train`), so each model_dir is an ordinary run. A finished stage (and a finished
 evaluation) is skipped, so an interrupted demo continues where it stopped; `--fresh` starts over.
-`--curve` (`make demo-curve`) repeats the comparison at several fine-tuning set sizes (demo_curve.py).
+`make demo-curve` (t5lite/demos/curve.py, same flags) repeats the comparison at several fine-tuning set sizes.
 `--quick` runs everything on experiments/models/tiny.gin for a few steps: a smoke test, its numbers mean nothing.
 """
 
@@ -36,6 +36,7 @@ PRETRAIN_GIN = "demo/pretrain.gin"
 ARMS = (("pretrained", "demo/finetune_en_es.gin", True),  # table label, run file, starts from pretrain
         ("from scratch", "demo/finetune_en_es_scratch.gin", False))
 OUTPUTS = ("results.md", "results.json", "loss_curves.png", "finetune_vs_scratch.png")
+CURVE_OUTPUTS = ("curve.md", "curve.json", "curve.png")  # make demo-curve's (curve.py), removed by --fresh too
 QUICK_STEPS = {"pretrain": 30, "finetune": 6}
 TIMES_FILE = "demo_stage.json"  # per model_dir: how long the stage took, kept for re-runs
 REGIME = ("Regime: {size} labelled pairs ({share} of the {total} parallel train verses, drawn with the seed). "
@@ -53,7 +54,7 @@ def _size(text: str) -> int | None:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m t5lite.demo", description="What is T5 pre-training for? Pre-trains a "
+    p = argparse.ArgumentParser(prog="python -m t5lite.demos.demo", description="What is T5 pre-training for? Pre-trains a "
                                 "small T5 on the shipped Bible text, fine-tunes it on 2,000 English -> Spanish verse "
                                 "pairs, trains the same model from scratch with the same recipe search, and compares "
                                 "chrF / BLEU / perplexity on held-out verses (~15 min on 2 CPU cores).")
@@ -61,7 +62,6 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny model, a few steps: a smoke test of every stage")
     p.add_argument("--fresh", action="store_true",
                    help="delete the previous demo runs in --out first (otherwise finished stages are skipped)")
-    p.add_argument("--curve", action="store_true", help="chrF at several fine-tuning set sizes (make demo-curve)")
     p.add_argument("--train_size", type=_size, default=2000, help="labelled pairs to fine-tune on ('all': every one)")
     p.add_argument("--seeds", type=_csv(int), default=(0, 1), help="fine-tuning seeds: subset, data order, init")
     p.add_argument("--learning_rates", type=_csv(float), default=(0.003, 0.01),
@@ -75,7 +75,7 @@ def parse_args(argv):
     p.add_argument("--finetune_set", action="append", default=[], metavar="NAME=VALUE",
                    help="a gin binding for every fine-tuning run of both arms (repeatable), e.g. train.optimizer=adamw")
     p.add_argument("--curve_sizes", type=_csv(_size), default=(500, 2000, 8000, None),
-                   help="--curve: fine-tuning set sizes ('all' for every pair)")
+                   help="make demo-curve: fine-tuning set sizes ('all' for every pair)")
     p.add_argument("--val_examples", type=int, default=None, help="validation verses decoded to choose (default 100)")
     p.add_argument("--eval_examples", type=int, default=None, help="test verses to decode (default 200; 16 quick)")
     p.add_argument("--eval_batch_size", type=int, default=50, help="decoding batch size")
@@ -331,10 +331,9 @@ def plot(out: str, pre: dict, per_arm: dict[str, list[dict]]) -> list[str]:
 
 def clean(out: str) -> None:
     """--fresh: removes only what the demo writes (never the whole --out directory)."""
-    from t5lite import demo_curve
     for name in ("pretrain", "finetune", ".jax_cache"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    for name in OUTPUTS + demo_curve.OUTPUTS:
+    for name in OUTPUTS + CURVE_OUTPUTS:
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
 
@@ -398,17 +397,14 @@ def start(out: str, fresh: bool, clean_out) -> None:
     use_compilation_cache(out)
 
 
-def main(argv=None) -> int:
+def main(argv=None, body=None) -> int:
+    """`make demo` (body = run); `make demo-curve` passes its own body (curve.run) over the same flags."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         start(args.out, args.fresh, clean)
-        if args.curve:
-            from t5lite import demo_curve
-            demo_curve.run(args)
-        else:
-            run(args)
+        (body or run)(args)
     except UserError as e:
-        print(f"t5lite.demo: error: {e}", file=sys.stderr)
+        print(f"t5lite.demos: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -332,7 +332,7 @@ def bench_train(args) -> None:
 
 
 def bench_cards(args) -> None:
-    from t5lite.bench_cards import cards_decode_benchmark
+    from t5lite.bench.cards import cards_decode_benchmark
     _write_json(args.json, cards_decode_benchmark(args.model, args.batch_size, args.num_cards, args.rank,
                                                   args.input_length, args.max_decode_length, args.method,
                                                   args.repeats))

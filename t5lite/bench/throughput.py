@@ -73,7 +73,7 @@ def _run_worker(kind: str, spec: dict) -> dict:
     env = dict(os.environ)
     if kind.endswith("hf"):
         env.setdefault("JAX_PLATFORMS", "cpu")  # the HF worker never imports jax
-    proc = subprocess.run([sys.executable, "-m", "t5lite.bench", kind, json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "t5lite.bench.throughput", kind, json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {kind} failed:\n{proc.stderr[-4000:]}")
@@ -340,7 +340,7 @@ def data_benchmark(task: str = "bible_span_corruption_en_es", batch_size: int = 
 
 
 def _worker_main(argv) -> None:
-    parser = argparse.ArgumentParser(prog="python -m t5lite.bench", description="one benchmark worker")
+    parser = argparse.ArgumentParser(prog="python -m t5lite.bench.throughput", description="one benchmark worker")
     parser.add_argument("kind", choices=sorted(WORKERS))
     parser.add_argument("spec", help="the measurement as JSON")
     args = parser.parse_args(argv)

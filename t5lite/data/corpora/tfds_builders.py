@@ -57,7 +57,7 @@ class _ShippedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo(builder=self, ...), not dataset_info_from_configs: this class lives
-        # outside a TFDS package directory (see shared/STACK-NOTES.md).
+        # outside a TFDS package directory (see docs/stack-notes.md).
         return tfds.core.DatasetInfo(
             builder=self, description=self.DESCRIPTION, homepage=self.HOMEPAGE,
             license=self.LICENSE, features=tfds.features.FeaturesDict(self._features()))

@@ -41,7 +41,7 @@ def register_configurables() -> None:
     _CONFIGURED["text_to_text_task"] = gin.external_configurable(tasks.text_to_text_task, "text_to_text_task")
     _CONFIGURED["register_mixture"] = gin.external_configurable(tasks.register_mixture, "register_mixture")
     from t5lite.data import instructions  # objectives (issue 12): UL2 tasks, instruction tasks and mixtures
-    for fn in (tasks.ul2_task, tasks.examples_proportional_mixture, instructions.instruction_mixture,
+    for fn in (tasks.objective_task, tasks.ul2_task, tasks.examples_proportional_mixture, instructions.instruction_mixture,
                instructions.instruction_jsonl_task, tasks.train_subset_task):
         _CONFIGURED[fn.__name__] = gin.external_configurable(fn, fn.__name__)
 

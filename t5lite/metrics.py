@@ -1,11 +1,15 @@
 """Text metrics by name, each `fn(targets, predictions) -> {name: float}` on 0..100 scales.
 
 Standard implementations only (sacrebleu for BLEU/chrF, Google's rouge-score for ROUGE), so
-numbers are comparable with published ones. Imports nothing else of t5lite, so tasks can
-name metrics without pulling in the model or the trainer.
+numbers are comparable with published ones. Each is registered (t5lite/registry.py) as kind
+'metric', so a task can name one of the user's own. Imports only the registry, so tasks can name
+metrics without pulling in the model or the trainer.
 """
 
 from typing import Callable, Dict, List, Sequence
+
+from t5lite import registry
+from t5lite.registry import register
 
 Metric = Callable[[Sequence[str], Sequence[str]], Dict[str, float]]
 
@@ -15,6 +19,7 @@ def _check(targets: Sequence[str], predictions: Sequence[str]) -> None:
         raise ValueError(f"{len(targets)} targets but {len(predictions)} predictions; score them pairwise")
 
 
+@register("metric", "bleu")
 def bleu(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
     """Corpus BLEU with sacrebleu's defaults (13a tokenizer, exp smoothing), like T5's eval."""
     import sacrebleu
@@ -22,6 +27,7 @@ def bleu(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]
     return {"bleu": float(sacrebleu.corpus_bleu(list(predictions), [list(targets)]).score)}
 
 
+@register("metric", "chrf")
 def chrf(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
     """Corpus chrF (character n-gram F-score, beta 2), robust for morphologically rich languages."""
     import sacrebleu
@@ -29,6 +35,7 @@ def chrf(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]
     return {"chrf": float(sacrebleu.corpus_chrf(list(predictions), [list(targets)]).score)}
 
 
+@register("metric", "rouge")
 def rouge(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
     """Mean ROUGE-1/2/Lsum F-measure (Porter stemming), as T5 reports for summarisation."""
     from rouge_score import rouge_scorer
@@ -44,6 +51,7 @@ def rouge(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float
     return {k: 100.0 * v / n for k, v in totals.items()}
 
 
+@register("metric", "exact_match")
 def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
     """Percentage of predictions equal to their target after stripping surrounding whitespace."""
     _check(targets, predictions)
@@ -51,19 +59,14 @@ def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str,
     return {"exact_match": 100.0 * hits / max(len(targets), 1)}
 
 
+@register("metric", "accuracy")
 def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
     """Classification accuracy: exact match of label strings, in percent."""
     return {"accuracy": exact_match(targets, predictions)["exact_match"]}
 
 
-METRICS: Dict[str, Metric] = {"bleu": bleu, "chrf": chrf, "rouge": rouge, "exact_match": exact_match,
-                              "accuracy": accuracy}
-
-
 def get_metric(name: str) -> Metric:
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
-    return METRICS[name]
+    return registry.get("metric", name)
 
 
 def compute(names: List[str], targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:

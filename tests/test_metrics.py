@@ -5,6 +5,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 
 from t5lite import metrics
+from t5lite.errors import UserError
 
 TARGETS = ["the cat sat on the mat", "En el principio creó Dios los cielos y la tierra.", "a b c d"]
 PREDICTIONS = ["the cat is on the mat", "En el principio creó Dios el cielo y la tierra.", "x y z w"]
@@ -32,7 +33,7 @@ def test_rouge_equals_rouge_score_means():
 def test_exact_match_accuracy_and_registry():
     assert metrics.exact_match(["a", "b ", "c"], ["a", "b", "d"])["exact_match"] == pytest.approx(200 / 3)
     assert metrics.compute(["accuracy", "bleu"], TARGETS, TARGETS) == {"accuracy": 100.0, "bleu": pytest.approx(100.0)}
-    with pytest.raises(ValueError, match="choose from"):
+    with pytest.raises(UserError, match="choose from"):
         metrics.get_metric("meteor")
     with pytest.raises(ValueError, match="pairwise"):
         metrics.bleu(["a"], ["a", "b"])

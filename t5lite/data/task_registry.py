@@ -18,15 +18,16 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
-from t5lite import metrics as metrics_lib
+from t5lite import metrics  # noqa: F401  (registers the metrics tasks name)
+from t5lite import registry
 from t5lite.data import objectives
 from t5lite.data import pipeline
 from t5lite.data import preprocessors as P
 from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
+from t5lite.registry import register
 
 VOCAB_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "spiece.model")
-OBJECTIVES = ("text_to_text", "span_corruption", "prefix_lm", "causal_lm", "ul2")
 SPLITS = ("train", "validation", "test")
 
 FeatureLengths = Mapping[str, int]
@@ -55,9 +56,12 @@ def ul2_feature_lengths(inputs_length: int, denoisers: Sequence = objectives.UL2
     return {"inputs": int(inputs_length), "targets": objectives.ul2_feature_lengths(raw, denoisers, modes)["targets"]}
 
 
-# --- Preprocessor recipes: fn(vocab, feature_lengths) -> list for pipeline.make_pipeline ---------
+# --- Objectives: registered recipe makers, fn(text_key, **options) -> PreprocessorsFn --------------
+# A recipe is fn(vocab, feature_lengths) -> the preprocessor list for pipeline.make_pipeline; an
+# objective of the user's own is one more `@register("objective", name)` (tasks.objective_task uses it).
 
 
+@register("objective", "text_to_text")
 def text_to_text_preprocessors(prefix: str = "", inputs_key: str = "inputs",
                                targets_key: str = "targets") -> PreprocessorsFn:
     """prefix + record[inputs_key] -> record[targets_key], tokenized, trimmed so EOS survives."""
@@ -68,6 +72,7 @@ def text_to_text_preprocessors(prefix: str = "", inputs_key: str = "inputs",
     return build
 
 
+@register("objective", "span_corruption")
 def span_corruption_preprocessors(text_key: str = "text") -> PreprocessorsFn:
     """T5's span corruption of `text_key` (pipeline.span_corruption_preprocessors), checking that
     feature_lengths leaves room for the targets it makes (see span_corruption_feature_lengths)."""
@@ -85,6 +90,7 @@ def span_corruption_preprocessors(text_key: str = "text") -> PreprocessorsFn:
     return build
 
 
+@register("objective", "ul2")
 def ul2_preprocessors(text_key: str = "text", **options) -> PreprocessorsFn:
     """UL2's mixture of denoisers of `text_key`; options as objectives.ul2_preprocessors
     (denoisers, rates: 'uniform' | 'ul2r' | ..., mode_tokens, raw_length)."""
@@ -92,12 +98,14 @@ def ul2_preprocessors(text_key: str = "text", **options) -> PreprocessorsFn:
                                                                        text_key=text_key, **options)
 
 
+@register("objective", "causal_lm")
 def causal_lm_preprocessors(text_key: str = "text") -> PreprocessorsFn:
     """Causal LM of `text_key` for DecoderOnly (objectives.causal_lm_preprocessors)."""
     return lambda vocab, feature_lengths: objectives.causal_lm_preprocessors(vocab, feature_lengths,
                                                                              text_key=text_key)
 
 
+@register("objective", "prefix_lm")
 def prefix_lm_preprocessors(text_key: str = "text", noise_density: float = 0.5) -> PreprocessorsFn:
     """Prefix LM of `text_key`, a random pivot per chunk (objectives.prefix_lm_preprocessors)."""
     return lambda vocab, feature_lengths: objectives.prefix_lm_preprocessors(
@@ -109,10 +117,11 @@ def prefix_lm_preprocessors(text_key: str = "text", noise_density: float = 0.5) 
 
 def _check_metrics(name: str, metric_names: Sequence[str]) -> tuple[str, ...]:
     metric_names = (metric_names,) if isinstance(metric_names, str) else tuple(metric_names)
-    unknown = [m for m in metric_names if m not in metrics_lib.METRICS]
+    unknown = [m for m in metric_names if m not in registry.names("metric")]
     if unknown:
         raise UserError(f"task {name!r}: unknown metric(s) {', '.join(unknown)}: use names from "
-                        f"{', '.join(metrics_lib.METRICS)}")
+                        f"{', '.join(registry.names('metric'))} (or register your own: t5lite.registry.register("
+                        "'metric', name))")
     return metric_names
 
 
@@ -133,9 +142,10 @@ class Task:
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
             raise UserError(f"task name {self.name!r} must be a non-empty string: name the task")
-        if self.objective not in OBJECTIVES:
+        if self.objective not in registry.names("objective"):
             raise UserError(f"task {self.name!r}: objective {self.objective!r} is not one of "
-                            f"{', '.join(OBJECTIVES)}: pick one")
+                            f"{', '.join(registry.names('objective'))}: pick one (or register your own: "
+                            "t5lite.registry.register('objective', name))")
         splits = (self.splits,) if isinstance(self.splits, str) else tuple(self.splits)
         if not splits:
             raise UserError(f"task {self.name!r} has no splits: give at least one (e.g. 'train')")

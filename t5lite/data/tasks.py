@@ -15,14 +15,28 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from t5lite.data import objectives
+from t5lite import registry
 from t5lite.data import sources
-from t5lite.data.task_registry import (OBJECTIVES, SPLITS, VOCAB_PATH, Documents, FeatureLengths, Mixture,
+from t5lite.data.task_registry import (SPLITS, VOCAB_PATH, Documents, FeatureLengths, Mixture,
                                        PreprocessorsFn, Task, causal_lm_preprocessors, default_vocabulary,
                                        examples_proportional_mixture, get, names, prefix_lm_preprocessors,
                                        register, register_mixture, span_corruption_feature_lengths,
                                        span_corruption_preprocessors, text_to_text_preprocessors,
                                        ul2_feature_lengths, ul2_preprocessors)
 from t5lite.errors import UserError
+
+def objective_task(name: str, objective: str, corpus_task: str = "bible_span_corruption_en_es",
+                   text_key: str = "text", **options) -> Task:
+    """Register (or replace) a task that trains the registered `objective` (span_corruption, ul2,
+    prefix_lm, causal_lm or one of the user's own) on the documents of a registered task (its source
+    and splits); `options` go to the objective's recipe maker."""
+    corpus = get(corpus_task)
+    if isinstance(corpus, Mixture):
+        raise UserError(f"objective_task {name!r}: corpus_task {corpus_task!r} is a mixture; name one task")
+    recipe = registry.get("objective", objective)(text_key=text_key, **options)
+    return register(Task(name, corpus.source_fn, recipe, splits=corpus.splits, objective=objective,
+                         description=f"{objective} of the documents of {corpus.name}"), replace=True)
+
 
 def ul2_task(name: str, corpus_task: str = "bible_span_corruption_en_es", rates="uniform",
              denoisers: Sequence = objectives.UL2_DENOISERS, mode_tokens: bool = True,
@@ -206,9 +220,9 @@ _register_tfds_recipes()
 from t5lite.data import instructions  # noqa: E402,F401
 
 __all__ = [
-    "OBJECTIVES", "SPLITS", "VOCAB_PATH", "Documents", "FeatureLengths", "Mixture", "PreprocessorsFn", "Task",
+    "SPLITS", "VOCAB_PATH", "Documents", "FeatureLengths", "Mixture", "PreprocessorsFn", "Task",
     "causal_lm_preprocessors", "default_vocabulary", "examples_proportional_mixture", "get", "names",
     "prefix_lm_preprocessors", "register", "register_mixture", "span_corruption_feature_lengths",
     "span_corruption_preprocessors", "text_to_text_preprocessors", "ul2_feature_lengths", "ul2_preprocessors",
-    "ul2_task", "train_subset_task", "subset_indices", "Subset", "text_to_text_task",
+    "objective_task", "ul2_task", "train_subset_task", "subset_indices", "Subset", "text_to_text_task",
 ]

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from t5lite.model.config import T5Config
 from t5lite.model.layers import DenseGeneral, RMSNorm
 from t5lite.model.positions import Rotary, apply_rotary
-from t5lite.model.registry import register
+from t5lite.registry import register
 
 # Added to the scores of masked (query, key) pairs; exp() of it underflows to exactly 0.
 MASK_VALUE = -1e10

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import jax
 
 from t5lite.errors import UserError
-from t5lite.model import registry
+from t5lite import registry
 
 # What each name means, in one place: config validation, the layers and the HF converter read these.
 REMAT_POLICIES = {  # name -> what a rematerialised layer keeps for the backward pass
@@ -59,7 +59,7 @@ class T5Config:
     decoder_only_prefix_lm: bool = False
 
     # --- Ablations. The defaults are T5's architecture; every name below is a registry entry
-    # (t5lite/model/registry.py), so a module of your own is one more valid value.
+    # (t5lite/registry.py), so a module of your own is one more valid value.
     # Positions: t5_relative_bias | absolute_learned | sinusoidal | rope | alibi | none.
     position_scheme: str = "t5_relative_bias"
     rope_theta: float = 10_000.0

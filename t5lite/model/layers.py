@@ -3,7 +3,7 @@
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`), so
 t5lite/train/partitioning.py alone decides how it is laid out on a device mesh. Parameters
 are float32; `dtype` is the compute dtype. Names follow T5X, so checkpoints read alike.
-The norms and the MLP are registered (t5lite/model/registry.py) under the names that
+The norms and the MLP are registered (t5lite/registry.py) under the names that
 `T5Config.norm` and `T5Config.mlp` select.
 """
 
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from t5lite.model.config import ACTIVATIONS, T5Config
-from t5lite.model.registry import register
+from t5lite.registry import register
 
 Axes = Tuple[str, ...]
 Initializer = Callable[..., jax.Array]

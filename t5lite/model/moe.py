@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from t5lite.model.config import T5Config
 from t5lite.model.layers import DenseGeneral, MlpBlock
-from t5lite.model.registry import register
+from t5lite.registry import register
 
 
 def load_balancing_loss(router_probs: jax.Array, expert_index: jax.Array) -> jax.Array:

@@ -29,7 +29,7 @@ import numpy as np
 
 from t5lite.errors import UserError
 from t5lite.model.config import T5Config
-from t5lite.model.registry import register
+from t5lite.registry import register
 
 Rotary = Tuple[jax.Array, jax.Array]
 

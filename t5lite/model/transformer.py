@@ -1,7 +1,7 @@
 """T5 encoder, decoder and the two top-level models, EncoderDecoder and DecoderOnly.
 
 Residual layers whose attention, MLP, norm and position modules are looked up by the names
-in the config (t5lite/model/registry.py): T5 is pre-norm (norm -> sublayer -> dropout -> add),
+in the config (t5lite/registry.py): T5 is pre-norm (norm -> sublayer -> dropout -> add),
 `norm_layout` also gives post-norm and sandwich. Each stack owns one positions module (T5's
 relative-position table, shared by all its layers). With `config.scan_layers` the layers are
 one `nn.scan` over a stacked parameter tree (leading `layers` axis), which compiles once
@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5lite.model import registry
+from t5lite import registry
 from t5lite.model.attention import make_attention_mask, make_causal_mask, make_segment_mask, mask_to_bias
 from t5lite.model.config import REMAT_POLICIES, T5Config
 from t5lite.model.layers import BATCH_LENGTH_EMBED, DenseGeneral, Embed

@@ -1,5 +1,6 @@
 """Training losses, chosen from gin by name: `train.loss = 'cross_entropy'` (the default) or
-`'distillation'`, with `train.loss_kwargs = {...}`; users register their own with `@register`.
+`'distillation'`, with `train.loss_kwargs = {...}`; users register their own with
+`@t5lite.registry.register('loss', name)`.
 
 A loss is a frozen dataclass (its fields are the settings) called on one (micro)batch:
 
@@ -13,13 +14,14 @@ the very end, so every loss microbatches and normalises exactly like cross-entro
 """
 
 import dataclasses
-import difflib
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from t5lite import registry
 from t5lite.errors import UserError
+from t5lite.registry import register
 
 Batch = Dict[str, jax.Array]
 Sums = Dict[str, jax.Array]
@@ -109,37 +111,13 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, temperat
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The registry: name -> loss class.
-# ---------------------------------------------------------------------------------------------
-
-_LOSSES: Dict[str, Callable] = {}
-
-
-def register(name: str):
-    """Class decorator: makes a loss selectable as `train.loss = '<name>'` (a later one replaces it)."""
-    def add(cls):
-        _LOSSES[name] = cls
-        return cls
-    return add
-
-
-def names():
-    return sorted(_LOSSES)
-
-
 def make(name: str, settings: Optional[dict] = None, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
     """The loss registered as `name`, built with `settings` (train.loss_kwargs) and, when it has those
     fields, train.z_loss / train.label_smoothing. Unknown names and settings are one-line UserErrors."""
-    if not isinstance(name, str) or name not in _LOSSES:
-        close = difflib.get_close_matches(str(name), names(), n=2, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UserError(f"unknown train.loss {name!r}: {hint}registered losses: {', '.join(names())} "
-                        "(register your own with t5lite.train.losses.register)")
+    cls = registry.get("loss", name)
     if settings is not None and not isinstance(settings, dict):
         raise UserError(f"train.loss_kwargs must be a dict like {{'alpha': 0.5}}, got {settings!r}")
     settings = dict(settings or {})
-    cls = _LOSSES[name]
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     ce_settings = {"z_loss": z_loss, "label_smoothing": label_smoothing}
     bad = sorted(k for k in settings if k not in fields or k in ce_settings)
@@ -158,7 +136,7 @@ def _check(name: str, value, low: float, high: float, low_open: bool = False) ->
         raise UserError(f"train.loss_kwargs['{name}'] must be a number in {interval}, got {value!r}")
 
 
-@register("cross_entropy")
+@register("loss", "cross_entropy")
 @dataclasses.dataclass(frozen=True)
 class CrossEntropy:
     """T5X's cross-entropy against the targets, with z-loss and label smoothing."""
@@ -172,7 +150,7 @@ class CrossEntropy:
                                   label_smoothing=self.label_smoothing)
 
 
-@register("distillation")
+@register("loss", "distillation")
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """Token-level knowledge distillation (Hinton et al. 2015), per weighted target token:

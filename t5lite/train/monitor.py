@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import jax
 
 from t5lite.errors import UserError
-from t5lite.model import registry
+from t5lite import registry
 from t5lite.model.config import T5Config
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,10 @@
 """Optimizers and learning-rate schedules: T5's Adafactor + rsqrt, and AdamW + cosine.
 
+Both kinds live in the one registry (t5lite/registry.py), so a user's own is one decorator away:
+an optimizer is `fn(learning_rate_fn, **train.optimizer_kwargs) -> optax.GradientTransformation`, a
+schedule `fn(learning_rate, warmup_steps, total_steps, end_learning_rate) -> (step -> lr)` that takes
+the arguments it names of those four.
+
 `make_optimizer(name, schedule, ...)` takes plain keyword arguments (so gin can bind them)
 and returns an `Optimizer`: an optax transformation (`init` / `update`) that also carries its
 `learning_rate_fn`, so the train step can report the learning rate of every step. Every
@@ -15,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5lite import registry
 from t5lite.errors import UserError
+from t5lite.registry import register
 
 Schedule = Callable[[jax.Array], jax.Array]  # step (int32 scalar) -> learning rate (float32 scalar)
 
@@ -32,6 +39,7 @@ class Optimizer(NamedTuple):
 # Schedules. Each is a pure function of the step, so a resumed run gets the same values.
 # ---------------------------------------------------------------------------------------------
 
+@register("schedule", "rsqrt")
 def rsqrt_schedule(learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Schedule:
     """T5's schedule: lr = learning_rate / sqrt(max(step, warmup_steps)).
 
@@ -49,6 +57,7 @@ def rsqrt_schedule(learning_rate: float = 1.0, warmup_steps: int = 10_000) -> Sc
     return schedule
 
 
+@register("schedule", "cosine")
 def cosine_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
                     end_learning_rate: float = 0.0) -> Schedule:
     """Linear warmup 0 -> learning_rate over warmup_steps, then cosine decay to end_learning_rate
@@ -59,6 +68,7 @@ def cosine_schedule(learning_rate: float, warmup_steps: int, total_steps: int,
     return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, total_steps, end_learning_rate)
 
 
+@register("schedule", "constant")
 def constant_schedule(learning_rate: float, warmup_steps: int = 0) -> Schedule:
     """learning_rate after an optional linear warmup from 0 (T5 fine-tuning: 1e-3, no warmup)."""
 
@@ -73,20 +83,20 @@ def constant_schedule(learning_rate: float, warmup_steps: int = 0) -> Schedule:
 
 def make_schedule(schedule: str = "rsqrt", learning_rate: float = 1.0, warmup_steps: int = 10_000,
                   total_steps: Optional[int] = None, end_learning_rate: float = 0.0) -> Schedule:
-    """The schedule called `schedule` ('rsqrt', 'cosine' or 'constant')."""
-    if schedule == "rsqrt":
-        return rsqrt_schedule(learning_rate, warmup_steps)
-    if schedule == "cosine":
-        return cosine_schedule(learning_rate, warmup_steps, total_steps, end_learning_rate)
-    if schedule == "constant":
-        return constant_schedule(learning_rate, warmup_steps)
-    raise UserError(f"unknown learning-rate schedule {schedule!r}; choose from rsqrt, cosine, constant")
+    """The schedule registered as `schedule` ('rsqrt', 'cosine', 'constant' or one of yours), given the
+    arguments it takes of these four."""
+    build = registry.get("schedule", schedule)
+    offered = {"learning_rate": learning_rate, "warmup_steps": warmup_steps, "total_steps": total_steps,
+               "end_learning_rate": end_learning_rate}
+    wanted = inspect.signature(build).parameters
+    return build(**{name: value for name, value in offered.items() if name in wanted})
 
 
 # ---------------------------------------------------------------------------------------------
 # Optimizers.
 # ---------------------------------------------------------------------------------------------
 
+@register("optimizer", "adafactor")
 def adafactor(learning_rate: Schedule, *, decay_rate: float = 0.8, step_offset: int = 0,
               clipping_threshold: Optional[float] = 1.0, multiply_by_parameter_scale: bool = True,
               factored: bool = True, min_dim_size_to_factor: int = 128, momentum: Optional[float] = None,
@@ -105,6 +115,7 @@ def adafactor(learning_rate: Schedule, *, decay_rate: float = 0.8, step_offset: 
                            weight_decay_rate=weight_decay_rate, eps=epsilon, factored=factored)
 
 
+@register("optimizer", "adamw")
 def adamw(learning_rate: Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
           weight_decay: float = 0.01, decay_vectors: bool = False) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay). By default only matrices decay, not norm scales / vectors."""
@@ -112,22 +123,17 @@ def adamw(learning_rate: Schedule, *, b1: float = 0.9, b2: float = 0.999, eps: f
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
 
-OPTIMIZERS = {"adafactor": adafactor, "adamw": adamw}
-
-
 def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt", learning_rate: float = 1.0,
                    warmup_steps: int = 10_000, total_steps: Optional[int] = None, end_learning_rate: float = 0.0,
                    clip_grad_norm: Optional[float] = None, **optimizer_kwargs) -> Optimizer:
-    """The optimizer `name` ('adafactor' or 'adamw') on the schedule `schedule`.
+    """The optimizer registered as `name` ('adafactor', 'adamw' or one of yours) on the schedule `schedule`.
 
-    `optimizer_kwargs` go to `adafactor(...)` / `adamw(...)` (e.g. decay_rate, weight_decay).
+    `optimizer_kwargs` go to the optimizer's function (e.g. adafactor's decay_rate, adamw's weight_decay).
     `clip_grad_norm` clips the global gradient norm before the optimizer sees it.
     The defaults are T5 pre-training: Adafactor, lr = 1 / sqrt(max(step, 10k)).
     """
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-    build = OPTIMIZERS[name]
-    valid = [p for p in inspect.signature(build).parameters if p != "learning_rate"]
+    build = registry.get("optimizer", name)
+    valid = [p for p in list(inspect.signature(build).parameters)[1:]]  # after the learning-rate schedule
     unknown = sorted(set(optimizer_kwargs) - set(valid))
     if unknown:
         raise UserError(f"unknown {name} option(s) {unknown}; valid: {', '.join(valid)}")

@@ -93,12 +93,11 @@ train.z_loss = 0.0
 def user_dir(tmp_path):
     (tmp_path / "my_extensions.py").write_text(USER_MODULE)
     (tmp_path / "my_run.gin").write_text(RUN_GIN)
-    saved = {kind: dict(entries) for kind, entries in registry._ENTRIES.items()}
     yield tmp_path
     sys.modules.pop("my_extensions", None)
-    for kind, entries in saved.items():  # later tests in this process see t5lite's own entries only
-        registry._ENTRIES[kind].clear()
-        registry._ENTRIES[kind].update(entries)
+    for entries in registry._ENTRIES.values():  # later tests in this process see t5lite's own entries only
+        for name in [n for n, entry in entries.items() if getattr(entry, "__module__", "") == "my_extensions"]:
+            del entries[name]
 
 
 @pytest.mark.slow

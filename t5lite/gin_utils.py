@@ -25,6 +25,7 @@ from t5lite.errors import UserError
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 _INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1\s*(#.*)?$""")
 _CONFIGURED = {}
+_PARSED: List[Tuple[str, str, int]] = []  # (text, file, line) parse() gave gin, so later errors can name a file
 
 
 def register_configurables() -> None:
@@ -55,7 +56,7 @@ def configured(name: str):
 def model_config():
     """The T5Config the bound T5Config.* parameters describe (a plain T5Config, not gin's subclass)."""
     from t5lite.model.config import T5Config
-    return T5Config.from_dict(configured("T5Config")().to_dict())
+    return T5Config.from_dict(call_configured(configured("T5Config")).to_dict())
 
 
 def _resolve_include(name: str, including_dir: str) -> str:
@@ -117,8 +118,10 @@ _MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=", re.MULTILINE)
 
 
 def _check_macro_flags(bindings: Sequence[str], files_text: str) -> None:
-    """gin silently accepts a macro nobody reads, so a typo'd --gin.MACRO=... must fail here."""
-    defined = set(_MACRO.findall(files_text)) | {"MODEL_DIR"}
+    """gin silently accepts a macro nobody reads, so a typo'd --gin.MACRO=... must fail here (a macro the
+    files define or use is read)."""
+    used = _MACRO_USE.findall("\n".join(_STRING.sub("''", line).split("#", 1)[0] for line in files_text.splitlines()))
+    defined = set(_MACRO.findall(files_text)) | set(used) | {"MODEL_DIR"}
     for flag in bindings:
         name = flag.split("=", 1)[0].strip()
         if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in defined:
@@ -146,6 +149,14 @@ def _friendly(error: Exception, where: str = "") -> UserError:
     if getattr(location, "line_content", None) is not None:
         message = (f"gin syntax error in {location.line_content.strip()!r} (check this line and an unclosed "
                    "bracket or quote just before it)")
+    if re.search(r"\bmacro\(\) missing 1 required positional argument", text):
+        undefined = _undefined_macros(_PARSED)
+        if undefined:
+            uses = " and ".join(f"%{name} ({where_used})" for name, where_used in undefined.items())
+            name = next(iter(undefined))
+            return UserError(f"gin: {uses} {'is' if len(undefined) == 1 else 'are'} used but no gin file or flag "
+                             f"defines {'it' if len(undefined) == 1 else 'them'}; define it in a gin file "
+                             f"({name} = VALUE) or pass --gin.{name}=VALUE")
     hint = ""
     param = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", text)
     unknown = re.search(r"No configurable matching '([\w.]+)'", text)
@@ -156,6 +167,25 @@ def _friendly(error: Exception, where: str = "") -> UserError:
         close = difflib.get_close_matches(unknown.group(1), sorted(_CONFIGURED), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; configurables: {', '.join(sorted(_CONFIGURED))}"
     return UserError(f"{where or 'gin: '}{message}{hint}")
+
+
+_MACRO_USE = re.compile(r"%([A-Za-z_][\w./]*)")
+_STRING = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _undefined_macros(lines: List[Tuple[str, str, int]]) -> dict:
+    """{macro: 'file:line' of its first use} for every %MACRO the parsed text uses that nothing defines."""
+    undefined = {}
+    for text, path, number in lines:
+        code = _STRING.sub("''", text).split("#", 1)[0]  # a '%' inside a string or a comment is no macro
+        for name in _MACRO_USE.findall(code):
+            if name in undefined or name.startswith("gin."):  # %gin.REQUIRED is gin's own
+                continue
+            try:
+                gin.query_parameter(f"%{name}")
+            except ValueError:
+                undefined[name] = f"{path}:{number}" if number else path
+    return undefined
 
 
 def _where(lines: List[Tuple[str, str, int]], error: Exception) -> str:
@@ -182,6 +212,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), model_dir: Opt
     if model_dir is not None:
         lines.append((f"MODEL_DIR = {model_dir!r}", "--model_dir", 0))
     lines += [(_as_gin_binding(b), f"--gin.{b}", 0) for b in bindings]
+    _PARSED[:] = lines
     _add_import_paths([os.path.dirname(os.path.abspath(p)) for p in gin_files] + [os.getcwd()])
     try:
         gin.parse_config("\n".join(text for text, _, _ in lines))

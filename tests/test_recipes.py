@@ -123,3 +123,11 @@ def test_build_info_records_the_checkout(tmp_path):
 
 def test_recipes_dir_is_experiments_in_a_checkout():
     assert gin_utils.RECIPES_DIR == EXPERIMENTS
+
+
+def test_a_shipped_sweep_file_and_its_gin_files_resolve_from_any_directory(tmp_path, monkeypatch):
+    from t5lite.scaling.spec import build_sweep
+    monkeypatch.chdir(tmp_path)
+    sweep = build_sweep("scaling/tiny.toml")
+    assert [os.path.relpath(f, EXPERIMENTS) for f in sweep.gin_files] == ["scaling/tiny.gin"]
+    assert build_sweep(gin_files=["models/tiny.gin"]).gin_files == (os.path.join(EXPERIMENTS, "models", "tiny.gin"),)

@@ -274,6 +274,8 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
     """A Sweep from a sweep file and/or flags; flags add gin files, axes and bindings, --seeds replaces."""
     spec, file_axes, extra, held_out, files = {}, [], (), (), []
     if sweep_file:
+        from t5lite.gin_utils import find_gin_file
+        sweep_file = find_gin_file(sweep_file) or sweep_file  # e.g. scaling/tiny.toml, a shipped sweep
         spec = _load_toml(sweep_file)
         unknown = sorted(set(spec) - _FILE_KEYS)
         if unknown:

@@ -27,9 +27,8 @@ from t5lite import provenance
 from t5lite.errors import UserError
 
 
-
 def _recipes_dir() -> str:
-    """The shipped gin files: experiments/ is packaged as t5lite.recipes (pyproject.toml), so an installed
+    """The shipped gin files: experiments/ is packaged as t5lite.recipes (setup.py), so an installed
     wheel holds them in t5lite/recipes; a checkout (PYTHONPATH or `pip install -e`) reads experiments/ itself."""
     package = os.path.dirname(os.path.abspath(__file__))
     installed = os.path.join(package, "recipes")

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools  # setuptools>=77 builds the wheel (tests/test_wheel.py)
 	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $(STAMP)
 

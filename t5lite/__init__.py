@@ -5,7 +5,29 @@ import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
 
-__version__ = "0.1.0"
+
+
+def _version() -> str:
+    """pyproject.toml is the one source: read it in a checkout (where an editable install's metadata may be
+    stale), else the installed distribution's metadata (a wheel)."""
+    pyproject = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "pyproject.toml")
+    if _os.path.isfile(pyproject):
+        import tomllib
+        try:
+            with open(pyproject, "rb") as f:
+                project = tomllib.load(f).get("project", {})
+            if project.get("name") == "t5lite" and isinstance(project.get("version"), str):
+                return project["version"]
+        except (OSError, ValueError):
+            pass
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("t5lite")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+__version__ = _version()
 
 
 def _cpu_only_host_with_libtpu() -> bool:

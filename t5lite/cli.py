@@ -99,7 +99,9 @@ def _add_sweep(commands):
 
 def build_parser() -> argparse.ArgumentParser:
     from t5lite import commands as run
+    import t5lite
     parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
+    parser.add_argument("--version", action="version", version=f"t5lite {t5lite.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training(commands, "train", "train a model from gin run files (pre-training or any training)", False)
     _add_training(commands, "finetune", "train starting from a checkpoint's parameters", True)
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run.run_compile, takes_gin=True)
 
     _add_sweep(commands)
+    p = commands.add_parser("recipes", help="list the shipped gin run files (any of them works as --gin_file or "
+                            "in an include, from any directory)")
+    p.add_argument("--paths", action="store_true", help="print only the paths, one a line")
+    p.set_defaults(run=run.list_recipes)
     return parser
 
 

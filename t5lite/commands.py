@@ -443,3 +443,17 @@ def cards_export(args) -> None:
     export_peft(card, args.out, args.base_model_name_or_path)
     print(f"wrote PEFT adapter {args.out} (PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained"
           f"(<base exported with t5lite convert to-hf>), {args.out!r}))")
+
+
+def list_recipes(args) -> None:
+    """`t5lite recipes`: each shipped gin / sweep file with the first line of its header comment."""
+    from t5lite import gin_utils
+    recipes = gin_utils.shipped_recipes()
+    if args.paths:
+        print("\n".join(recipes))
+        return
+    print(f"{len(recipes)} shipped recipes in {gin_utils.RECIPES_DIR}; use one from any directory as "
+          "--gin_file=models/tiny.gin, or in a gin file as include 'models/tiny.gin':")
+    width = max(len(r) for r in recipes)
+    for recipe in recipes:
+        print(f"  {recipe:<{width}}  {gin_utils.recipe_summary(recipe)}".rstrip())

@@ -1,8 +1,12 @@
 """gin for experiments: parse run files and --gin.NAME=VALUE bindings, report mistakes in one line.
 
 What differs from plain gin, on purpose:
-- `include 'x.gin'` is resolved relative to the including file first, then to experiments/,
-  then to the working directory, so run files include each other by relative path.
+- A relative `--gin_file` is looked up in the working directory, then among the shipped recipes
+  (experiments/, installed as t5lite/recipes), so `--gin_file=models/t5_1_1_base.gin` and
+  `--gin_file=experiments/demo/pretrain.gin` work from any directory. `include 'x.gin'` is looked up
+  next to the including file first (a recipe means the same from every directory), then in the
+  working directory, then among the shipped recipes (a user's file can include a shipped size); a
+  shipped recipe's includes look among the recipes before the working directory.
 - `--gin.NAME=VALUE` takes unquoted strings where unambiguous (`--gin.MIXTURE_OR_TASK_NAME=wmt`).
 - A typo in a binding fails with the closest valid names instead of a stack trace.
 - `import my_module` (gin's import statement, e.g. a module that registers an attention class)
@@ -22,9 +26,21 @@ import gin
 from t5lite import provenance
 from t5lite.errors import UserError
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+def _recipes_dir() -> str:
+    """The shipped gin files: experiments/ is packaged as t5lite.recipes (setup.py), so an installed
+    wheel holds them in t5lite/recipes; a checkout (PYTHONPATH or `pip install -e`) reads experiments/ itself."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "recipes")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "experiments")
+
+
+RECIPES_DIR = _recipes_dir()
+EXPERIMENTS_DIR = RECIPES_DIR  # the name older code uses
+RECIPE_SUFFIXES = (".gin", ".toml")
 _INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1\s*(#.*)?$""")
 _CONFIGURED = {}
+_PARSED: List[Tuple[str, str, int]] = []  # (text, file, line) parse() gave gin, so later errors can name a file
 
 
 def register_configurables() -> None:
@@ -55,16 +71,70 @@ def configured(name: str):
 def model_config():
     """The T5Config the bound T5Config.* parameters describe (a plain T5Config, not gin's subclass)."""
     from t5lite.model.config import T5Config
-    return T5Config.from_dict(configured("T5Config")().to_dict())
+    return T5Config.from_dict(call_configured(configured("T5Config")).to_dict())
 
 
-def _resolve_include(name: str, including_dir: str) -> str:
-    for base in (including_dir, EXPERIMENTS_DIR, os.getcwd()):
-        path = os.path.normpath(os.path.join(base, name))
+def shipped_recipes() -> List[str]:
+    """Every shipped gin / sweep file, relative to RECIPES_DIR ('models/tiny.gin', ...), sorted."""
+    found = []
+    for directory, dirnames, filenames in os.walk(RECIPES_DIR):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
+        rel = os.path.relpath(directory, RECIPES_DIR)
+        found += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in filenames
+                  if f.endswith(RECIPE_SUFFIXES)]
+    return sorted(found)
+
+
+def recipe_summary(recipe: str) -> str:
+    """The first line of a shipped recipe's header comment ('' when it has none)."""
+    with open(os.path.join(RECIPES_DIR, recipe), encoding="utf-8") as f:
+        first = f.readline().strip()
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def _as_recipe(name: str) -> str:
+    """'experiments/demo/pretrain.gin' -> 'demo/pretrain.gin': the repo's paths also name shipped recipes."""
+    parts = os.path.normpath(name).split(os.sep)
+    return os.path.join(*parts[1:]) if len(parts) > 1 and parts[0] == "experiments" else name
+
+
+def find_gin_file(name: str, including_dir: Optional[str] = None) -> Optional[str]:
+    """Where gin file `name` is, or None: next to the including file (an include), then as given (absolute or
+    relative to the working directory), then among the shipped recipes. A shipped recipe's own includes look
+    among the recipes before the working directory, so a recipe means the same from every directory."""
+    if os.path.isabs(name):
+        candidates = [name]
+    else:
+        shipped, here = os.path.join(RECIPES_DIR, _as_recipe(name)), os.path.abspath(name)
+        in_recipes = including_dir and _is_under(including_dir, RECIPES_DIR)
+        candidates = ([os.path.join(including_dir, name)] if including_dir else []) + (
+            [shipped, here] if in_recipes else [here, shipped])
+    for path in candidates:
         if os.path.isfile(path):
-            return path
-    raise UserError(f"include {name!r} not found next to the including file, in {EXPERIMENTS_DIR} or in the "
-                    "working directory; fix the path")
+            return os.path.normpath(os.path.abspath(path))
+    return None
+
+
+def _is_under(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([path, directory]) == directory
+
+
+def resolve_gin_file(name: str) -> str:
+    """A --gin_file's path (working directory first, then the shipped recipes), or a one-line UserError."""
+    path = find_gin_file(name)
+    if path is None:
+        raise UserError(f"gin file {name} not found in the working directory or among the shipped recipes "
+                        "(`t5lite recipes` lists them); check --gin_file")
+    return path
+
+
+def _resolve_include(name: str, including_file: str) -> str:
+    path = find_gin_file(name, os.path.dirname(including_file))
+    if path is None:
+        raise UserError(f"{including_file}: include {name!r} not found next to it, in the working directory or "
+                        "among the shipped recipes (`t5lite recipes` lists them); fix the path")
+    return path
 
 
 def _included_lines(path: str, _seen: Optional[List[str]] = None) -> List[Tuple[str, str, int]]:
@@ -83,7 +153,7 @@ def _included_lines(path: str, _seen: Optional[List[str]] = None) -> List[Tuple[
     for number, line in enumerate(lines, 1):
         match = _INCLUDE.match(line)
         if match:
-            out += _included_lines(_resolve_include(match.group(2), os.path.dirname(path)), seen + [path])
+            out += _included_lines(_resolve_include(match.group(2), path), seen + [path])
         else:
             out.append((line, path, number))
     return out
@@ -117,8 +187,10 @@ _MACRO = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)\s*=", re.MULTILINE)
 
 
 def _check_macro_flags(bindings: Sequence[str], files_text: str) -> None:
-    """gin silently accepts a macro nobody reads, so a typo'd --gin.MACRO=... must fail here."""
-    defined = set(_MACRO.findall(files_text)) | {"MODEL_DIR"}
+    """gin silently accepts a macro nobody reads, so a typo'd --gin.MACRO=... must fail here (a macro the
+    files define or use is read)."""
+    used = _MACRO_USE.findall("\n".join(_STRING.sub("''", line).split("#", 1)[0] for line in files_text.splitlines()))
+    defined = set(_MACRO.findall(files_text)) | set(used) | {"MODEL_DIR"}
     for flag in bindings:
         name = flag.split("=", 1)[0].strip()
         if re.fullmatch(r"[A-Z_][A-Z0-9_]*", name) and name not in defined:
@@ -146,6 +218,14 @@ def _friendly(error: Exception, where: str = "") -> UserError:
     if getattr(location, "line_content", None) is not None:
         message = (f"gin syntax error in {location.line_content.strip()!r} (check this line and an unclosed "
                    "bracket or quote just before it)")
+    if re.search(r"\bmacro\(\) missing 1 required positional argument", text):
+        undefined = _undefined_macros(_PARSED)
+        if undefined:
+            uses = " and ".join(f"%{name} ({where_used})" for name, where_used in undefined.items())
+            name = next(iter(undefined))
+            return UserError(f"gin: {uses} {'is' if len(undefined) == 1 else 'are'} used but no gin file or flag "
+                             f"defines {'it' if len(undefined) == 1 else 'them'}; define it in a gin file "
+                             f"({name} = VALUE) or pass --gin.{name}=VALUE")
     hint = ""
     param = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", text)
     unknown = re.search(r"No configurable matching '([\w.]+)'", text)
@@ -156,6 +236,25 @@ def _friendly(error: Exception, where: str = "") -> UserError:
         close = difflib.get_close_matches(unknown.group(1), sorted(_CONFIGURED), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; configurables: {', '.join(sorted(_CONFIGURED))}"
     return UserError(f"{where or 'gin: '}{message}{hint}")
+
+
+_MACRO_USE = re.compile(r"%([A-Za-z_][\w./]*)")
+_STRING = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
+
+
+def _undefined_macros(lines: List[Tuple[str, str, int]]) -> dict:
+    """{macro: 'file:line' of its first use} for every %MACRO the parsed text uses that nothing defines."""
+    undefined = {}
+    for text, path, number in lines:
+        code = _STRING.sub("''", text).split("#", 1)[0]  # a '%' inside a string or a comment is no macro
+        for name in _MACRO_USE.findall(code):
+            if name in undefined or name.startswith("gin."):  # %gin.REQUIRED is gin's own
+                continue
+            try:
+                gin.query_parameter(f"%{name}")
+            except ValueError:
+                undefined[name] = f"{path}:{number}" if number else path
+    return undefined
 
 
 def _where(lines: List[Tuple[str, str, int]], error: Exception) -> str:
@@ -177,12 +276,13 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), model_dir: Opt
     """Clears gin, then applies the files and bindings in order (MODEL_DIR from --model_dir first)."""
     register_configurables()
     gin.clear_config()
-    lines = [line for path in gin_files for line in _included_lines(path)]
+    lines = [line for path in gin_files for line in _included_lines(resolve_gin_file(path))]
     _check_macro_flags(bindings, "\n".join(text for text, _, _ in lines))
     if model_dir is not None:
         lines.append((f"MODEL_DIR = {model_dir!r}", "--model_dir", 0))
     lines += [(_as_gin_binding(b), f"--gin.{b}", 0) for b in bindings]
-    _add_import_paths([os.path.dirname(os.path.abspath(p)) for p in gin_files] + [os.getcwd()])
+    _PARSED[:] = lines
+    _add_import_paths([os.path.dirname(resolve_gin_file(p)) for p in gin_files] + [os.getcwd()])
     try:
         gin.parse_config("\n".join(text for text, _, _ in lines))
     except ImportError as e:

@@ -3,7 +3,8 @@
 `t5lite train` calls write(model_dir), which records the code t5lite is imported from in
 MODEL_DIR/provenance.json. In a git checkout that is computed from git; on a TPU VM or GPU host
 the launch scripts ship a packed tree (pack()) with no .git, whose provenance file, written when
-it was packed, is read instead. Standard library only: the launch scripts run
+it was packed, is read instead. An installed wheel records its version and the commit it was built from
+(BUILD_FILE, written by setup.py when the wheel is built in a checkout). Standard library only: the launch scripts run
 `python3 -m t5lite.provenance pack OUT.tar.gz` on a machine without jax.
 """
 
@@ -27,6 +28,8 @@ from t5lite.errors import UserError
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the tree t5lite runs from
 TREE_FILE = ".t5lite_tree.json"   # at the root of a packed tree: how it was packed
 RUN_FILE = "provenance.json"      # in model_dir
+BUILD_FILE = "_build_info.json"   # in an installed wheel's t5lite/: the checkout it was built from
+INSTALLED = "installed package"
 NOT_A_GIT_CHECKOUT = "not a git checkout"
 # Never shipped or hashed, even when git does not ignore them: environments, outputs, caches.
 EXCLUDED_DIRS = frozenset({".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", ".mypy_cache",
@@ -120,13 +123,38 @@ def _read_json(path: str) -> Optional[Dict]:
     return found if isinstance(found, dict) else None
 
 
+def build_info(root: str) -> Optional[Dict]:
+    """What setup.py writes into a wheel as t5lite/BUILD_FILE: the checkout's commit and changes; None outside one."""
+    if not is_git_checkout(root):
+        return None
+    info = checkout_provenance(root)
+    return {"commit": info["commit"], "dirty": info["dirty"], "diff_sha256": info["diff_sha256"], "built_at": _now()}
+
+
+def _installed_version(root: str) -> Optional[str]:
+    """t5lite's version when `root` holds an installed (not editable) t5lite distribution, else None."""
+    try:
+        dist = importlib.metadata.distribution("t5lite")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    ours = os.path.realpath(os.path.join(root, "t5lite", "__init__.py"))
+    return dist.version if os.path.realpath(str(dist.locate_file("t5lite/__init__.py"))) == ours else None
+
+
 def code_provenance(root: str = PACKAGE_ROOT) -> Dict:
-    """What code `root` holds: from git in a checkout, else from a packed tree's TREE_FILE, else unknown."""
+    """What code `root` holds: from git in a checkout, else from a packed tree's TREE_FILE, else an installed
+    wheel's version and build commit, else unknown."""
     if is_git_checkout(root):
         return {"source": "git checkout", "tree": root, **checkout_provenance(root)}
     packed = _read_json(os.path.join(root, TREE_FILE))
     if packed is not None:
         return {**packed, "source": "synced tree", "tree": root}
+    version = _installed_version(root)
+    if version is not None:
+        built = _read_json(os.path.join(root, "t5lite", BUILD_FILE)) or {}
+        return {"source": INSTALLED, "tree": root, "version": version,
+                "commit": built.get("commit") or f"unknown (t5lite {version} built outside a git checkout)",
+                "dirty": built.get("dirty"), "diff_sha256": built.get("diff_sha256"), "built_at": built.get("built_at")}
     return {"source": NOT_A_GIT_CHECKOUT, "tree": root, "commit": NOT_A_GIT_CHECKOUT, "dirty": None,
             "diff_sha256": None}
 
@@ -221,9 +249,15 @@ def summary_line(record: Mapping) -> str:
     """One gin comment line naming the code and the hosts (heads operative_config.gin)."""
     if record["source"] == NOT_A_GIT_CHECKOUT:
         code = f"code of unknown version ({NOT_A_GIT_CHECKOUT}: {record['tree']})"
+    elif record["source"] == INSTALLED:
+        changes = (f" with uncommitted changes, diff sha256 {record['diff_sha256']}" if record["dirty"] else
+                   " (clean)" if record["dirty"] is False else "")
+        code = f"t5lite {record['version']} installed in {record['tree']}, built from commit {record['commit']}{changes}"
     else:
         changes = f"uncommitted changes, diff sha256 {record['diff_sha256']}" if record["dirty"] else "clean"
         code = f"commit {record['commit']} ({changes}) from the {record['source']} {record['tree']}"
+    if record.get("versions", {}).get("t5lite") and record["source"] != INSTALLED:
+        code = f"{code}, t5lite {record['versions']['t5lite']}"
     processes = f"{record['process_count']} process{'es' if record['process_count'] > 1 else ''}"
     hosts = ", ".join(record["hosts"]) if record["hosts"] else f"{record['hostname']} and others"
     return f"# provenance: {code}; {processes} on {hosts}; see {RUN_FILE}\n"

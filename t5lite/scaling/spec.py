@@ -4,7 +4,7 @@ From the command line: `--gin_file F` (repeatable), `--grid 'T5Config.emb_dim=[6
 (repeatable: the cartesian product, the last axis varying fastest), `--seeds N` (RANDOM_SEED =
 0..N-1), `--gin.NAME=VALUE` (fixed for every point). Or a sweep file, TOML:
 
-    gin_files = ["tiny.gin"]               # next to this file, then in experiments/, then the cwd
+    gin_files = ["tiny.gin"]               # next to this file, then the cwd, then the shipped recipes
     bindings = {"train.log_period" = 50}   # fixed for every point (optional)
     seeds = 3                               # RANDOM_SEED = 0, 1, 2; or a list like [0, 7]
     baseline = {size = "s"}                 # the variant ablation deltas compare with (default: first values)
@@ -199,14 +199,13 @@ def _load_toml(path: str) -> dict:
 
 
 def _resolve_gin_file(name: str, sweep_dir: str) -> str:
-    """Next to the sweep file, then in experiments/, then the working directory (like gin includes)."""
-    from t5lite.gin_utils import EXPERIMENTS_DIR
-    for base in (sweep_dir, EXPERIMENTS_DIR, os.getcwd()):
-        path = os.path.normpath(os.path.join(base, name))
-        if os.path.isfile(path):
-            return display_path(path)
-    raise UserError(f"sweep file: gin file {name!r} not found next to the sweep file, in experiments/ or in the "
-                    "working directory; fix gin_files")
+    """Next to the sweep file, then in the working directory, then among the shipped recipes (like gin includes)."""
+    from t5lite.gin_utils import find_gin_file
+    path = find_gin_file(name, sweep_dir)
+    if path is None:
+        raise UserError(f"sweep file: gin file {name!r} not found next to the sweep file, in the working directory "
+                        "or among the shipped recipes (`t5lite recipes` lists them); fix gin_files")
+    return display_path(path)
 
 
 def display_path(path: str) -> str:
@@ -275,6 +274,8 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
     """A Sweep from a sweep file and/or flags; flags add gin files, axes and bindings, --seeds replaces."""
     spec, file_axes, extra, held_out, files = {}, [], (), (), []
     if sweep_file:
+        from t5lite.gin_utils import find_gin_file
+        sweep_file = find_gin_file(sweep_file) or sweep_file  # e.g. scaling/tiny.toml, a shipped sweep
         spec = _load_toml(sweep_file)
         unknown = sorted(set(spec) - _FILE_KEYS)
         if unknown:
@@ -283,10 +284,9 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
         files = [_resolve_gin_file(f, here) for f in spec.get("gin_files", [])]
         file_axes = _file_axes(spec, sweep_file)
         extra, held_out = _file_extra(spec, file_axes, sweep_file)
+    from t5lite.gin_utils import resolve_gin_file
     for f in gin_files:
-        if not os.path.isfile(f):
-            raise UserError(f"gin file {f} not found; check --gin_file")
-        files.append(display_path(f))
+        files.append(display_path(resolve_gin_file(f)))
     if not files:
         raise UserError("give a sweep file or at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
     axes = file_axes + [parse_grid_flag(g) for g in grid]

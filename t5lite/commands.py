@@ -362,7 +362,8 @@ def _train_arguments() -> dict:
 
 def run_compile(args) -> None:
     """Compiles the gin run for a TPU topology; prints memory per chip (fits?), FLOPs, collectives, warnings."""
-    from t5lite import aot, gin_utils
+    from t5lite import gin_utils
+    from t5lite.compile import aot
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. experiments/pretrain/t5_1_1_base_c4.gin)")
     topology = aot.parse_topology(args.topology)  # a typo fails before any gin parsing

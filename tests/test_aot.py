@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from t5lite import aot, cli, program_stats
+from t5lite import cli
+from t5lite.compile import aot, program_stats
 from t5lite.errors import UserError
 from t5lite.model import abstract_params, logical_axes, param_shapes
 

@@ -205,7 +205,7 @@ def test_auxiliary_losses_add_to_the_distillation_loss():
 def test_build_steps_takes_the_teacher_as_a_step_input_or_only_its_shapes_for_compile(tmp_path):
     """`t5lite compile` builds a distillation run without reading the teacher's arrays: its params are
     ShapeDtypeStructs laid out like the student's, and they are inputs of the traced train step."""
-    from t5lite.aot import abstract_batch
+    from t5lite.compile.aot import abstract_batch
     from t5lite.train import partitioning
     from t5lite.train.setup import build_steps
     config = get_config("tiny", vocab_size=512)

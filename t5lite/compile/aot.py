@@ -26,7 +26,7 @@ import numpy as np
 from t5lite.data import packing
 from t5lite.errors import UserError
 from t5lite.model import T5Config, lora, unscan_params
-from t5lite import program_stats
+from t5lite.compile import program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
 from t5lite.train.setup import build_steps, resolve_config

@@ -159,11 +159,6 @@ def _included_lines(path: str, _seen: Optional[List[str]] = None) -> List[Tuple[
     return out
 
 
-def expand_includes(path: str) -> str:
-    """The text of gin file `path` with every `include` replaced by the included file's text."""
-    return "\n".join(text for text, _, _ in _included_lines(path))
-
-
 def _as_gin_binding(flag: str) -> str:
     """'NAME=VALUE' -> a gin binding, quoting VALUE when it is a bare word gin would reject."""
     if "=" not in flag:

@@ -11,6 +11,8 @@ a distillation teacher that is missing or has another vocabulary or model kind.
 
 import base64
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 from typing import Any, Callable, Dict, Optional, Sequence, Union
@@ -262,6 +264,7 @@ class Run:
     keep_period: Optional[int]
     peer_timeout_s: Optional[float]
     card: Optional[CardTraining] = None  # an adapter-card run: only the card trains (t5lite/train/cards.py)
+    data_settings: Optional[dict] = None  # what the data position depends on (recorded in every checkpoint)
 
     def next_batch(self) -> dict:
         """The next global batch, sharded over the mesh (this process supplies its rows)."""
@@ -269,6 +272,7 @@ class Run:
 
     def checkpoint_meta(self, operative_gin: str) -> dict:
         meta = checkpoint_meta(self.config, operative_gin, self.vocab.serialized_model, self.decoder_only)
+        meta["data"] = self.data_settings
         return {**meta, "card": self.card.meta()} if self.card is not None else meta
 
     def saved(self, step: int, state: TrainState, operative_gin: str) -> None:
@@ -276,6 +280,31 @@ class Run:
         if self.card is not None:
             self.card.write(self.model_dir, step, state.params, self.config, self.decoder_only, self.task,
                             operative_gin)
+
+
+def sources_fingerprint(task_obj, split: str = "train") -> str:
+    """A short hash of the sources a task or mixture reads: per task its name, rate, record count and
+    first and last records. Cheap (two records), and enough to tell another corpus or another version
+    of one apart; identical on every process."""
+    parts = task_obj.weighted_tasks() if hasattr(task_obj, "weighted_tasks") else [(task_obj, 1.0)]
+    described = []
+    for task, rate in parts:
+        source = task.source(split)
+        n = len(source)
+        ends = [source[0], source[n - 1]] if n else []
+        described.append([task.name, round(float(rate), 12), n, ends])
+    text = json.dumps(described, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_settings(task_obj, *, seed: int, feature_lengths, batch_size: int, data_shards: int, pack: bool,
+                  decoder_only: bool) -> dict:
+    """What the saved data position depends on: a resume that changes any of them cannot continue the
+    data where it stopped (t5lite/train/checkpoint.py compares them)."""
+    return {"task": task_obj.name, "sources": sources_fingerprint(task_obj), "seed": int(seed),
+            "feature_lengths": {k: int(v) for k, v in sorted(feature_lengths.items())},
+            "batch_size": int(batch_size), "data_shards": int(data_shards), "pack": bool(pack),
+            "decoder_only": bool(decoder_only)}
 
 
 def _first_batch(iterator, what: str) -> None:
@@ -392,4 +421,6 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                evaluate=eval_fn, monitor=monitor,
                train_steps=train_steps, log_period=log_period, eval_period=eval_period,
                checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
-               peer_timeout_s=peer_timeout_s, card=card)
+               peer_timeout_s=peer_timeout_s, card=card,
+               data_settings=data_settings(task_obj, seed=seed, feature_lengths=feature_lengths, batch_size=batch_size,
+                                           data_shards=num_shards, pack=pack, decoder_only=decoder_only))

@@ -55,7 +55,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
           keep_period: Optional[int] = None, async_checkpoints: bool = True, log_period: int = 10,
           eval_period: Optional[int] = None, eval_batches: int = 10, eval_split: str = "validation",
           init_checkpoint: Optional[str] = None, peak_flops: Optional[float] = None, progress: Optional[str] = None,
-          peer_timeout_s: Optional[float] = 600.0, adapter=None, operative_gin: str = "",
+          peer_timeout_s: Optional[float] = 600.0, adapter=None, reset_data: bool = False, operative_gin: str = "",
           write_configs: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
     """Trains `model` on `task` for `train_steps` global steps; returns the last logged metrics.
 
@@ -70,11 +70,16 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
     long (a dead peer). `write_configs(model_dir)` is called once the run holds model_dir (the
     CLI writes config.gin / operative_config.gin there).
+    `reset_data`: resume although the data settings changed (task, sources, seed, lengths, batch, data
+    shards, pack, decoder_only: without it that is a UserError): the step and optimizer state are
+    restored and the new data starts from its beginning.
     `adapter` (a t5lite.model.lora.LoraConfig): train only a LoRA card on the frozen `init_checkpoint`;
     checkpoints hold the card and its optimizer state, and model_dir/card is the card alone.
     """
     preemption = Preemption()  # first: SIGTERM during start-up also exits cleanly
     try:
+        if not isinstance(reset_data, bool):
+            raise UserError(f"train.reset_data must be True or False, got {reset_data!r}; fix its gin binding")
         partitioning.maybe_initialize_distributed()
         run = setup.prepare(
             model_dir=model_dir, task=task, train_steps=train_steps, batch_size=batch_size,
@@ -90,7 +95,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint,
             adapter=adapter)
         with _lock(model_dir):
-            return _train(run, preemption, operative_gin, write_configs, async_checkpoints)
+            return _train(run, preemption, operative_gin, write_configs, async_checkpoints, reset_data)
     finally:
         preemption.uninstall()
 
@@ -128,12 +133,14 @@ class _MultiProcessLock:
 
 
 def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
-           write_configs: Optional[Callable[[str], None]], async_checkpoints: bool) -> Dict[str, float]:
+           write_configs: Optional[Callable[[str], None]], async_checkpoints: bool,
+           reset_data: bool = False) -> Dict[str, float]:
     checkpointer = TrainCheckpointer(run.model_dir, max_to_keep=run.keep_checkpoints, keep_period=run.keep_period,
                                      async_save=async_checkpoints)
     monitor = watchdog = None
     try:
-        restored = checkpointer.restore_latest(run.abstract_state, run.data, run.config)
+        restored = checkpointer.restore_latest(run.abstract_state, run.data, run.config, run.data_settings,
+                                               reset_data)
         if restored is not None:
             start_step, state, _ = restored
             log.info("resumed from %s at step %d", checkpointer.directory, start_step)

@@ -1,0 +1,178 @@
+"""Faults a user meets: resuming with other data settings, Ctrl-C, a failed save, a vanished model_dir,
+out of memory, bad ranges. Each test is a case that once misbehaved (hung, lost checkpoints, printed a
+traceback, or exited 0 having done the wrong thing)."""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+
+import grain
+import numpy as np
+import pytest
+
+from t5lite.cli import main
+from t5lite.data import pipeline as pl
+from t5lite.train import checkpoint
+from t5lite.train.checkpoint import read_meta
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+    """Fails (instead of hanging) when the block runs longer than `seconds`."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# --- The pipeline survives a restored position that does not fit its documents ----------------------
+
+
+def test_concat_split_restored_past_the_end_of_a_shorter_document_moves_on():
+    """Another seed restored into a span-corruption pipeline: the saved position skips more tokens than
+    the document now read there has. It used to loop forever, growing memory until MemoryError."""
+    long_docs = [{"targets": np.arange(3, 3 + n)} for n in (50, 7, 9)]
+    short_docs = [{"targets": np.arange(100, 100 + n)} for n in (5, 7, 9)]
+    it = iter(pl.ConcatSplitIterDataset(grain.MapDataset.source(long_docs).to_iter_dataset(), 8))
+    for _ in range(4):  # 32 tokens into the 50-token document
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["skip"] == 32
+    resumed = iter(pl.ConcatSplitIterDataset(grain.MapDataset.source(short_docs).to_iter_dataset(), 8))
+    resumed.set_state(state)
+    with _deadline(10):
+        rest = np.concatenate([c["targets"] for c in resumed])
+    # The 5-token first document counts as emitted; the stream goes on with the next ones, whole.
+    np.testing.assert_array_equal(rest, np.concatenate([d["targets"] for d in short_docs[1:]]))
+
+
+# --- Resume semantics: what the data position depends on is recorded and compared ------------------
+
+QUICK = ["--gin_file=experiments/demo/pretrain.gin", "--gin_file=experiments/models/tiny.gin",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 14}", "--gin.BATCH_SIZE=8",
+         "--gin.train.log_period=2", "--gin.train.progress='off'"]
+
+
+def _train(model_dir, *flags, steps=4, period=2):
+    return main(["train", *QUICK, f"--model_dir={model_dir}", f"--gin.TRAIN_STEPS={steps}",
+                 f"--gin.CHECKPOINT_PERIOD={period}", *flags])
+
+
+def _one_line_error(argv, capsys, *needles, code=2):
+    capsys.readouterr()
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("t5lite: error: "), err
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+    return err[-1]
+
+
+def _snapshot(directory):
+    """{relative path: sha256} of every file under `directory` (names of directories included)."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), directory) + "/"] = "dir"
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _steps(model_dir):
+    return sorted(int(d) for d in os.listdir(os.path.join(model_dir, "checkpoints")) if d.isdigit())
+
+
+def _metric_steps(model_dir):
+    with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny span-corruption run with checkpoints at steps 2 and 4."""
+    model_dir = tmp_path_factory.mktemp("faults") / "run"
+    assert _train(model_dir) == 0
+    return model_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    model_dir = tmp_path / "run"
+    shutil.copytree(trained, model_dir)
+    return model_dir
+
+
+def test_the_checkpoint_records_what_the_data_position_depends_on(run_copy):
+    meta = read_meta(os.path.join(run_copy, "checkpoints", "4"))
+    data = meta["data"]
+    assert data["task"] == "bible_span_corruption_en_es" and data["batch_size"] == 8
+    assert data["feature_lengths"] == {"inputs": 64, "targets": 14} and data["pack"] is True
+    assert data["seed"] == 0 and data["data_shards"] == 8 and len(data["sources"]) == 16
+
+
+def test_resuming_with_another_seed_is_one_line_and_touches_nothing(run_copy, capsys):
+    """Used to hang after 'resumed at step 4' with memory growing to the whole host."""
+    before = _snapshot(run_copy)
+    with _deadline(120):
+        _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=6",
+                         "--gin.CHECKPOINT_PERIOD=2", "--gin.RANDOM_SEED=1"], capsys,
+                        "RANDOM_SEED 0 -> 1", "train.reset_data=True", f"--init_checkpoint={run_copy}")
+    assert _snapshot(run_copy) == before
+
+
+def test_resuming_with_another_task_is_one_line_and_renames_nothing(run_copy, capsys):
+    """Used to rename both good checkpoints *.unreadable (KeyError 'next_index') and restart at step 0."""
+    before = _snapshot(run_copy)
+    _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=6",
+                     "--gin.MIXTURE_OR_TASK_NAME='bible_translate_en_es'"], capsys,
+                    "MIXTURE_OR_TASK_NAME 'bible_span_corruption_en_es' -> 'bible_translate_en_es'",
+                    "finetune")
+    assert _snapshot(run_copy) == before
+
+
+def test_a_checkpoint_without_a_record_still_resumes_and_refuses_another_task(run_copy, capsys):
+    """Checkpoints written before the record: unknown settings are not a mismatch, but a data position
+    that cannot be placed in this pipeline is a configuration error, never a damaged step."""
+    for step in _steps(run_copy):
+        path = os.path.join(run_copy, "checkpoints", str(step), "meta", "metadata")
+        meta = json.load(open(path))
+        del meta["data"]
+        json.dump(meta, open(path, "w"))
+    before = _snapshot(run_copy)
+    _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=6",
+                     "--gin.MIXTURE_OR_TASK_NAME='bible_translate_en_es'"], capsys,
+                    "other data settings", "reset_data")
+    assert _snapshot(run_copy) == before
+    assert _train(run_copy, steps=6) == 0
+    assert _steps(run_copy) == [4, 6]
+
+
+def test_reset_data_keeps_the_step_and_starts_the_new_data(run_copy):
+    assert _train(run_copy, "--gin.RANDOM_SEED=1", "--gin.train.reset_data=True", steps=6) == 0
+    assert _steps(run_copy) == [4, 6]
+    assert read_meta(os.path.join(run_copy, "checkpoints", "6"))["data"]["seed"] == 1
+    # The next resume with the new seed needs no flag: the checkpoint records it.
+    assert _train(run_copy, "--gin.RANDOM_SEED=1", steps=8) == 0
+    assert _steps(run_copy) == [6, 8]
+
+
+def test_a_permission_error_is_one_line_and_renames_nothing(run_copy, capsys, monkeypatch):
+    """Used to rename the step .unreadable and train it again silently."""
+    def denied(step_dir):
+        raise PermissionError(13, "Permission denied", os.path.join(step_dir, "meta", "metadata"))
+    monkeypatch.setattr(checkpoint, "read_meta", denied)
+    before = _snapshot(run_copy)
+    _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=6"], capsys,
+                    "permission denied", os.path.join(str(run_copy), "checkpoints", "4", "meta", "metadata"))
+    assert _snapshot(run_copy) == before

@@ -3,20 +3,28 @@ out of memory, bad ranges. Each test is a case that once misbehaved (hung, lost 
 traceback, or exited 0 having done the wrong thing)."""
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
+import time
 
 import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from t5lite.cli import main
 from t5lite.data import pipeline as pl
 from t5lite.train import checkpoint
+from t5lite.train import preemption as preemption_lib
 from t5lite.train.checkpoint import read_meta
+from t5lite.train.monitor import Monitor
 
 
 @contextlib.contextmanager
@@ -176,3 +184,146 @@ def test_a_permission_error_is_one_line_and_renames_nothing(run_copy, capsys, mo
     _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=6"], capsys,
                     "permission denied", os.path.join(str(run_copy), "checkpoints", "4", "meta", "metadata"))
     assert _snapshot(run_copy) == before
+
+
+# --- Interrupts and I/O faults -------------------------------------------------------------------
+
+def _cli(*args):
+    return [sys.executable, "-m", "t5lite.cli", *args]
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": os.getcwd(), **extra}
+
+
+def _wait_for(predicate, seconds, proc):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"not reached in {seconds} s")
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130_with_one_line(tmp_path):
+    """Used to print a 75-line KeyboardInterrupt traceback and save nothing since the last checkpoint."""
+    model_dir = tmp_path / "run"
+    proc = subprocess.Popen(_cli("train", *QUICK, f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=100000",
+                                 "--gin.CHECKPOINT_PERIOD=100000", "--gin.train.log_period=1"),
+                            env=_env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    metrics = model_dir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("t5lite: interrupted: Ctrl-C: training stopped, saved step "), last
+    step = int(last.split("saved step ")[1].split()[0])
+    assert step >= 2 and _steps(model_dir) == [step]
+
+
+def test_a_second_ctrl_c_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(preemption_lib, "fail", lambda message, code=1, label="error": exits.append((code, message)))
+    preemption = preemption_lib.Preemption()
+    try:
+        preemption._handler(signal.SIGINT, None)
+        assert preemption.signal == "SIGINT" and not exits  # the first one: save at the end of this step
+        preemption._handler(signal.SIGINT, None)
+        assert exits and exits[0][0] == 130 and "without saving" in exits[0][1]
+    finally:
+        preemption.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_failed_save_stops_at_that_step_with_one_line_keeping_earlier_checkpoints(run_copy, capsys, monkeypatch):
+    """Disk full during a save used to print 488 lines of orbax tracebacks and train two more steps."""
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step == 6:
+            raise OSError(errno.ENOSPC, "No space left on device", os.path.join(self.directory, "6"))
+        return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    line = _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=10",
+                            "--gin.CHECKPOINT_PERIOD=2"], capsys,
+                           "saving checkpoint step 6 to", "No space left on device", "GiB free of",
+                           "earlier checkpoints are kept (2, 4)")
+    assert str(run_copy) in line
+    assert _steps(run_copy) == [2, 4]
+    assert max(_metric_steps(run_copy)) == 6  # stopped at the failed step, not two steps later
+
+
+def test_a_save_failing_in_the_background_stops_the_next_step(run_copy, capsys, monkeypatch, caplog):
+    """orbax's finalising thread takes the error and only logs it (with a traceback): the run went on."""
+    calls = []
+
+    def check_for_errors(self):
+        calls.append(1)
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", check_for_errors)
+    _one_line_error(["train", *QUICK, f"--model_dir={run_copy}", "--gin.TRAIN_STEPS=10",
+                     "--gin.CHECKPOINT_PERIOD=2"], capsys, "saving checkpoint step 6", "Disk quota exceeded")
+    assert calls and max(_metric_steps(run_copy)) <= 8
+    assert not [r for r in caplog.records if r.exc_info]  # orbax's message stays, its traceback goes
+
+
+def test_model_dir_vanishing_mid_run_is_an_error(tmp_path, capsys, monkeypatch):
+    """Used to exit 0 without a word."""
+    model_dir = tmp_path / "run"
+    real_log = Monitor.log
+
+    def log_then_delete(self, step, *args, **kwargs):
+        record = real_log(self, step, *args, **kwargs)
+        if step == 2:
+            shutil.rmtree(model_dir)
+        return record
+    monkeypatch.setattr(Monitor, "log", log_then_delete)
+    _one_line_error(["train", *QUICK, f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=6",
+                     "--gin.CHECKPOINT_PERIOD=2"], capsys, "vanished during the run", str(model_dir))
+    assert not model_dir.exists()  # nothing re-created behind the user's back
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _waiting_for_peers(tmp_path, *flags):
+    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
+    return subprocess.Popen(_cli("train", *QUICK, f"--model_dir={tmp_path / 'run'}", "--gin.TRAIN_STEPS=4", *flags),
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_sigterm_while_waiting_for_peers_exits_with_one_line(tmp_path):
+    """A run whose peer never started used to ignore SIGTERM and abort after 300 s with a C++ stack dump."""
+    proc = _waiting_for_peers(tmp_path)
+    lines = []
+
+    def waiting():
+        line = proc.stderr.readline()
+        lines.append(line)
+        return "waiting for the processes of this run to connect" in line
+    _wait_for(waiting, 120, proc)
+    time.sleep(1)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 10
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("t5lite: interrupted: SIGTERM received while waiting"), err[-2000:]
+    assert "Traceback" not in err and "Check failure" not in err
+
+
+def test_peers_that_never_connect_end_the_wait_after_peer_timeout(tmp_path):
+    proc = _waiting_for_peers(tmp_path, "--gin.train.peer_timeout_s=3")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert "did not connect within 3 s" in last and "JAX_COORDINATOR_ADDRESS" in last, err[-2000:]
+    assert "Traceback" not in err and "Check failure" not in err

@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -342,16 +343,60 @@ class TrainCheckpointer:
         self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=True,
                                                enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self._manager = _Manager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self._pending: Optional[int] = None  # the step whose background save has not been checked yet
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        """Starts saving `step` (finished in the background); a failure now or of an earlier save is a
+        SaveFailed naming the step, the directory and its free space."""
+        if self._pending is not None:
+            self.wait()  # orbax would wait for the previous save too; its outcome is checked here
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=DataPositionSave(data_iterator.get_state(), primary=jax.process_index() == 0),
                                   meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, quota, a vanished directory
+            raise self._save_failed(step, e) from None
+        self._pending = step
+
+    def check(self) -> None:
+        """Raises SaveFailed once a background save has failed (cheap while none is pending). orbax's
+        finalising thread takes the error itself (logging it, not raising it): _Manager keeps it, and a
+        step that is not on disk once its save ended failed too."""
+        if self._pending is None or self._manager.is_saving_in_progress():
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+        error, self._manager.background_error = self._manager.background_error, None
+        if error is not None:
+            raise self._save_failed(step, error)
+        if jax.process_index() == 0 and not os.path.isdir(os.path.join(self.directory, str(step))):
+            raise self._save_failed(step, RuntimeError("the step was not finalised on disk"))
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            raise self._save_failed(step, e) from None
+        self.check()
+
+    def _save_failed(self, step: Optional[int], error: BaseException) -> "SaveFailed":
+        kept = [s for s in self._safe_steps() if s != step]
+        return SaveFailed(f"saving checkpoint step {step} to {self.directory} failed ({_first_line(_root(error))}); "
+                          f"{_free_space(self.directory)}; training stopped at that step, earlier checkpoints are "
+                          f"kept ({', '.join(map(str, kept)) or 'none'}): free space or fix the directory's "
+                          "permissions, then run the same command to resume")
+
+    def _safe_steps(self):
+        try:
+            return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+        except OSError:
+            return []
 
     def steps(self):
         return sorted(self._manager.all_steps())
@@ -433,6 +478,49 @@ class TrainCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+class _Manager(ocp.CheckpointManager):
+    """Keeps the error of a background save, which orbax's finalising thread would only log."""
+
+    background_error: Optional[BaseException] = None
+
+    def check_for_errors(self):
+        try:
+            super().check_for_errors()
+        except Exception as e:
+            self.background_error = e
+            raise
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written (disk full, permissions, quota): the run stops at that step."""
+
+
+def _root(error: BaseException) -> BaseException:
+    """The OSError behind orbax's wrappers, if there is one (its text names errno and path)."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        current = current.__cause__ or current.__context__
+    return error
+
+
+def _free_space(directory: str) -> str:
+    """'1.2 GiB free of 50 GiB on <the disk holding directory>' (or why it is unknown)."""
+    path = directory
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as e:
+        return f"free space unknown ({e.strerror})"
+    return f"{usage.free / 2**30:.3g} GiB free of {usage.total / 2**30:.3g} GiB on the disk holding {path}"
 
 
 def _barrier(name: str) -> None:

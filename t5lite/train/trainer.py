@@ -14,19 +14,21 @@ three phases:
    and exits 0; a dead peer ends the survivors with one line (t5lite/train/preemption.py).
 """
 
+import contextlib
 import logging
 import math
+import os
 import time
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import jax
 
-from t5lite.errors import UserError
+from t5lite.errors import Interrupted, UserError
 from t5lite.model import T5Config
-from t5lite.train import partitioning, setup
+from t5lite.train import setup
 from t5lite.train.checkpoint import TrainCheckpointer
 from t5lite.train.lock import ModelDirLock
-from t5lite.train.preemption import Preemption, Watchdog, fail
+from t5lite.train.preemption import Preemption, Watchdog, fail, start_distributed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     try:
         if not isinstance(reset_data, bool):
             raise UserError(f"train.reset_data must be True or False, got {reset_data!r}; fix its gin binding")
-        partitioning.maybe_initialize_distributed()
+        start_distributed(preemption, peer_timeout_s)
         run = setup.prepare(
             model_dir=model_dir, task=task, train_steps=train_steps, batch_size=batch_size,
             feature_lengths=feature_lengths, model=model, model_overrides=model_overrides, vocab_path=vocab_path,
@@ -94,10 +96,35 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
             peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint,
             adapter=adapter)
-        with _lock(model_dir):
-            return _train(run, preemption, operative_gin, write_configs, async_checkpoints, reset_data)
+        with _lock(model_dir), _orbax_errors_in_one_line():
+            metrics = _train(run, preemption, operative_gin, write_configs, async_checkpoints, reset_data)
     finally:
         preemption.uninstall()
+    if preemption.signal == "SIGINT":
+        saved = (f"saved step {preemption.saved_step} in {model_dir}; run the same command to resume"
+                 if preemption.saved_step is not None else "nothing trained, nothing new saved")
+        raise Interrupted(f"Ctrl-C: training stopped, {saved}")
+    return metrics
+
+
+class _NoTraceback(logging.Filter):
+    """orbax logs a failed background save with its traceback, then t5lite reports it in one line
+    (TrainCheckpointer.check): keep orbax's message, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in (record.pathname or ""):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def _orbax_errors_in_one_line():
+    absl_logger, no_traceback = logging.getLogger("absl"), _NoTraceback()
+    absl_logger.addFilter(no_traceback)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(no_traceback)
 
 
 def _lock(model_dir: str):
@@ -154,13 +181,21 @@ def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
                      run.train_steps)
             return {}
         if preemption.requested_before_start():
-            log.warning("SIGTERM during start-up: exiting before the first step (nothing new to save)")
+            log.warning("%s during start-up: exiting before the first step (nothing new to save)",
+                        preemption.signal or "a signal to another process")
             return {}
         monitor = run.monitor(start_step)
         watchdog = Watchdog(run.peer_timeout_s if jax.process_count() > 1 else None)
-        return _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
+        metrics = _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
+        checkpointer.wait()  # the last save's failure is this run's error
+        return metrics
+    except BaseException:
+        try:  # the first error is the one to report: a save still in flight must not replace it
+            checkpointer.wait()
+        except Exception as e:  # noqa: BLE001
+            log.warning("the checkpoint save in progress failed too: %s", str(e).splitlines()[0][:300])
+        raise
     finally:
-        checkpointer.wait()
         checkpointer.close()
         run.data.close()  # stops its prefetch thread now, not at interpreter exit
         if monitor is not None:
@@ -192,6 +227,8 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
     step, since, timer = start_step, 0, time.perf_counter()
     stop = False
     while step < run.train_steps and not stop:
+        _check_model_dir(run.model_dir, step)
+        checkpointer.check()  # a background save that failed stops the run now, not steps later
         state, metrics = run.train_step(state, run.next_batch())
         step, since = step + 1, since + 1
         progress["step"] = step
@@ -212,12 +249,22 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
             watchdog.beat(step)
         if step % run.checkpoint_period == 0 or step == run.train_steps or stop:
             _check_finite(_host_metrics(metrics), step, last_saved)
+            _check_model_dir(run.model_dir, step)
             checkpointer.save(step, state, run.data, meta)
             run.saved(step, state, meta["gin"])
             last_saved = step
     if stop:
-        log.warning("preempted: saved step %d, exiting", step)
+        preemption.saved_step = step
+        log.warning("%s: saved step %d, exiting", preemption.signal or "preempted", step)
     return logged
+
+
+def _check_model_dir(model_dir: str, step: int) -> None:
+    """model_dir deleted or moved away mid-run: stop, rather than write checkpoints nowhere (or into a
+    new empty directory that orbax would create) and exit 0."""
+    if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+        raise UserError(f"model_dir {os.path.abspath(model_dir)} (or its checkpoints/) vanished during the run, "
+                        f"after step {step}: training stopped; restore it, or start again with another --model_dir")
 
 
 evaluate_loss = setup.evaluate_loss

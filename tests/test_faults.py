@@ -15,13 +15,16 @@ import sys
 import time
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from t5lite.cli import main
 from t5lite.data import pipeline as pl
-from t5lite.train import checkpoint
+from t5lite.errors import UserError
+from t5lite.train import checkpoint, memory, setup
 from t5lite.train import preemption as preemption_lib
 from t5lite.train.checkpoint import read_meta
 from t5lite.train.monitor import Monitor
@@ -217,7 +220,7 @@ def test_ctrl_c_saves_the_current_step_and_exits_130_with_one_line(tmp_path):
     metrics = model_dir / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, 240, proc)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = _finish(proc, 120)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -288,6 +291,16 @@ def test_model_dir_vanishing_mid_run_is_an_error(tmp_path, capsys, monkeypatch):
     assert not model_dir.exists()  # nothing re-created behind the user's back
 
 
+def _finish(proc, seconds):
+    """stderr of `proc` once it exits; killed (never left behind) when it does not within `seconds`."""
+    try:
+        return proc.communicate(timeout=seconds)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -313,7 +326,7 @@ def test_sigterm_while_waiting_for_peers_exits_with_one_line(tmp_path):
     time.sleep(1)
     start = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    err = _finish(proc, 30)
     assert time.monotonic() - start < 10
     last = err.strip().splitlines()[-1]
     assert last.startswith("t5lite: interrupted: SIGTERM received while waiting"), err[-2000:]
@@ -322,8 +335,106 @@ def test_sigterm_while_waiting_for_peers_exits_with_one_line(tmp_path):
 
 def test_peers_that_never_connect_end_the_wait_after_peer_timeout(tmp_path):
     proc = _waiting_for_peers(tmp_path, "--gin.train.peer_timeout_s=3")
-    _, err = proc.communicate(timeout=120)
+    err = _finish(proc, 120)
     assert proc.returncode == 1
     last = err.strip().splitlines()[-1]
     assert "did not connect within 3 s" in last and "JAX_COORDINATOR_ADDRESS" in last, err[-2000:]
     assert "Traceback" not in err and "Check failure" not in err
+
+
+# --- Range checks, found before any work ----------------------------------------------------------
+
+def test_dropout_rate_out_of_range_is_one_line(tmp_path, capsys):
+    """dropout_rate=1.5 used to train with gradient norm 0 at every step, exit 0."""
+    for rate in ("1.5", "1.0", "-0.1"):
+        _one_line_error(["train", *QUICK, f"--model_dir={tmp_path / 'run'}", f"--gin.T5Config.dropout_rate={rate}"],
+                        capsys, "T5Config.dropout_rate must be in [0, 1)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_dir_a_file_under_a_file_or_read_only_is_one_line(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    _one_line_error(["train", *QUICK, f"--model_dir={a_file}"], capsys, "is a file, not a directory")
+    _one_line_error(["train", *QUICK, f"--model_dir={a_file / 'run'}"], capsys, "cannot be created", str(a_file))
+    assert a_file.read_text() == "keep me"
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(read_only)
+                        else real_access(p, mode, **kw))  # as root, chmod alone does not stop writes
+    _one_line_error(["train", *QUICK, f"--model_dir={read_only / 'run'}"], capsys, "is not writable", str(read_only))
+    assert os.listdir(read_only) == []
+
+
+def test_data_dir_a_file_or_read_only_is_one_line(tmp_path, monkeypatch):
+    from t5lite.data.corpora import tfds_builders
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    monkeypatch.setenv("T5LITE_DATA_DIR", str(a_file))
+    with pytest.raises(UserError, match="T5LITE_DATA_DIR.*is a file"):
+        tfds_builders.prepare_shipped()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("T5LITE_DATA_DIR", str(empty))
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False)
+    with pytest.raises(UserError, match="not writable; set T5LITE_DATA_DIR"):
+        tfds_builders.prepare_shipped()
+
+
+def test_distributed_on_one_host_is_one_line(tmp_path):
+    env = _env(T5LITE_DISTRIBUTED="1")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    proc = subprocess.Popen(_cli("train", *QUICK, f"--model_dir={tmp_path / 'run'}"), env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    err = _finish(proc, 120)
+    assert proc.returncode == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "T5LITE_DISTRIBUTED=1" in last and "unset that variable" in last, last
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+# --- Out of memory ----------------------------------------------------------------------------------
+
+OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 33285996544 bytes."
+
+
+def test_out_of_memory_names_the_need_the_device_and_the_largest_batch_that_fits(monkeypatch):
+    """XLA's memory analysis of the real compiled program decides which batch fits."""
+    w = jnp.ones((512, 512), jnp.float32)
+    step = jax.jit(lambda x: jnp.tanh(x @ w) @ w)
+
+    def lower(batch):
+        return step.lower(jax.ShapeDtypeStruct((batch, 512), jnp.float32))
+    need = {b: memory.program_bytes(lower(b).compile()) for b in (24, 32)}
+    assert need[24] < need[32]
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: need[24])
+    line = memory.explain("train step", jax.errors.JaxRuntimeError(OOM), lower=lower, batch_size=64, unit=8)
+    assert line.startswith("out of memory in the train step: it needs ")
+    assert "and the host has" in line and "BATCH_SIZE 24 fits" in line, line
+    for knob in ("BATCH_SIZE", "TASK_FEATURE_LENGTHS", "train.num_microbatches", "remat_policy"):
+        assert knob in line
+    assert memory.is_out_of_memory(MemoryError()) and not memory.is_out_of_memory(ValueError("shapes"))
+
+
+def test_out_of_memory_in_training_is_one_line(tmp_path, capsys, monkeypatch):
+    """BATCH_SIZE=2048 on the demo model used to end in a 43-line traceback asking for 31 GB."""
+    real = setup.make_train_step
+
+    class OutOfMemory:
+        def __init__(self, jitted):
+            self.jitted = jitted
+
+        def __call__(self, *args):
+            raise jax.errors.JaxRuntimeError(OOM)
+
+        def lower(self, *args):
+            return self.jitted.lower(*args)
+    monkeypatch.setattr(setup, "make_train_step", lambda *a, **k: OutOfMemory(real(*a, **k)))
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda: 2**30)
+    line = _one_line_error(["train", *QUICK, f"--model_dir={tmp_path / 'run'}", "--gin.TRAIN_STEPS=2"], capsys,
+                           "out of memory in the train step: it needs ", "the host has 1 GiB available",
+                           "lower BATCH_SIZE")
+    assert "Traceback" not in line

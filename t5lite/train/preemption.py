@@ -164,8 +164,8 @@ def start_distributed(preemption: Preemption, timeout_s: Optional[float], poll_s
         if isinstance(error, UserError):
             raise error
         text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-        fail(f"connecting the processes of this run failed ({type(error).__name__}: {text}); check the "
-             "coordinator address and that every process started")
+        raise UserError(f"connecting the processes of this run failed ({type(error).__name__}: {text}); check "
+                        "the coordinator address and that every process started") from None
 
 
 def fail(message: str, code: int = 1, label: str = "error") -> None:

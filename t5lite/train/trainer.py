@@ -25,7 +25,7 @@ import jax
 
 from t5lite.errors import Interrupted, UserError
 from t5lite.model import T5Config
-from t5lite.train import setup
+from t5lite.train import memory, setup
 from t5lite.train.checkpoint import TrainCheckpointer
 from t5lite.train.lock import ModelDirLock
 from t5lite.train.preemption import Preemption, Watchdog, fail, start_distributed
@@ -229,22 +229,28 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
     while step < run.train_steps and not stop:
         _check_model_dir(run.model_dir, step)
         checkpointer.check()  # a background save that failed stops the run now, not steps later
-        state, metrics = run.train_step(state, run.next_batch())
+        batch = run.next_batch()
+        with _out_of_memory(run, "train step", batch):
+            state, metrics = run.train_step(state, batch)
+            if step == start_step:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(metrics)
         step, since = step + 1, since + 1
         progress["step"] = step
-        if step == start_step + 1:  # keep compilation out of the throughput numbers
-            jax.block_until_ready(metrics)
+        if step == start_step + 1:
             log.info("compiled and ran the first step in %.1f s", time.perf_counter() - timer)
             since, timer = 0, time.perf_counter()
         stop = preemption.reached(step - start_step)
         watchdog.beat(step)
         if step % run.log_period == 0 or step == run.train_steps:
-            host = _host_metrics(metrics)
+            with _out_of_memory(run, "train step", batch):  # a run-time failure surfaces when metrics are read
+                host = _host_metrics(metrics)
             logged = monitor.log(step, host, since, time.perf_counter() - timer)
             _check_finite(host, step, last_saved)
             since, timer = 0, time.perf_counter()
         if run.eval_period and (step % run.eval_period == 0 or step == run.train_steps):
-            monitor.log_eval(step, run.evaluate(state.params))
+            with _out_of_memory(run, "eval step"):
+                evaluated = run.evaluate(state.params)
+            monitor.log_eval(step, evaluated)
             timer = time.perf_counter()
             watchdog.beat(step)
         if step % run.checkpoint_period == 0 or step == run.train_steps or stop:
@@ -259,10 +265,30 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
     return logged
 
 
+@contextlib.contextmanager
+def _out_of_memory(run, program: str, batch: Optional[dict] = None):
+    """An out-of-memory error of `program` becomes one line: what it needs, what there is, what to lower,
+    and (measured by compiling the train step for smaller batches) the largest BATCH_SIZE that fits."""
+    try:
+        yield
+    except Exception as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        lower = None
+        if batch is not None and hasattr(run.train_step, "lower"):
+            def lower(size):
+                abstract = {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=v.sharding)
+                            for k, v in batch.items()}
+                return run.train_step.lower(run.abstract_state, abstract)
+        raise UserError(memory.explain(program, e, lower=lower, batch_size=run.batch_size,
+                                       unit=run.batch_unit())) from None
+
+
 def _check_model_dir(model_dir: str, step: int) -> None:
     """model_dir deleted or moved away mid-run: stop, rather than write checkpoints nowhere (or into a
-    new empty directory that orbax would create) and exit 0."""
-    if not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+    new empty directory that orbax would create) and exit 0. Process 0 looks: it is the one that writes
+    model_dir (other hosts may not share its disk)."""
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(model_dir, "checkpoints")):
         raise UserError(f"model_dir {os.path.abspath(model_dir)} (or its checkpoints/) vanished during the run, "
                         f"after step {step}: training stopped; restore it, or start again with another --model_dir")
 

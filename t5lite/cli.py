@@ -291,8 +291,11 @@ def main(argv=None) -> int:
     except UserError as e:
         # One line: gin appends "In call to configurable ..." context on further lines.
         message = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
-        print(f"t5lite: error: {message}", file=sys.stderr)
-        return 2
+        print(f"t5lite: {getattr(e, 'label', 'error')}: {message}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which saves first, see train/preemption.py)
+        print(f"t5lite: interrupted: {args.command} stopped by Ctrl-C", file=sys.stderr)
+        return 130
     return 0
 
 

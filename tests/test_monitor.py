@@ -191,9 +191,36 @@ def test_monitor_appends_on_resume_and_handles_zero_time(tmp_path):
         assert math.isnan(out["tokens_per_sec"]) and math.isnan(out["mfu"])
     path = os.path.join(d, "metrics.jsonl")
     rows = _read_jsonl(path)
-    assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.5), (2, 2.0)]
-    assert rows[2]["mfu"] is None
-    assert monitor.read_metrics(path) == ([1, 2], [3.0, 2.0])  # the resumed run's value wins
+    # The dead run's step 2 (past its checkpoint at step 1) is dropped: one line per step.
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 2.0)]
+    assert rows[1]["mfu"] is None
+    assert monitor.read_metrics(path) == ([1, 2], [3.0, 2.0])
+
+
+def test_a_resume_drops_the_dead_runs_lines_past_its_checkpoint_atomically(tmp_path):
+    d = str(tmp_path)
+    with Monitor(d, total_steps=10, progress="off") as mon:
+        for step in (2, 4, 6):
+            mon.log(step, {"loss": float(step)}, 2, 1.0)
+        mon.log_eval(4, {"loss": 1.0})
+        mon.log_eval(6, {"loss": 1.0})
+    with open(os.path.join(d, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 7, "loss"')  # a killed writer's half line
+    with Monitor(d, total_steps=10, start_step=4, progress="off") as mon:
+        mon.log(6, {"loss": 0.5}, 2, 1.0)
+    rows = _read_jsonl(os.path.join(d, "metrics.jsonl"))
+    assert [(r["step"], r.get("loss", r.get("eval/loss"))) for r in rows] == [(2, 2.0), (4, 4.0), (4, 1.0), (6, 0.5)]
+    assert sorted(os.listdir(d)) == ["metrics.jsonl", "tensorboard"]  # no temporary file left
+
+
+def test_the_first_line_prints_what_is_known_and_numbers_honestly(tmp_path, capsys):
+    mon = Monitor(str(tmp_path), total_steps=30, tokens_per_step=100, flops_per_step=1e9, progress="lines")
+    mon.log(1, {"loss": 1.5, "learning_rate": 1e10}, 0, 0.0)  # right after compilation: nothing timed yet
+    mon.log(10, {"loss": 1.5, "learning_rate": 2.5e6}, 9, 1.0)
+    mon.close()
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert first == "step 1/30 loss 1.5 lr 1e+10", first  # was 'lr 1e+04M ... step_time nans ... mfu nan%'
+    assert "lr 2.5M" in second and "step_time 0.1111s" in second and "tok/s 900" in second
 
 
 def test_non_primary_writes_nothing(tmp_path, capsys):

@@ -97,6 +97,12 @@ class _ConcatSplitIterator(grain.DatasetIterator):
         pieces, need = [], self._length
         while need and self._docs:
             tokens = self._docs[0][1]
+            if self._skip >= len(tokens):
+                # A restored position can point past the end of the document now read there (another
+                # seed or source was restored into this pipeline): that document counts as emitted.
+                self._docs.popleft()
+                self._skip = 0
+                continue
             piece = tokens[self._skip:self._skip + need]
             pieces.append(piece)
             need -= len(piece)

@@ -92,6 +92,10 @@ class T5Config:
                      "max_position_embeddings", "moe_every", "num_experts", "experts_per_token"):
             if getattr(self, name) <= 0:
                 raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.dropout_rate, (int, float)) or not 0 <= self.dropout_rate < 1:
+            # 1 or more drops every activation: gradient norm 0 at every step, trained in silence
+            raise UserError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}; T5 uses 0.1 "
+                            "for fine-tuning and 0 for pre-training")
         self._check_ablation_fields()
 
     def _check_ablation_fields(self):

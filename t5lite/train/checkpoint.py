@@ -15,6 +15,7 @@ import base64
 import json
 import logging
 import os
+import shutil
 from typing import Dict, List, Optional, Tuple
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ import orbax.checkpoint as ocp
 from t5lite.errors import UserError
 from t5lite.fileio import new_directory
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
-from t5lite.train.data_checkpoint import DataPositionRestore, DataPositionSave
+from t5lite.train.data_checkpoint import DataPositionMismatch, DataPositionRestore, DataPositionSave
 
 PARAMS_FORMAT = "t5lite-params"
 TRAIN_FORMAT = "t5lite-train"
@@ -283,6 +284,48 @@ def stored_model(path: str) -> Tuple[T5Config, bool, Optional[dict]]:
                     "with checkpoints/<step>/)")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# What the data position depends on, and errors that are not damage.
+# ---------------------------------------------------------------------------------------------
+
+DATA_SETTING_NAMES = {"task": "MIXTURE_OR_TASK_NAME", "sources": "the task's sources", "seed": "RANDOM_SEED",
+                      "feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
+                      "data_shards": "train.data_shards", "pack": "train.pack", "decoder_only": "train.decoder_only"}
+
+
+def data_changes(stored: Optional[dict], current: Optional[dict]) -> str:
+    """'RANDOM_SEED 0 -> 1, ...' for the data settings that differ; settings either side lacks are
+    unknown, not different (checkpoints written before they were recorded)."""
+    if not isinstance(stored, dict) or not current:
+        return ""
+    return ", ".join(f"{DATA_SETTING_NAMES.get(k, k)} {stored[k]!r} -> {current[k]!r}" for k in DATA_SETTING_NAMES
+                     if k in stored and k in current and stored[k] != current[k])
+
+
+def _data_mismatch(step: int, directory: str, what: str) -> str:
+    model_dir = os.path.dirname(directory)
+    return (f"checkpoint step {step} in {directory} was saved with other data settings ({what}), so its data "
+            f"position does not apply; resume with the old value(s), or keep the step and optimizer state and "
+            f"start the new data from its beginning with --gin.train.reset_data=True, or start a new run from "
+            f"these weights: t5lite finetune --init_checkpoint={model_dir} --model_dir=NEW_DIR")
+
+
+def permission_error(error: BaseException) -> Optional[str]:
+    """The path (or message) of a permission error anywhere in `error`'s chain, else None. orbax and
+    tensorstore wrap the OSError, or only keep its text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, PermissionError):
+            return error.filename or str(error)
+        text = str(error)
+        if "Permission denied" in text or "PERMISSION_DENIED" in text:
+            return text.strip().splitlines()[0][:200]
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class TrainCheckpointer:
     """orbax CheckpointManager over `model_dir/checkpoints`: train state (sharded arrays), the
     data position (one state per virtual data shard, t5lite/train/data_checkpoint.py), and meta
@@ -300,48 +343,123 @@ class TrainCheckpointer:
         self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period, create=True,
                                                enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self._manager = _Manager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self._pending: Optional[int] = None  # the step whose background save has not been checked yet
 
     def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        """Starts saving `step` (finished in the background); a failure now or of an earlier save is a
+        SaveFailed naming the step, the directory and its free space."""
+        if self._pending is not None:
+            self.wait()  # orbax would wait for the previous save too; its outcome is checked here
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=DataPositionSave(data_iterator.get_state(), primary=jax.process_index() == 0),
                                   meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        try:
+            self._manager.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, quota, a vanished directory
+            raise self._save_failed(step, e) from None
+        self._pending = step
+
+    def check(self) -> None:
+        """Raises SaveFailed once a background save has failed (cheap while none is pending). orbax's
+        finalising thread takes the error itself (logging it, not raising it): _Manager keeps it, and a
+        step that is not on disk once its save ended failed too."""
+        if self._pending is None or self._manager.is_saving_in_progress():
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_failed(step, e) from None
+        error, self._manager.background_error = self._manager.background_error, None
+        if error is not None:
+            raise self._save_failed(step, error)
+        if jax.process_index() == 0 and not os.path.isdir(os.path.join(self.directory, str(step))):
+            raise self._save_failed(step, RuntimeError("the step was not finalised on disk"))
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step, self._pending = self._pending, None
+            raise self._save_failed(step, e) from None
+        self.check()
+
+    def _save_failed(self, step: Optional[int], error: BaseException) -> "SaveFailed":
+        kept = [s for s in self._safe_steps() if s != step]
+        return SaveFailed(f"saving checkpoint step {step} to {self.directory} failed ({_first_line(_root(error))}); "
+                          f"{_free_space(self.directory)}; training stopped at that step, earlier checkpoints are "
+                          f"kept ({', '.join(map(str, kept)) or 'none'}): free space or fix the directory's "
+                          "permissions, then run the same command to resume")
+
+    def _safe_steps(self):
+        try:
+            return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+        except OSError:
+            return []
 
     def steps(self):
         return sorted(self._manager.all_steps())
 
-    def restore_latest(self, abstract_state, data_iterator, config: Optional[T5Config] = None
+    def restore_latest(self, abstract_state, data_iterator, config: Optional[T5Config] = None,
+                       data_settings: Optional[dict] = None, reset_data: bool = False
                        ) -> Optional[Tuple[int, object, dict]]:
         """(step, state, meta) of the newest readable checkpoint, the iterator moved to its position;
         None when there is none. `abstract_state` holds ShapeDtypeStructs with the target shardings
-        (any mesh: orbax reshards on restore); `config` names the differences in a mismatch."""
+        (any mesh: orbax reshards on restore); `config` names the differences in a mismatch.
+
+        `data_settings` (what the data position depends on, see setup.data_settings) are compared with
+        the ones the step recorded: a difference is a UserError naming it, unless `reset_data`, which
+        restores the state and starts the data from its beginning. A step without a record (written
+        before t5lite recorded them) is restored as before: unknown is not a mismatch."""
         wanted = flat_shapes(abstract_state)
         for step in reversed(self.steps()):
             step_dir = os.path.join(self.directory, str(step))
             try:
                 meta, stored = read_meta(step_dir), stored_state_shapes(step_dir)
             except Exception as e:  # noqa: BLE001 - damaged metadata: an unreadable step
-                self._set_aside(step, e)
+                self._unreadable(step, e)
                 continue
             check_fits(f"checkpoint step {step} in {self.directory}", stored, wanted, meta.get("model"), config,
                        "train into a new --model_dir, or configure the model and optimizer this run was "
                        "started with")
+            changed = data_changes(meta.get("data"), data_settings)
+            if changed and not reset_data:
+                raise UserError(_data_mismatch(step, self.directory, changed))
+            skip_data = bool(changed)
+            if changed:
+                log.warning("train.reset_data: the data settings changed since step %d (%s); the state is "
+                            "restored and the data starts from its beginning", step, changed)
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=DataPositionRestore(data_iterator),
-                    meta=ocp.args.JsonRestore()))
+                restored = self._restore(step, abstract_state, data_iterator, skip_data)
+            except DataPositionMismatch as e:
+                if not reset_data:
+                    raise UserError(_data_mismatch(step, self.directory, str(e))) from None
+                log.warning("train.reset_data: the saved data position does not fit this pipeline (%s); the "
+                            "state is restored and the data starts from its beginning", e)
+                restored = self._restore(step, abstract_state, data_iterator, skip_data=True)
             except UserError:
                 raise  # readable, but saved with other settings (e.g. the data shards): a configuration error
             except Exception as e:  # noqa: BLE001 - any unreadable step falls back to the previous one
-                self._set_aside(step, e)
+                self._unreadable(step, e)
                 continue
             return step, restored["state"], restored["meta"]
         return None
+
+    def _restore(self, step: int, abstract_state, data_iterator, skip_data: bool) -> dict:
+        items = dict(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        if not skip_data:
+            items["data"] = DataPositionRestore(data_iterator)
+        return self._manager.restore(step, args=ocp.args.Composite(**items))
+
+    def _unreadable(self, step: int, error: BaseException) -> None:
+        """A step that cannot be read: set aside when its bytes are damaged; a permission error is the
+        user's to fix, so it stops the run with the path and nothing is renamed."""
+        denied = permission_error(error)
+        if denied is not None:
+            raise UserError(f"cannot read checkpoint step {step}: permission denied on {denied}; fix its "
+                            "permissions (chmod/chown) and run again (nothing was changed)") from None
+        self._set_aside(step, error)
 
     def _set_aside(self, step: int, error: BaseException) -> None:
         """Renames an unreadable step to <step>.unreadable (process 0), so a later save of that step
@@ -360,6 +478,49 @@ class TrainCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+class _Manager(ocp.CheckpointManager):
+    """Keeps the error of a background save, which orbax's finalising thread would only log."""
+
+    background_error: Optional[BaseException] = None
+
+    def check_for_errors(self):
+        try:
+            super().check_for_errors()
+        except Exception as e:
+            self.background_error = e
+            raise
+
+
+class SaveFailed(UserError):
+    """A checkpoint could not be written (disk full, permissions, quota): the run stops at that step."""
+
+
+def _root(error: BaseException) -> BaseException:
+    """The OSError behind orbax's wrappers, if there is one (its text names errno and path)."""
+    seen, current = set(), error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        current = current.__cause__ or current.__context__
+    return error
+
+
+def _free_space(directory: str) -> str:
+    """'1.2 GiB free of 50 GiB on <the disk holding directory>' (or why it is unknown)."""
+    path = directory
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as e:
+        return f"free space unknown ({e.strerror})"
+    return f"{usage.free / 2**30:.3g} GiB free of {usage.total / 2**30:.3g} GiB on the disk holding {path}"
 
 
 def _barrier(name: str) -> None:

@@ -30,6 +30,10 @@ def _write_json(path: epath.Path, value) -> None:
     tmp.rename(path)
 
 
+class DataPositionMismatch(UserError):
+    """The saved position is readable but belongs to another pipeline (another task, for instance)."""
+
+
 class DataPositionHandler(ocp.CheckpointHandler):
     """Orbax handler: save writes this process's shard states; restore reads the shards the
     iterator reads now, whatever process wrote them."""
@@ -55,9 +59,7 @@ class DataPositionHandler(ocp.CheckpointHandler):
             return iterator
         saved = json.loads(position.read_text())
         if saved.get("num_shards") != current["num_shards"]:
-            raise UserError(f"the checkpoint's data position has {saved.get('num_shards')} data shards but this run "
-                            f"has {current['num_shards']}; resume with the BATCH_SIZE and train.data_shards it was "
-                            "saved with")
+            raise DataPositionMismatch(f"{saved.get('num_shards')} data shards there, {current['num_shards']} here")
         shards, ended = {}, []
         for shard in current["shards"]:
             path = directory / f"shard_{int(shard):05d}.json"
@@ -67,7 +69,11 @@ class DataPositionHandler(ocp.CheckpointHandler):
             shards[shard] = record["state"]
             if record.get("ended"):
                 ended.append(int(shard))
-        iterator.set_state({"num_shards": current["num_shards"], "shards": shards, "ended": ended})
+        try:
+            iterator.set_state({"num_shards": current["num_shards"], "shards": shards, "ended": ended})
+        except Exception as e:  # noqa: BLE001 - readable, but a position of another pipeline
+            iterator.set_state(current)  # back to where it was: a caller may go on from the beginning
+            raise DataPositionMismatch(f"{type(e).__name__}: {str(e).strip()[:120]}") from None
         return iterator
 
     def metadata(self, directory: epath.Path) -> Optional[Any]:

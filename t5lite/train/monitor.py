@@ -17,6 +17,7 @@ import jax
 
 from t5lite.errors import UserError
 from t5lite import registry
+from t5lite.fileio import write_text_atomic
 from t5lite.model.config import T5Config
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,9 @@ class Monitor:
         if not is_primary:
             return
         os.makedirs(model_dir, exist_ok=True)
-        # Append: a resumed run keeps its earlier lines (readers take the last line of a step).
-        self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+        path = os.path.join(model_dir, "metrics.jsonl")
+        _drop_lines_after(path, start_step)  # steps a dead run logged past the checkpoint are trained again
+        self._jsonl = open(path, "a")  # append: a resumed run keeps its lines up to the resumed step
         if progress == "tqdm":
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, dynamic_ncols=True)
@@ -218,14 +220,22 @@ class Monitor:
     def _show(self, step: int, steps: int, r: dict) -> None:
         if self._bar is not None:
             self._bar.update(max(0, min(step, self.total_steps) - self._bar.n))
-            self._bar.set_postfix_str(f"loss {_fmt(r.get('loss'))} tok/s {_fmt(r['tokens_per_sec'])} "
-                                      f"mfu {_fmt(100 * r['mfu'])}%", refresh=False)
+            rates = (f" tok/s {_fmt(r['tokens_per_sec'])} mfu {_fmt(100 * r['mfu'])}%"
+                     if math.isfinite(r["tokens_per_sec"]) and math.isfinite(r["mfu"]) else "")
+            self._bar.set_postfix_str(f"loss {_fmt(r.get('loss'))}{rates}", refresh=False)
         elif self.progress == "lines":
-            extras = " ".join(f"{short} {_fmt(r[k])}" for k, short in (("learning_rate", "lr"), ("grad_norm", "gnorm"))
-                              if k in r)
-            print(f"step {step}/{self.total_steps} loss {_fmt(r.get('loss'))} {extras} "
-                  f"step_time {_fmt(r['step_time'])}s tok/s {_fmt(r['tokens_per_sec'])} "
-                  f"mfu {_fmt(100 * r['mfu'])}%".replace("  ", " "), file=sys.stderr, flush=True)
+            # Only what is known: right after compilation no steps were timed yet (no step time, rates, MFU).
+            known = lambda k: isinstance(r.get(k), (int, float)) and math.isfinite(r[k])  # noqa: E731
+            parts = [f"step {step}/{self.total_steps}", f"loss {_fmt(r.get('loss'))}"]
+            parts += [f"{short} {_fmt(r[k])}" for k, short in (("learning_rate", "lr"), ("grad_norm", "gnorm"))
+                      if k in r]
+            if known("step_time"):
+                parts.append(f"step_time {_fmt(r['step_time'])}s")
+            if known("tokens_per_sec"):
+                parts.append(f"tok/s {_fmt(r['tokens_per_sec'])}")
+            if known("mfu"):
+                parts.append(f"mfu {_fmt(100 * r['mfu'])}%")
+            print(" ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flushes and closes files, writers and the bar; safe to call twice."""
@@ -245,16 +255,39 @@ class Monitor:
         self.close()
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without the lines of steps > `step`: a run resumed from
+    checkpoint `step` trains those steps again, and each step keeps one line. Lines that are not JSON
+    (a killed writer's last half line) go too."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
 def _fmt(x) -> str:
-    """Short human numbers: 3 significant digits, k/M suffixes for large ones."""
+    """Short human numbers: 4 significant digits; k and M suffixes between 1e4 and 1e9, scientific
+    notation beyond (1e10 is '1e+10', never '1e+04M')."""
     if not isinstance(x, (int, float)) or isinstance(x, bool):
         return str(x)
     if not math.isfinite(x):
         return str(x)
+    if abs(x) >= 1e9:
+        return f"{x:.4g}"
     if abs(x) >= 1e6:
-        return f"{x / 1e6:.3g}M"
+        return f"{x / 1e6:.4g}M"
     if abs(x) >= 1e4:
-        return f"{x / 1e3:.3g}k"
+        return f"{x / 1e3:.4g}k"
     return f"{x:.4g}"
 
 

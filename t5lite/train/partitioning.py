@@ -233,9 +233,33 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):
         raise UserError("a multi-process run needs coordinator_address, num_processes and process_id together "
                         "(or none of them, to detect them from the cluster environment)")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kwargs)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, **kwargs)
+    except ValueError as e:
+        if "coordinator_address" not in str(e):
+            raise
+        # e.g. T5LITE_DISTRIBUTED=1 on a host that is not part of a cluster jax can detect
+        raise UserError(f"this run is marked multi-process ({_multi_process_reason()}) but jax found no coordinator "
+                        "address; on one host unset that variable, on a cluster set JAX_COORDINATOR_ADDRESS, "
+                        "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
     return True
+
+
+def wants_distributed() -> bool:
+    """Whether maybe_initialize_distributed would call jax.distributed.initialize."""
+    env = os.environ
+    return not jax.distributed.is_initialized() and (
+        bool(env.get("JAX_COORDINATOR_ADDRESS")) or int(env.get("JAX_NUM_PROCESSES") or 1) > 1
+        or _multi_process_env())
+
+
+def _multi_process_reason() -> str:
+    env = os.environ
+    for name in ("T5LITE_DISTRIBUTED", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TPU_WORKER_HOSTNAMES"):
+        if env.get(name):
+            return f"{name}={env[name]}"
+    return "by the environment"
 
 
 def process_batch_rows(mesh: Mesh, rules, batch_size: int) -> range:

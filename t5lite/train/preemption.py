@@ -22,23 +22,41 @@ from typing import Optional
 import jax
 import numpy as np
 
+from t5lite.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
 class Preemption:
-    """Install at the start of a run; `requested_before_start()` after set-up, `reached(n)` each step."""
+    """Install at the start of a run; `requested_before_start()` after set-up, `reached(n)` each step.
+
+    SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C at a terminal) both save the current step
+    and stop; `signal` says which came (the CLI exits 0 after SIGTERM, 130 after SIGINT). A second
+    Ctrl-C exits at once with one line: the last complete checkpoint stays as it was."""
 
     def __init__(self):
         self._flag = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handler)
-        except ValueError:  # not the main thread (e.g. a test runner thread): no handler
-            self._previous = None
+        self.signal: Optional[str] = None  # 'SIGTERM' or 'SIGINT', the first one received
+        self.saved_step: Optional[int] = None  # the step saved on the way out
+        self._previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handler
+                pass
 
     def _handler(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint, then exiting")
-        self._flag = True
+        name = signal.Signals(signum).name
+        if self._flag:
+            if signum == signal.SIGINT:
+                fail("interrupted again (Ctrl-C): exited at once without saving; the last complete checkpoint "
+                     "is kept, run the same command to resume from it", code=130)
+            return
+        self._flag, self.signal = True, name
+        log.warning("%s received: saving a checkpoint at the end of this step, then exiting%s", name,
+                    " (Ctrl-C again exits at once)" if signum == signal.SIGINT else "")
+        if signum == signal.SIGINT and self._synchronised():
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's sync manager agrees on the step with every process
 
     @staticmethod
     def _synchronised() -> bool:
@@ -65,9 +83,12 @@ class Preemption:
         return self.requested_before_start()  # no sync manager: agree on the flag every step
 
     def uninstall(self) -> None:
-        if self._previous is not None and not self._synchronised():
+        synchronised = self._synchronised()
+        for signum, previous in self._previous.items():
+            if previous is None or (signum == signal.SIGTERM and synchronised):
+                continue
             try:
-                signal.signal(signal.SIGTERM, self._previous)
+                signal.signal(signum, previous)
             except ValueError:
                 pass
 
@@ -105,9 +126,51 @@ class Watchdog:
         self._stop.set()
 
 
-def fail(message: str, code: int = 1) -> None:
+def start_distributed(preemption: Preemption, timeout_s: Optional[float], poll_s: float = 0.2) -> None:
+    """partitioning.maybe_initialize_distributed, waiting for the peers in a thread: jax's wait blocks in
+    C++, where no Python signal handler runs, and ends in an abort with a C++ stack dump. The main thread
+    stays in Python, so SIGTERM / Ctrl-C end the wait with one line, and so does `timeout_s` (the
+    run's peer_timeout_s; jax's own timeout is set a minute later so that it never fires first)."""
+    from t5lite.train import partitioning
+    if not partitioning.wants_distributed():
+        return
+    kwargs = {"initialization_timeout": int(timeout_s) + 60} if timeout_s else {}
+    outcome = {}
+
+    def initialize():
+        try:
+            partitioning.maybe_initialize_distributed(**kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=initialize, name="t5lite-distributed-init", daemon=True)
+    start = time.monotonic()
+    thread.start()
+    log.info("waiting for the processes of this run to connect (up to %s)",
+             f"{timeout_s:.0f} s" if timeout_s else "jax's default timeout")
+    while thread.is_alive():
+        thread.join(poll_s)
+        waited = time.monotonic() - start
+        if preemption.signal and thread.is_alive():
+            fail(f"{preemption.signal} received while waiting {waited:.0f} s for the other processes of this run "
+                 "to connect: nothing trained, nothing saved", code=130 if preemption.signal == "SIGINT" else 0,
+                 label="interrupted")
+        if timeout_s and waited > timeout_s and thread.is_alive():
+            fail(f"the other processes of this run did not connect within {timeout_s:.0f} s (train.peer_timeout_s): "
+                 "check that every process started with the same JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES, "
+                 "and that the coordinator's port is reachable")
+    if "error" in outcome:
+        error = outcome["error"]
+        if isinstance(error, UserError):
+            raise error
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise UserError(f"connecting the processes of this run failed ({type(error).__name__}: {text}); check "
+                        "the coordinator address and that every process started") from None
+
+
+def fail(message: str, code: int = 1, label: str = "error") -> None:
     """Prints one line and ends the process at once: the survivors of a dead peer cannot shut
     jax.distributed down cleanly (its atexit handler would block or abort)."""
-    print(f"t5lite: error: {message}", file=sys.stderr, flush=True)
+    print(f"t5lite: {label}: {message}", file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(code)

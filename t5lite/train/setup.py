@@ -11,8 +11,11 @@ a distillation teacher that is missing or has another vocabulary or model kind.
 
 import base64
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import jax
@@ -87,6 +90,21 @@ def check_settings(*, train_steps, batch_size, seed, learning_rate, warmup_steps
     _number("peer_timeout_s", peer_timeout_s, strict=True, optional=True)
     if progress not in (None, "tqdm", "lines", "off"):
         raise UserError(f"unknown train.progress {progress!r}; choose tqdm, lines, off or None")
+
+
+def check_model_dir(model_dir: str) -> None:
+    """model_dir is a directory, or can be created as one, and is writable: found before any work."""
+    path = os.path.abspath(model_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--model_dir {path} is a file, not a directory; choose another --model_dir")
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--model_dir {path} cannot be created: {existing} is a file; choose another --model_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--model_dir {path} is not writable ({existing} is read-only for this user); fix its "
+                        "permissions or choose another --model_dir")
 
 
 def resolve_config(model: Union[str, T5Config], overrides: Optional[dict] = None) -> T5Config:
@@ -262,13 +280,21 @@ class Run:
     keep_period: Optional[int]
     peer_timeout_s: Optional[float]
     card: Optional[CardTraining] = None  # an adapter-card run: only the card trains (t5lite/train/cards.py)
+    data_settings: Optional[dict] = None  # what the data position depends on (recorded in every checkpoint)
+    num_microbatches: int = 1
 
     def next_batch(self) -> dict:
         """The next global batch, sharded over the mesh (this process supplies its rows)."""
         return partitioning.global_batch_from_local(next(self.data), self.mesh, self.rules, self.batch_size)
 
+    def batch_unit(self) -> int:
+        """Global batch sizes this run's mesh and microbatches can split are multiples of this."""
+        splits = int(np.prod([self.mesh.shape[a] for a in partitioning.BATCH_MESH_AXES]))
+        return math.lcm(splits, int(self.num_microbatches))
+
     def checkpoint_meta(self, operative_gin: str) -> dict:
         meta = checkpoint_meta(self.config, operative_gin, self.vocab.serialized_model, self.decoder_only)
+        meta["data"] = self.data_settings
         return {**meta, "card": self.card.meta()} if self.card is not None else meta
 
     def saved(self, step: int, state: TrainState, operative_gin: str) -> None:
@@ -276,6 +302,31 @@ class Run:
         if self.card is not None:
             self.card.write(self.model_dir, step, state.params, self.config, self.decoder_only, self.task,
                             operative_gin)
+
+
+def sources_fingerprint(task_obj, split: str = "train") -> str:
+    """A short hash of the sources a task or mixture reads: per task its name, rate, record count and
+    first and last records. Cheap (two records), and enough to tell another corpus or another version
+    of one apart; identical on every process."""
+    parts = task_obj.weighted_tasks() if hasattr(task_obj, "weighted_tasks") else [(task_obj, 1.0)]
+    described = []
+    for task, rate in parts:
+        source = task.source(split)
+        n = len(source)
+        ends = [source[0], source[n - 1]] if n else []
+        described.append([task.name, round(float(rate), 12), n, ends])
+    text = json.dumps(described, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_settings(task_obj, *, seed: int, feature_lengths, batch_size: int, data_shards: int, pack: bool,
+                  decoder_only: bool) -> dict:
+    """What the saved data position depends on: a resume that changes any of them cannot continue the
+    data where it stopped (t5lite/train/checkpoint.py compares them)."""
+    return {"task": task_obj.name, "sources": sources_fingerprint(task_obj), "seed": int(seed),
+            "feature_lengths": {k: int(v) for k, v in sorted(feature_lengths.items())},
+            "batch_size": int(batch_size), "data_shards": int(data_shards), "pack": bool(pack),
+            "decoder_only": bool(decoder_only)}
 
 
 def _first_batch(iterator, what: str) -> None:
@@ -299,6 +350,7 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
     """Checks every setting and builds the run; raises UserError on the first mistake, writes nothing."""
     if not model_dir:
         raise UserError("set --model_dir (or MODEL_DIR in a gin file)")
+    check_model_dir(model_dir)
     check_settings(train_steps=train_steps, batch_size=batch_size, seed=seed, learning_rate=learning_rate,
                    warmup_steps=warmup_steps, num_microbatches=num_microbatches, z_loss=z_loss,
                    label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor,
@@ -392,4 +444,6 @@ def prepare(*, model_dir: str, task: str, train_steps: int, batch_size: int, fea
                evaluate=eval_fn, monitor=monitor,
                train_steps=train_steps, log_period=log_period, eval_period=eval_period,
                checkpoint_period=checkpoint_period, keep_checkpoints=keep_checkpoints, keep_period=keep_period,
-               peer_timeout_s=peer_timeout_s, card=card)
+               peer_timeout_s=peer_timeout_s, card=card, num_microbatches=num_microbatches,
+               data_settings=data_settings(task_obj, seed=seed, feature_lengths=feature_lengths, batch_size=batch_size,
+                                           data_shards=num_shards, pack=pack, decoder_only=decoder_only))

@@ -14,19 +14,21 @@ three phases:
    and exits 0; a dead peer ends the survivors with one line (t5lite/train/preemption.py).
 """
 
+import contextlib
 import logging
 import math
+import os
 import time
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import jax
 
-from t5lite.errors import UserError
+from t5lite.errors import Interrupted, UserError
 from t5lite.model import T5Config
-from t5lite.train import partitioning, setup
+from t5lite.train import memory, setup
 from t5lite.train.checkpoint import TrainCheckpointer
 from t5lite.train.lock import ModelDirLock
-from t5lite.train.preemption import Preemption, Watchdog, fail
+from t5lite.train.preemption import Preemption, Watchdog, fail, start_distributed
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
           keep_period: Optional[int] = None, async_checkpoints: bool = True, log_period: int = 10,
           eval_period: Optional[int] = None, eval_batches: int = 10, eval_split: str = "validation",
           init_checkpoint: Optional[str] = None, peak_flops: Optional[float] = None, progress: Optional[str] = None,
-          peer_timeout_s: Optional[float] = 600.0, adapter=None, operative_gin: str = "",
+          peer_timeout_s: Optional[float] = 600.0, adapter=None, reset_data: bool = False, operative_gin: str = "",
           write_configs: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
     """Trains `model` on `task` for `train_steps` global steps; returns the last logged metrics.
 
@@ -70,12 +72,17 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
     `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
     long (a dead peer). `write_configs(model_dir)` is called once the run holds model_dir (the
     CLI writes config.gin / operative_config.gin there).
+    `reset_data`: resume although the data settings changed (task, sources, seed, lengths, batch, data
+    shards, pack, decoder_only: without it that is a UserError): the step and optimizer state are
+    restored and the new data starts from its beginning.
     `adapter` (a t5lite.model.lora.LoraConfig): train only a LoRA card on the frozen `init_checkpoint`;
     checkpoints hold the card and its optimizer state, and model_dir/card is the card alone.
     """
     preemption = Preemption()  # first: SIGTERM during start-up also exits cleanly
     try:
-        partitioning.maybe_initialize_distributed()
+        if not isinstance(reset_data, bool):
+            raise UserError(f"train.reset_data must be True or False, got {reset_data!r}; fix its gin binding")
+        start_distributed(preemption, peer_timeout_s)
         run = setup.prepare(
             model_dir=model_dir, task=task, train_steps=train_steps, batch_size=batch_size,
             feature_lengths=feature_lengths, model=model, model_overrides=model_overrides, vocab_path=vocab_path,
@@ -89,10 +96,35 @@ def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, featu
             eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
             peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint,
             adapter=adapter)
-        with _lock(model_dir):
-            return _train(run, preemption, operative_gin, write_configs, async_checkpoints)
+        with _lock(model_dir), _orbax_errors_in_one_line():
+            metrics = _train(run, preemption, operative_gin, write_configs, async_checkpoints, reset_data)
     finally:
         preemption.uninstall()
+    if preemption.signal == "SIGINT":
+        saved = (f"saved step {preemption.saved_step} in {model_dir}; run the same command to resume"
+                 if preemption.saved_step is not None else "nothing trained, nothing new saved")
+        raise Interrupted(f"Ctrl-C: training stopped, {saved}")
+    return metrics
+
+
+class _NoTraceback(logging.Filter):
+    """orbax logs a failed background save with its traceback, then t5lite reports it in one line
+    (TrainCheckpointer.check): keep orbax's message, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in (record.pathname or ""):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+@contextlib.contextmanager
+def _orbax_errors_in_one_line():
+    absl_logger, no_traceback = logging.getLogger("absl"), _NoTraceback()
+    absl_logger.addFilter(no_traceback)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(no_traceback)
 
 
 def _lock(model_dir: str):
@@ -128,12 +160,14 @@ class _MultiProcessLock:
 
 
 def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
-           write_configs: Optional[Callable[[str], None]], async_checkpoints: bool) -> Dict[str, float]:
+           write_configs: Optional[Callable[[str], None]], async_checkpoints: bool,
+           reset_data: bool = False) -> Dict[str, float]:
     checkpointer = TrainCheckpointer(run.model_dir, max_to_keep=run.keep_checkpoints, keep_period=run.keep_period,
                                      async_save=async_checkpoints)
     monitor = watchdog = None
     try:
-        restored = checkpointer.restore_latest(run.abstract_state, run.data, run.config)
+        restored = checkpointer.restore_latest(run.abstract_state, run.data, run.config, run.data_settings,
+                                               reset_data)
         if restored is not None:
             start_step, state, _ = restored
             log.info("resumed from %s at step %d", checkpointer.directory, start_step)
@@ -147,13 +181,21 @@ def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
                      run.train_steps)
             return {}
         if preemption.requested_before_start():
-            log.warning("SIGTERM during start-up: exiting before the first step (nothing new to save)")
+            log.warning("%s during start-up: exiting before the first step (nothing new to save)",
+                        preemption.signal or "a signal to another process")
             return {}
         monitor = run.monitor(start_step)
         watchdog = Watchdog(run.peer_timeout_s if jax.process_count() > 1 else None)
-        return _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
+        metrics = _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
+        checkpointer.wait()  # the last save's failure is this run's error
+        return metrics
+    except BaseException:
+        try:  # the first error is the one to report: a save still in flight must not replace it
+            checkpointer.wait()
+        except Exception as e:  # noqa: BLE001
+            log.warning("the checkpoint save in progress failed too: %s", str(e).splitlines()[0][:300])
+        raise
     finally:
-        checkpointer.wait()
         checkpointer.close()
         run.data.close()  # stops its prefetch thread now, not at interpreter exit
         if monitor is not None:
@@ -185,32 +227,70 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
     step, since, timer = start_step, 0, time.perf_counter()
     stop = False
     while step < run.train_steps and not stop:
-        state, metrics = run.train_step(state, run.next_batch())
+        _check_model_dir(run.model_dir, step)
+        checkpointer.check()  # a background save that failed stops the run now, not steps later
+        batch = run.next_batch()
+        with _out_of_memory(run, "train step", batch):
+            state, metrics = run.train_step(state, batch)
+            if step == start_step:  # keep compilation out of the throughput numbers
+                jax.block_until_ready(metrics)
         step, since = step + 1, since + 1
         progress["step"] = step
-        if step == start_step + 1:  # keep compilation out of the throughput numbers
-            jax.block_until_ready(metrics)
+        if step == start_step + 1:
             log.info("compiled and ran the first step in %.1f s", time.perf_counter() - timer)
             since, timer = 0, time.perf_counter()
         stop = preemption.reached(step - start_step)
         watchdog.beat(step)
         if step % run.log_period == 0 or step == run.train_steps:
-            host = _host_metrics(metrics)
+            with _out_of_memory(run, "train step", batch):  # a run-time failure surfaces when metrics are read
+                host = _host_metrics(metrics)
             logged = monitor.log(step, host, since, time.perf_counter() - timer)
             _check_finite(host, step, last_saved)
             since, timer = 0, time.perf_counter()
         if run.eval_period and (step % run.eval_period == 0 or step == run.train_steps):
-            monitor.log_eval(step, run.evaluate(state.params))
+            with _out_of_memory(run, "eval step"):
+                evaluated = run.evaluate(state.params)
+            monitor.log_eval(step, evaluated)
             timer = time.perf_counter()
             watchdog.beat(step)
         if step % run.checkpoint_period == 0 or step == run.train_steps or stop:
             _check_finite(_host_metrics(metrics), step, last_saved)
+            _check_model_dir(run.model_dir, step)
             checkpointer.save(step, state, run.data, meta)
             run.saved(step, state, meta["gin"])
             last_saved = step
     if stop:
-        log.warning("preempted: saved step %d, exiting", step)
+        preemption.saved_step = step
+        log.warning("%s: saved step %d, exiting", preemption.signal or "preempted", step)
     return logged
+
+
+@contextlib.contextmanager
+def _out_of_memory(run, program: str, batch: Optional[dict] = None):
+    """An out-of-memory error of `program` becomes one line: what it needs, what there is, what to lower,
+    and (measured by compiling the train step for smaller batches) the largest BATCH_SIZE that fits."""
+    try:
+        yield
+    except Exception as e:
+        if not memory.is_out_of_memory(e):
+            raise
+        lower = None
+        if batch is not None and hasattr(run.train_step, "lower"):
+            def lower(size):
+                abstract = {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=v.sharding)
+                            for k, v in batch.items()}
+                return run.train_step.lower(run.abstract_state, abstract)
+        raise UserError(memory.explain(program, e, lower=lower, batch_size=run.batch_size,
+                                       unit=run.batch_unit())) from None
+
+
+def _check_model_dir(model_dir: str, step: int) -> None:
+    """model_dir deleted or moved away mid-run: stop, rather than write checkpoints nowhere (or into a
+    new empty directory that orbax would create) and exit 0. Process 0 looks: it is the one that writes
+    model_dir (other hosts may not share its disk)."""
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(model_dir, "checkpoints")):
+        raise UserError(f"model_dir {os.path.abspath(model_dir)} (or its checkpoints/) vanished during the run, "
+                        f"after step {step}: training stopped; restore it, or start again with another --model_dir")
 
 
 evaluate_loss = setup.evaluate_loss

@@ -15,6 +15,8 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
+from t5lite.errors import UserError
+
 CORPORA_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ('train', 'validation', 'test')
 DEFAULT_DATA_DIR = '~/.cache/t5lite/tfds'
@@ -23,6 +25,21 @@ DEFAULT_DATA_DIR = '~/.cache/t5lite/tfds'
 def default_data_dir() -> str:
     """$T5LITE_DATA_DIR if set, else ~/.cache/t5lite/tfds."""
     return os.path.expanduser(os.environ.get('T5LITE_DATA_DIR') or DEFAULT_DATA_DIR)
+
+
+def _check_data_dir(data_dir: str, building: bool) -> None:
+    """The data directory is a directory (or can be made one) and, when a corpus must be built
+    there, writable: one line naming T5LITE_DATA_DIR instead of a TFDS traceback."""
+    path = os.path.abspath(data_dir)
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f'the data directory {path} (T5LITE_DATA_DIR) cannot be used: {existing} is a file, not a '
+                        'directory; set T5LITE_DATA_DIR to a directory')
+    if building and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f'the shipped corpora must be built once into {path} (T5LITE_DATA_DIR), but {existing} is '
+                        'not writable; set T5LITE_DATA_DIR to a writable directory')
 
 
 def read_jsonl_gz(filename: str) -> list[dict]:
@@ -120,10 +137,12 @@ def prepare_shipped(data_dir: str | None = None, names=tuple(BUILDERS)) -> str:
     Takes ~2 s for the bible and ~13 s for WordNet on one CPU core; later calls ~1 ms.
     """
     data_dir = os.path.expanduser(data_dir) if data_dir else default_data_dir()
+    _check_data_dir(data_dir, building=False)
     for name in names:
         builder = BUILDERS[name](data_dir=data_dir, file_format='array_record')
         if builder.is_prepared():
             continue
+        _check_data_dir(data_dir, building=True)
         try:
             builder.download_and_prepare(  # no GCS lookups: everything is local
                 download_config=tfds.download.DownloadConfig(try_download_gcs=False))

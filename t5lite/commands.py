@@ -66,7 +66,7 @@ def load_for_inference(checkpoint: str, vocab_path=None):
         load_any_params,
         load_train_checkpoint_params,
     )
-    from t5lite.train.setup import checkpoint_vocabulary
+    from t5lite.train.checks import checkpoint_vocabulary
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist; pass a model_dir or a converted checkpoint")
     if is_params_checkpoint(checkpoint):
@@ -343,23 +343,6 @@ def bench_data(args) -> None:
     data_benchmark(args.task, args.batch_size, args.input_length, args.num_batches, pack=not args.no_pack)
 
 
-def _train_arguments() -> dict:
-    """train()'s arguments as the parsed gin files bind them, its defaults for the rest."""
-    import inspect
-
-    import gin
-
-    from t5lite import gin_utils
-    from t5lite.train import trainer
-    args = {name: p.default for name, p in inspect.signature(trainer.train).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-    args.update(gin_utils.call_configured(lambda: gin.get_bindings("train")))
-    for name, macro in (("batch_size", "BATCH_SIZE"), ("feature_lengths", "TASK_FEATURE_LENGTHS")):
-        if args.get(name) is None:
-            raise UserError(f"the gin files bind no train.{name}: set {macro} (e.g. include 'base.gin')")
-    return args
-
-
 def run_compile(args) -> None:
     """Compiles the gin run for a TPU topology; prints memory per chip (fits?), FLOPs, collectives, warnings."""
     from t5lite import gin_utils
@@ -368,14 +351,14 @@ def run_compile(args) -> None:
         raise UserError("give at least one --gin_file (e.g. experiments/pretrain/t5_1_1_base_c4.gin)")
     topology = aot.parse_topology(args.topology)  # a typo fails before any gin parsing
     gin_utils.parse(args.gin_file, list(args.gin), "(t5lite compile: no model_dir)")
-    train_args = _train_arguments()
+    train = gin_utils.train_config()
     programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
-    report = aot.compile_run(train_args, topology, programs=programs, batch_size=args.batch_size,
+    report = aot.compile_run(train, topology, programs=programs, batch_size=args.batch_size,
                              decode_batch=args.decode_batch, decode_input_length=args.decode_input_length,
                              max_decode_length=args.max_decode_length, decode_method=args.decode_method,
                              num_beams=args.num_beams, hlo_dir=args.hlo_dir)
     if args.max_batch:
-        report["largest_batch"] = aot.search_batch(train_args, topology, start=report["batch_size"],
+        report["largest_batch"] = aot.search_batch(train, topology, start=report["batch_size"],
                                                    max_compiles=args.max_batch_compiles)
     print(json.dumps(report, indent=1) if args.json else aot.format_report(report))
 

@@ -50,10 +50,10 @@ def register_configurables() -> None:
     from t5lite.data import tasks
     from t5lite.model.config import T5Config
     from t5lite.model.lora import LoraConfig
-    from t5lite.train import trainer
+    from t5lite.train.config import TrainConfig
     _CONFIGURED["T5Config"] = gin.external_configurable(T5Config, "T5Config")
     _CONFIGURED["LoraConfig"] = gin.external_configurable(LoraConfig, "LoraConfig")
-    _CONFIGURED["train"] = gin.external_configurable(trainer.train, "train")
+    _CONFIGURED["train"] = gin.external_configurable(TrainConfig, "train")  # train.<field> bindings
     _CONFIGURED["text_to_text_task"] = gin.external_configurable(tasks.text_to_text_task, "text_to_text_task")
     _CONFIGURED["register_mixture"] = gin.external_configurable(tasks.register_mixture, "register_mixture")
     from t5lite.data import instructions  # objectives (issue 12): UL2 tasks, instruction tasks and mixtures
@@ -312,23 +312,38 @@ def call_configured(fn):
         raise
 
 
+def train_config(**overrides):
+    """The TrainConfig the parsed gin files and bindings describe (`train.*`), with `overrides` applied:
+    a plain TrainConfig, its settings checked; a missing or mistyped binding is one line."""
+    import dataclasses
+
+    from t5lite.train.config import TrainConfig
+    register_configurables()
+    given = {**call_configured(lambda: gin.get_bindings("train")), **overrides}
+    for name, macro in _REQUIRED_MACROS.items():
+        if name not in given:
+            raise UserError(f"the gin files bind no train.{name}: set {macro} (e.g. include 'base.gin')")
+    bound = call_configured(lambda: configured("train")(**overrides))
+    return TrainConfig(**{f.name: getattr(bound, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# train.<field> -> the macro base.gin binds it from (the TrainConfig fields without a default)
+_REQUIRED_MACROS = {"model_dir": "MODEL_DIR (--model_dir)", "task": "MIXTURE_OR_TASK_NAME",
+                    "train_steps": "TRAIN_STEPS", "batch_size": "BATCH_SIZE", "feature_lengths": "TASK_FEATURE_LENGTHS"}
+
+
 def train_into(model_dir: str, config_text: str):
-    """Runs the gin-configured `train`. Once the run holds model_dir (everything validated, the lock
+    """Trains the gin-configured run. Once the run holds model_dir (everything validated, the lock
     taken), config.gin (the bindings) and operative_config.gin (every value used) are written there."""
+    from t5lite.fileio import write_text_atomic
+    from t5lite.train import trainer
+
     def write_configs(directory: str) -> None:  # process 0 only
         code_line = provenance.write(directory, process_index=0)  # provenance.json: the code and the hosts
-        _write_text(os.path.join(directory, "config.gin"), config_text)
-        _write_text(os.path.join(directory, "operative_config.gin"), code_line + gin.operative_config_str())
+        write_text_atomic(os.path.join(directory, "config.gin"), config_text)
+        write_text_atomic(os.path.join(directory, "operative_config.gin"), code_line + gin.operative_config_str())
 
-    train = configured("train")
-    return call_configured(lambda: train(operative_gin=config_text, write_configs=write_configs))
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    return trainer.train(train_config(), operative_gin=config_text, write_configs=write_configs)
 
 
 def config_text() -> str:

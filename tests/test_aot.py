@@ -13,10 +13,16 @@ from t5lite import cli
 from t5lite.compile import aot, program_stats
 from t5lite.errors import UserError
 from t5lite.model import abstract_params, logical_axes, param_shapes
+from t5lite.train.config import TrainConfig
 
 libtpu = pytest.importorskip("libtpu", reason="compiling for TPU needs the [tpu] extra")
 TPU_TILE_BYTES = 512  # XLA:TPU gives every buffer at least one tile: a scalar takes 128 x 4 bytes
 
+
+
+def _train(settings: dict) -> TrainConfig:
+    """A TrainConfig for a compile: the data-side settings are never read (t5lite compile uses no data)."""
+    return TrainConfig(model_dir="(t5lite compile)", task="bible_span_corruption_en_es", train_steps=1, **settings)
 
 def tpu_tiled_bytes(shape, itemsize: int = 4) -> int:
     """Bytes of a 32-bit array in TPU memory: its two minor dims are padded to (8, 128) tiles, in the
@@ -106,7 +112,7 @@ def test_tiny_fsdp_argument_memory_is_the_sum_of_the_shards():
     """v5e 2x2, FSDP over 4 chips: XLA's argument bytes per chip equal, computed by hand from the
     parameter shapes, AdamW's state and the mesh: params, mu and nu with `embed` split 4 ways."""
     args = _tile_aligned_tiny_run((1, 4, 1))
-    report = aot.compile_run(args, aot.parse_topology("v5e:2x2"), programs=("train",))
+    report = aot.compile_run(_train(args), aot.parse_topology("v5e:2x2"), programs=("train",))
     train = report["programs"]["train"]
     assert train["compiled"] and train["memory"]["fits"] and report["rules"] == "fsdp"
 
@@ -150,8 +156,8 @@ def test_a_card_run_compiles_the_card_step_with_the_base_frozen(capsys):
     args = _tile_aligned_tiny_run((1, 4, 1))
     spec = lora.LoraConfig(rank=8, alpha=16.0, targets=("q", "v"))
     topology = aot.parse_topology("v5e:2x2")
-    full = aot.compile_run(args, topology, programs=("train",))["programs"]["train"]["memory"]
-    report = aot.compile_run({**args, "adapter": spec}, topology)
+    full = aot.compile_run(_train(args), topology, programs=("train",))["programs"]["train"]["memory"]
+    report = aot.compile_run(_train({**args, "adapter": spec}), topology)
     train = report["programs"]["train"]
     assert train["compiled"] and train["memory"]["fits"]
 
@@ -232,7 +238,7 @@ def test_xl_fits_a_v5e_64_under_fsdp_not_under_data_parallelism():
     topology = aot.parse_topology("v5e-64")
     config = get_config("t5_1_1_xl", dtype="bfloat16", scan_layers=True)
     args = dict(model=config, batch_size=64, feature_lengths={"inputs": 128, "targets": 32}, mesh_shape=(1, -1, 1))
-    report = aot.compile_run(args, topology, programs=("train",))
+    report = aot.compile_run(_train(args), topology, programs=("train",))
     train = report["programs"]["train"]
     assert train["compiled"] and train["memory"]["fits"] and report["rules"] == "fsdp"
     assert train["warnings"]["involuntary_full_rematerialization"] == 0
@@ -250,7 +256,7 @@ def test_xl_fits_a_v5e_64_under_fsdp_not_under_data_parallelism():
     # ... and stored as exactly those shards (the batch, one row per chip, is a few KiB of it).
     assert abs(train["memory"]["arguments"] - tiled) <= 0.01 * tiled
 
-    data_parallel = aot.compile_run({**args, "mesh_shape": (-1, 1, 1)}, topology, programs=("train",))
+    data_parallel = aot.compile_run(_train({**args, "mesh_shape": (-1, 1, 1)}), topology, programs=("train",))
     assert not data_parallel["programs"]["train"]["memory"]["fits"]
 
 

@@ -81,10 +81,11 @@ def test_train_and_eval_steps_add_and_report_sown_losses():
 
 
 def test_evaluation_reports_the_mean_aux_loss():
-    from t5lite.train import partitioning, trainer
+    from t5lite.train import partitioning
+    from t5lite.train.run import evaluate_loss
     mesh = partitioning.make_mesh()
     fake_step = lambda params, batch: dict(loss_sum=jnp.float32(6.0), correct=jnp.float32(1.0),  # noqa: E731
                                            weight_sum=jnp.float32(3.0), aux_loss_sum=jnp.float32(0.3))
     batches = [dict(decoder_target_tokens=np.ones((1, 3), np.int32))] * 2
-    result = trainer.evaluate_loss(fake_step, None, batches, mesh, partitioning.rules_for(mesh))
+    result = evaluate_loss(fake_step, None, batches, mesh, partitioning.rules_for(mesh))
     assert result["loss"] == pytest.approx(2.0) and result["aux_loss"] == pytest.approx(0.1)

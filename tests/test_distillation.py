@@ -150,18 +150,18 @@ def test_alpha_zero_is_cross_entropy_and_microbatches_give_the_same_update():
     teacher_model, teacher_params = EncoderDecoder(teacher_config), init_params(teacher_config, jax.random.key(1))
     batch = make_batch(config, seed=4)
     ce = dict(z_loss=1e-3, label_smoothing=0.1)
-    optimizer, plain = _sgd_step(model, **ce)
+    optimizer, plain = _sgd_step(model, loss=losses.make("cross_entropy", **ce))
     state = TrainState.create(params, optimizer)
     want, want_metrics = plain(state, batch)
-    _, distill_zero = _sgd_step(model, teacher_model, loss="distillation",
-                                loss_kwargs={"alpha": 0.0, "temperature": 2.0}, num_microbatches=2, **ce)
+    _, distill_zero = _sgd_step(model, teacher_model, num_microbatches=2,
+                                loss=losses.make("distillation", {"alpha": 0.0, "temperature": 2.0}, **ce))
     got, metrics = distill_zero(state, batch, teacher_params)
     np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-6)
     assert float(metrics["distill/kl"]) > 0.01  # the teacher disagrees; alpha = 0 ignores it
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
 
-    kd = dict(loss="distillation", loss_kwargs={"alpha": 0.5, "temperature": 2.0}, **ce)
+    kd = dict(loss=losses.make("distillation", {"alpha": 0.5, "temperature": 2.0}, **ce))
     one, m1 = _sgd_step(model, teacher_model, num_microbatches=1, **kd)[1](state, batch, teacher_params)
     four, m4 = _sgd_step(model, teacher_model, num_microbatches=4, **kd)[1](state, batch, teacher_params)
     for name in ("loss", "z_loss", "distill/kl", "distill/ce", "grad_norm", "accuracy"):
@@ -171,7 +171,7 @@ def test_alpha_zero_is_cross_entropy_and_microbatches_give_the_same_update():
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(a).max()))
     with pytest.raises(UserError, match="needs teacher"):
-        step.train_step(state, batch, model=model, optimizer=optimizer, loss="distillation")
+        step.train_step(state, batch, model=model, optimizer=optimizer, loss=losses.make("distillation"))
 
 
 def test_auxiliary_losses_add_to_the_distillation_loss():
@@ -191,8 +191,9 @@ def test_auxiliary_losses_add_to_the_distillation_loss():
 
     (want_loss, want_sums), want_grads = jax.value_and_grad(total, has_aux=True)(params)
     optimizer = optax.sgd(1.0)
-    new_state, metrics = _sgd_step(model, model, loss="distillation", loss_kwargs={"alpha": 0.5, "temperature": 2.0},
-                                   z_loss=0.0)[1](TrainState.create(params, optimizer), batch, teacher_params)
+    new_state, metrics = _sgd_step(model, model, loss=losses.make("distillation", {"alpha": 0.5, "temperature": 2.0},
+                                                                  z_loss=0.0))[1](TrainState.create(params, optimizer),
+                                                                                  batch, teacher_params)
     np.testing.assert_allclose(metrics["loss"], want_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["distill/kl"], want_sums["distill/kl"] / want_sums["weight_sum"], rtol=1e-5)
     np.testing.assert_allclose(metrics["loss"] - metrics["aux_loss"],
@@ -207,13 +208,16 @@ def test_build_steps_takes_the_teacher_as_a_step_input_or_only_its_shapes_for_co
     ShapeDtypeStructs laid out like the student's, and they are inputs of the traced train step."""
     from t5lite.compile.aot import abstract_batch
     from t5lite.train import partitioning
-    from t5lite.train.setup import build_steps
+    from t5lite.train.config import TrainConfig
+    from t5lite.train.run import build_steps
     config = get_config("tiny", vocab_size=512)
     teacher_config = get_config("tiny", vocab_size=512, emb_dim=32, num_decoder_layers=1)
     save_params(str(tmp_path / "teacher"), teacher_config, init_params(teacher_config, jax.random.key(1)))
-    run = dict(batch_size=2, optimizer="adafactor", schedule="constant", learning_rate=0.01, warmup_steps=0,
-               loss="distillation", teacher_checkpoint=str(tmp_path / "teacher"))
-    steps = build_steps(config, teacher_arrays=False, **run)
+    run = TrainConfig(model_dir="(compile)", task="bible_span_corruption_en_es", train_steps=1, batch_size=2,
+                      feature_lengths={"inputs": 8, "targets": 8}, optimizer="adafactor", schedule="constant",
+                      learning_rate=0.01, warmup_steps=0, loss="distillation",
+                      teacher_checkpoint=str(tmp_path / "teacher"))
+    steps = build_steps(run, config, run.make_loss(), teacher_arrays=False)
     assert steps.teacher.config.emb_dim == 32
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(steps.teacher.params))
     state = partitioning.abstract_train_state(config, steps.optimizer, steps.shardings)
@@ -221,7 +225,7 @@ def test_build_steps_takes_the_teacher_as_a_step_input_or_only_its_shapes_for_co
     traced = steps.train_step.trace(state, batch)
     n_inputs = sum(len(jax.tree.leaves(t)) for t in (state, batch, steps.teacher.params))
     assert len(traced.jaxpr.in_avals) == n_inputs  # the teacher's params are inputs, not constants
-    loaded = build_steps(config, **run).teacher  # a training run reads them, laid out alike
+    loaded = build_steps(run, config, run.make_loss()).teacher  # a training run reads them, laid out alike
     assert jax.tree.map(lambda x: x.sharding, loaded.params) == steps.teacher.shardings
 
 
@@ -325,13 +329,14 @@ def _eval_loss(model_dir) -> float:
 def test_distilled_student_reaches_a_lower_held_out_loss_than_without_teacher(tmp_path):
     """Teacher: tiny (d_model 64, 2+2 layers), 300 steps. Students: d_model 32, 1+1 layers, 100 steps each.
     Measured (2 CPU cores, 2026-12): teacher 4.865, student 5.794 alone, 5.670 with alpha 0.5, T 1."""
-    from t5lite.train.trainer import train
-    train(model_dir=str(tmp_path / "teacher"), train_steps=300, checkpoint_period=300, eval_period=300,
-          model_overrides={"vocab_size": 8192}, **COMPARE)
+    from t5lite.train.trainer import TrainConfig, train
+    train(TrainConfig(model_dir=str(tmp_path / "teacher"), train_steps=300, checkpoint_period=300, eval_period=300,
+                      model_overrides={"vocab_size": 8192}, **COMPARE))
     student = dict(train_steps=100, checkpoint_period=100, eval_period=100, model_overrides=SMALL_STUDENT, **COMPARE)
-    train(model_dir=str(tmp_path / "alone"), **student)
-    train(model_dir=str(tmp_path / "taught"), loss="distillation", loss_kwargs={"alpha": 0.5, "temperature": 1.0},
-          teacher_checkpoint=str(tmp_path / "teacher"), **student)
+    train(TrainConfig(model_dir=str(tmp_path / "alone"), **student))
+    train(TrainConfig(model_dir=str(tmp_path / "taught"), loss="distillation",
+                      loss_kwargs={"alpha": 0.5, "temperature": 1.0}, teacher_checkpoint=str(tmp_path / "teacher"),
+                      **student))
     teacher, alone, taught = (_eval_loss(tmp_path / d) for d in ("teacher", "alone", "taught"))
     print(f"held-out loss: teacher {teacher:.3f}, student alone {alone:.3f}, with distillation {taught:.3f}")
     assert teacher < taught < alone - 0.05, (teacher, alone, taught)
@@ -360,7 +365,7 @@ def _sharded_runs(teacher_dir: str, meshes) -> dict:
         teacher = load_teacher(teacher_dir, teacher_config(teacher_dir, config, False, default_vocabulary()), False,
                                mesh, rules)
         train = step.make_train_step(EncoderDecoder(config), optimizer, mesh, rules, shardings, teacher=teacher,
-                                     loss="distillation", loss_kwargs={"alpha": 0.5, "temperature": 2.0},
+                                     loss=losses.make("distillation", {"alpha": 0.5, "temperature": 2.0}),
                                      num_microbatches=2)
         losses_ = []
         for batch in batches:

@@ -24,7 +24,8 @@ import pytest
 from t5lite.cli import main
 from t5lite.data import pipeline as pl
 from t5lite.errors import UserError
-from t5lite.train import checkpoint, memory, setup
+from t5lite.train import checkpoint, memory
+from t5lite.train import run as run_lib
 from t5lite.train import preemption as preemption_lib
 from t5lite.train.checkpoint import read_meta
 from t5lite.train.monitor import Monitor
@@ -421,7 +422,7 @@ def test_out_of_memory_names_the_need_the_device_and_the_largest_batch_that_fits
 
 def test_out_of_memory_in_training_is_one_line(tmp_path, capsys, monkeypatch):
     """BATCH_SIZE=2048 on the demo model used to end in a 43-line traceback asking for 31 GB."""
-    real = setup.make_train_step
+    real = run_lib.make_train_step
 
     class OutOfMemory:
         def __init__(self, jitted):
@@ -432,7 +433,7 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, capsys, monkeypatch):
 
         def lower(self, *args):
             return self.jitted.lower(*args)
-    monkeypatch.setattr(setup, "make_train_step", lambda *a, **k: OutOfMemory(real(*a, **k)))
+    monkeypatch.setattr(run_lib, "make_train_step", lambda *a, **k: OutOfMemory(real(*a, **k)))
     monkeypatch.setattr(memory, "device_memory_bytes", lambda: 2**30)
     line = _one_line_error(["train", *QUICK, f"--model_dir={tmp_path / 'run'}", "--gin.TRAIN_STEPS=2"], capsys,
                            "out of memory in the train step: it needs ", "the host has 1 GiB available",

@@ -11,6 +11,7 @@ import pytest
 
 from t5lite.errors import UserError
 from t5lite.model import EncoderDecoder, get_config, init_params
+from t5lite.train import losses as losses_lib
 from t5lite.train import optimizers, step
 from t5lite.train.state import TrainState
 
@@ -108,7 +109,7 @@ def test_microbatches_give_the_same_update(tiny):
     batch = make_batch(config)
     optimizer = optax.sgd(1.0)  # new params = params - grads, so params compare the gradients
     state = TrainState.create(params, optimizer)
-    kwargs = dict(z_loss=1e-3, label_smoothing=0.1)
+    kwargs = dict(loss=losses_lib.make("cross_entropy", z_loss=1e-3, label_smoothing=0.1))
     one, m1 = _jit_step(model, optimizer, num_microbatches=1, **kwargs)(state, batch)
     four, m4 = _jit_step(model, optimizer, num_microbatches=4, **kwargs)(state, batch)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):

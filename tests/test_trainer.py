@@ -25,8 +25,8 @@ def _script(tmp_path, model_dir, **overrides):
     kwargs = dict(RUN, model_dir=str(model_dir), **overrides)
     path = tmp_path / f"train_{abs(hash(str(sorted(kwargs.items())))) % 10**8}.py"
     path.write_text(textwrap.dedent(f"""
-        from t5lite.train.trainer import train
-        train(**{kwargs!r})
+        from t5lite.train.trainer import TrainConfig, train
+        train(TrainConfig(**{kwargs!r}))
     """))
     return [sys.executable, str(path)]
 
@@ -159,10 +159,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(reference_run, tmp
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    from t5lite.train.trainer import train
+    from t5lite.train.trainer import TrainConfig, train
     with pytest.raises(UserError, match=r"loss is (nan|inf) at step \d+: training stopped \(the last good"):
-        train(**dict(RUN, model_dir=str(tmp_path / "run"), train_steps=60, checkpoint_period=1,
-                     optimizer="adamw", learning_rate=1e12, warmup_steps=0))
+        train(TrainConfig(**dict(RUN, model_dir=str(tmp_path / "run"), train_steps=60, checkpoint_period=1,
+                                 optimizer="adamw", learning_rate=1e12, warmup_steps=0)))
     losses = _losses(tmp_path / "run")  # NaN is written as null
     bad_step = min(s for s, loss in losses.items() if loss is None)
     steps = _steps(tmp_path / "run")
@@ -171,9 +171,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_model_learns_span_corruption(tmp_path):
-    from t5lite.train.trainer import train
-    train(**dict(RUN, model_dir=str(tmp_path / "run"), train_steps=200, checkpoint_period=1000, log_period=10,
-                 learning_rate=0.01))
+    from t5lite.train.trainer import TrainConfig, train
+    train(TrainConfig(**dict(RUN, model_dir=str(tmp_path / "run"), train_steps=200, checkpoint_period=1000,
+                             log_period=10, learning_rate=0.01)))
     losses = _losses(tmp_path / "run")
     first, last = losses[10], np.mean([losses[s] for s in (180, 190, 200)])
     assert last < 0.7 * first, (first, last)

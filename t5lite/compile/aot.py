@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of a run for a TPU topology, on any host: does it fit, and what does it cost?
 
 With libtpu installed (`pip install 't5lite[tpu]'`), jax describes TPU slices without having them
-(`jax.experimental.topologies`) and XLA:TPU compiles for them here. `compile_run(train_args,
-topology)` builds the run's real steps from train()'s arguments (t5lite.train.setup.build_steps:
+(`jax.experimental.topologies`) and XLA:TPU compiles for them here. `compile_run(train,
+topology)` builds the run's real steps from its TrainConfig (t5lite.train.run.build_steps:
 model, optimizer, mesh, partition rules, microbatches, remat, scan), compiles the train, eval and
 decode programs with abstract sharded inputs, and reports per chip: memory against HBM (fits or
 not), FLOPs against the analytic model count, an MFU upper bound, collectives, and what XLA warned.
@@ -29,7 +29,8 @@ from t5lite.model import T5Config, lora, unscan_params
 from t5lite.compile import program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
-from t5lite.train.setup import build_steps, resolve_config
+from t5lite.train.config import TrainConfig
+from t5lite.train.run import build_steps
 
 GIB = 2 ** 30
 
@@ -277,11 +278,6 @@ def abstract_batch(batch_size: int, feature_lengths: Dict[str, int], mesh, rules
             for name, value in features.items()}
 
 
-def _model_config(train_args: dict) -> T5Config:
-    config = resolve_config(train_args["model"], train_args.get("model_overrides"))
-    return T5Config.from_dict(config.to_dict())  # gin's T5Config subclass -> the plain, hashable one
-
-
 def _decode_program(steps, params, decoder_only: bool, batch: int, input_length: int, max_decode_length: int,
                     method: str, num_beams: int):
     """`generate` on the abstract params; a card run's program serves its card (a one-card table, as
@@ -317,11 +313,11 @@ def kv_cache_bytes(config: T5Config, batch: int, input_length: int, max_decode_l
     return int(batch * per_position * (self_positions + cross_positions))
 
 
-def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eval", "decode"),
+def compile_run(train: TrainConfig, topology: Topology, *, programs=("train", "eval", "decode"),
                 batch_size: Optional[int] = None, decode_batch: Optional[int] = None,
                 decode_input_length: Optional[int] = None, max_decode_length: Optional[int] = None,
                 decode_method: str = "greedy", num_beams: int = 4, hlo_dir: Optional[str] = None) -> dict:
-    """Compiles the run that `train_args` (train()'s arguments, e.g. from gin) describes for `topology`.
+    """Compiles the run that `train` (e.g. from gin) describes for `topology`; `batch_size` overrides its batch.
 
     Returns a JSON-able dict: the setting (topology, mesh, rules, batch, model) and for each
     program its `memory` (bytes per chip; `fits`), `flops` (per chip: executed, analytic, the
@@ -333,15 +329,14 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
     unknown = sorted(set(programs) - {"train", "eval", "decode"})
     if unknown:
         raise UserError(f"unknown program(s) {unknown}; choose from train, eval, decode")
-    config = _model_config(train_args)
-    decoder_only = bool(train_args.get("decoder_only", False))
-    batch_size = int(batch_size or train_args["batch_size"])
-    lengths = dict(train_args["feature_lengths"])
+    train = train.replace(batch_size=int(batch_size or train.batch_size))
+    config, decoder_only, batch_size = train.model_config(), train.decoder_only, train.batch_size
+    lengths = dict(train.feature_lengths)
     devices = topology_devices(topology)
-    steps = build_steps(config, devices=devices, teacher_arrays=False, **{**train_args, "batch_size": batch_size})
+    steps = build_steps(train, config, train.make_loss(), devices=devices, teacher_arrays=False)
     mesh, rules = steps.mesh, steps.rules
-    batch = abstract_batch(batch_size, lengths, mesh, rules, decoder_only=decoder_only,
-                           pack=train_args.get("pack", True), prefix_lm=config.decoder_only_prefix_lm)
+    batch = abstract_batch(batch_size, lengths, mesh, rules, decoder_only=decoder_only, pack=train.pack,
+                           prefix_lm=config.decoder_only_prefix_lm)
     state = partitioning.abstract_train_state(config, steps.optimizer, steps.shardings, decoder_only)
     card = steps.card  # an adapter-card run: programs of (card state, frozen base, batch)
     peak = peak_flops_per_device(devices[0].device_kind)
@@ -362,7 +357,7 @@ def compile_run(train_args: dict, topology: Topology, *, programs=("train", "eva
               "device_kind": devices[0].device_kind, "hbm_per_chip": topology.hbm_bytes,
               "peak_flops_per_chip": peak, "mesh": dict(mesh.shape), "rules": _rules_name(rules),
               "batch_size": batch_size, "feature_lengths": lengths,
-              "num_microbatches": int(train_args.get("num_microbatches", 1)), "optimizer": train_args.get("optimizer"),
+              "num_microbatches": train.num_microbatches, "optimizer": train.optimizer,
               "model": {"emb_dim": config.emb_dim, "layers": [config.num_encoder_layers, config.num_decoder_layers],
                         "vocab_size": config.vocab_size, "dtype": config.dtype, "scan_layers": config.scan_layers,
                         "remat_policy": config.remat_policy},
@@ -439,15 +434,14 @@ def largest_batch(fits: Callable[[int], bool], unit: int, start: int, max_compil
             "exact": high is not None and high - low <= unit}
 
 
-def search_batch(train_args: dict, topology: Topology, start: int, max_compiles: int = 8) -> dict:
+def search_batch(train: TrainConfig, topology: Topology, start: int, max_compiles: int = 8) -> dict:
     """The largest global batch whose train step fits the topology (a multiple of data x fsdp x microbatches)."""
     def fits(batch: int) -> bool:
-        return compile_run(train_args, topology, programs=("train",), batch_size=batch)["programs"]["train"][
+        return compile_run(train, topology, programs=("train",), batch_size=batch)["programs"]["train"][
             "memory"]["fits"]
 
-    mesh = build_steps(_model_config(train_args), devices=topology_devices(topology), teacher_arrays=False,
-                       **{**train_args, "batch_size": start}).mesh
-    unit = mesh.shape["data"] * mesh.shape["fsdp"] * int(train_args.get("num_microbatches", 1))
+    mesh = partitioning.make_mesh(*train.mesh_shape, devices=topology_devices(topology))
+    unit = mesh.shape["data"] * mesh.shape["fsdp"] * train.num_microbatches
     return largest_batch(fits, unit, start, max_compiles)
 
 

@@ -13,7 +13,6 @@ A re-run skips points whose final checkpoint exists (also when launched elsewher
 import collections
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import re
@@ -70,46 +69,28 @@ def parameter_counts(config, decoder_only: bool = False) -> Tuple[int, int]:
     return total, total - sum(int(np.prod(shapes[name])) for name in embedding)
 
 
-def _train_arguments(gin_files, bindings, model_dir) -> dict:
-    """The keyword arguments gin would pass to `train` (defaults filled in), parsed here."""
-    import gin
+def _train_config(gin_files, bindings, model_dir):
+    """The point's TrainConfig, parsed here (its settings checked as `train` checks them)."""
     from t5lite import gin_utils
-    from t5lite.train import trainer
     gin_utils.parse(gin_files, bindings, model_dir)
-    bound = gin_utils.call_configured(lambda: gin.get_bindings("train"))
-    params = inspect.signature(trainer.train).parameters
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in bound]
-    if missing:
-        raise UserError(f"train.{missing[0]} is not bound; set it in a gin file (see experiments/base.gin)")
-    return {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}, **bound}
+    return gin_utils.train_config()
 
 
-def _check_run(kwargs: dict):
-    """The checks `train` makes before reading data that need no data: settings, model config, optimizer
-    and schedule (a cosine schedule shorter than its warmup, ...). Returns the model config."""
-    from t5lite.train import setup
-    from t5lite.train.optimizers import make_optimizer
-    setup.check_settings(**{name: kwargs[name] for name in inspect.signature(setup.check_settings).parameters})
-    config = setup.resolve_config(kwargs["model"], kwargs["model_overrides"])
-    make_optimizer(kwargs["optimizer"], kwargs["schedule"], kwargs["learning_rate"], kwargs["warmup_steps"],
-                   total_steps=kwargs["train_steps"], clip_grad_norm=kwargs["clip_grad_norm"],
-                   **(kwargs["optimizer_kwargs"] or {}))
-    return config
-
-
-def _facts(kwargs: dict) -> dict:
-    """N, D, C of a run. D counts input + target token positions of every step (rows are packed)."""
+def _facts(train) -> dict:
+    """N, D, C of a run. D counts input + target token positions of every step (rows are packed). Checks on
+    the way what `train` checks before reading data: the model config, the optimizer and its schedule (a
+    cosine schedule shorter than its warmup, ...)."""
     from t5lite.train.monitor import model_flops_per_step
-    config = _check_run(kwargs)
-    lengths = kwargs["feature_lengths"]
-    if "targets" not in lengths:
+    config = train.model_config()
+    train.make_optimizer()
+    if "targets" not in train.feature_lengths:
         raise UserError("TASK_FEATURE_LENGTHS needs a 'targets' length, e.g. {'inputs': 128, 'targets': 29}")
-    steps, batch = int(kwargs["train_steps"]), int(kwargs["batch_size"])
-    inputs, targets = int(lengths.get("inputs", 0)), int(lengths["targets"])
-    total, non_embedding = parameter_counts(config, bool(kwargs["decoder_only"]))
-    per_step = model_flops_per_step(config, batch, inputs, targets, decoder_only=bool(kwargs["decoder_only"]))
-    return {"task": kwargs["task"], "train_steps": steps, "batch_size": batch, "input_length": inputs,
-            "target_length": targets, "eval_split": kwargs["eval_split"], "params": total,
+    steps, batch = train.train_steps, train.batch_size
+    inputs, targets = train.lengths
+    total, non_embedding = parameter_counts(config, train.decoder_only)
+    per_step = model_flops_per_step(config, batch, inputs, targets, decoder_only=train.decoder_only)
+    return {"task": train.task, "train_steps": steps, "batch_size": batch, "input_length": inputs,
+            "target_length": targets, "eval_split": train.eval_split, "params": total,
             "params_non_embedding": non_embedding, "tokens": steps * batch * (inputs + targets),
             "target_tokens": steps * batch * targets, "flops_per_step": per_step, "flops": per_step * steps}
 
@@ -130,11 +111,11 @@ def plan_point(sweep: Sweep, point: Point, root: str) -> Plan:
     bindings = [*sweep.bindings, *point.bindings]
     facts, config_text, error = {}, "", None
     try:
-        kwargs = _train_arguments(sweep.gin_files, bindings, model_dir)
-        if kwargs["eval_period"] is None and _has_split(kwargs["task"], kwargs["eval_split"]):
-            bindings.append(f"train.eval_period={int(kwargs['train_steps'])}")
+        train = _train_config(sweep.gin_files, bindings, model_dir)
+        if train.eval_period is None and _has_split(train.task, train.eval_split):
+            bindings.append(f"train.eval_period={train.train_steps}")
             gin_utils.parse(sweep.gin_files, bindings, model_dir)
-        facts = _facts(kwargs)
+        facts = _facts(train)
         config_text = gin_utils.config_text()
     except UserError as e:
         error = one_line(str(e))

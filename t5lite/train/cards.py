@@ -153,9 +153,9 @@ class CardSteps:
 
 
 def build_card_steps(spec: lora.LoraConfig, *, config: T5Config, decoder_only: bool, module: nn.Module, optimizer,
-                     mesh, rules, base_shardings, seed: int, **step_kwargs: Any) -> CardSteps:
-    """Checks the card's targets against the model and jits its steps (step_kwargs: num_microbatches, z_loss,
-    label_smoothing, loss_normalizing_factor, as train_step takes them). Only the card is differentiated and
+                     mesh, rules, base_shardings, **step_kwargs: Any) -> CardSteps:
+    """Checks the card's targets against the model and jits its steps (step_kwargs: loss, dropout_seed,
+    num_microbatches, loss_normalizing_factor, as train_step takes them). Only the card is differentiated and
     has optimizer state; the base (sharded by `base_shardings`) is never donated."""
     if not isinstance(spec, lora.LoraConfig):
         raise UserError(f"train.adapter must be a LoraConfig (train.adapter = @LoraConfig()), got {spec!r}")
@@ -170,7 +170,7 @@ def build_card_steps(spec: lora.LoraConfig, *, config: T5Config, decoder_only: b
 
     def train_step(state, base, batch):
         return step_lib.train_step(state, batch, model=CardModel(module, spec, base), optimizer=optimizer,
-                                   dropout_seed=seed, grad_shardings=card_shardings, **step_kwargs)
+                                   grad_shardings=card_shardings, **step_kwargs)
 
     def eval_step(card, base, batch):
         return step_lib.eval_step(card, batch, model=CardModel(module, spec, base))

@@ -132,24 +132,23 @@ def apply_grads(state: TrainState, grads, optimizer: optax.GradientTransformatio
 
 
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
-               loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
-               teacher: Optional[Tuple[nn.Module, Any]] = None, dropout_seed: int = 0, num_microbatches: int = 1,
-               z_loss: float = 0.0, label_smoothing: float = 0.0, loss_normalizing_factor: Optional[float] = None,
+               loss=None, teacher: Optional[Tuple[nn.Module, Any]] = None, dropout_seed: int = 0,
+               num_microbatches: int = 1, loss_normalizing_factor: Optional[float] = None,
                grad_shardings=None) -> Tuple[TrainState, Metrics]:
     """One update on `batch` -> (new_state, metrics).
 
-    `loss` names a loss of t5lite/train/losses.py, built with `loss_kwargs` (and z_loss /
-    label_smoothing where it takes them); `teacher` = (module, params) for a loss that needs one.
+    `loss` is a loss object of t5lite/train/losses.py, built once by the run (TrainConfig.make_loss;
+    default: plain cross-entropy); `teacher` = (module, params) for a loss that needs one.
     metrics: loss (incl. z-loss and auxiliary losses) and z_loss per weighted token (or /
     loss_normalizing_factor), accuracy (argmax == target over weighted tokens), weight_sum,
     grad_norm (global, before any clipping), learning_rate (of this update; NaN for an optimizer
     without a schedule), the loss's extra sums (e.g. distill/kl) and, when modules report any,
     aux_loss and aux_loss/<name>, all normalised like the loss.
     """
-    loss_fn = losses.make(loss, loss_kwargs, z_loss=z_loss, label_smoothing=label_smoothing)
+    loss_fn = losses.CrossEntropy() if loss is None else loss
     if loss_fn.needs_teacher != (teacher is not None):
-        raise UserError(f"train.loss {loss!r} {'needs' if loss_fn.needs_teacher else 'takes no'} teacher; "
-                        "set train.teacher_checkpoint together with a loss that uses it (e.g. 'distillation')")
+        raise UserError(f"the loss {type(loss_fn).__name__} {'needs' if loss_fn.needs_teacher else 'takes no'} "
+                        "teacher; set train.teacher_checkpoint together with a loss that uses it (e.g. 'distillation')")
     dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
     grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
                                    grad_shardings=grad_shardings, model=model, loss_fn=loss_fn, teacher=teacher)
@@ -217,8 +216,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     replicated. The input state is donated (its buffers are reused), so do not use it after.
     `teacher` (t5lite/train/teacher.py: module, params, shardings): its params are a third, sharded,
     never-donated input of the jitted step, passed by every call.
-    step_kwargs: loss, loss_kwargs, dropout_seed, num_microbatches, z_loss, label_smoothing,
-    loss_normalizing_factor.
+    step_kwargs: loss (an object), dropout_seed, num_microbatches, loss_normalizing_factor.
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     teacher_args = () if teacher is None else (teacher.params,)

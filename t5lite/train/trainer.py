@@ -1,10 +1,10 @@
 """The training loop: validate, lock, init or restore, train, evaluate, log, checkpoint, survive preemption.
 
-`train(...)` is the one entry point (gin configures it; see t5lite/gin_utils.py). It runs in
-three phases:
+`train(config)` is the one entry point: `config` is a TrainConfig (t5lite/train/config.py; gin
+binds it as `train.*`, see t5lite/gin_utils.py). It runs in three phases:
 
-1. prepare (t5lite/train/setup.py): every setting, the task's splits, the first batches, the
-   initial checkpoint and the vocabulary are checked, and the model, mesh and steps are built.
+1. Run.build(config) (t5lite/train/run.py): the task's splits, the first batches, the initial
+   checkpoint and the vocabulary are checked, and the model, mesh, steps and data are built.
    A mistake is a UserError here, before anything is written into model_dir.
 2. lock model_dir, then restore the newest readable checkpoint (one that holds another model is
    a UserError, and nothing is touched) or initialise, and write the run's config files.
@@ -19,16 +19,17 @@ import logging
 import math
 import os
 import time
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional
 
 import jax
 
 from t5lite.errors import Interrupted, UserError
-from t5lite.model import T5Config
-from t5lite.train import memory, setup
+from t5lite.train import memory
 from t5lite.train.checkpoint import TrainCheckpointer
+from t5lite.train.config import TrainConfig
 from t5lite.train.lock import ModelDirLock
 from t5lite.train.preemption import Preemption, Watchdog, fail, start_distributed
+from t5lite.train.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -44,64 +45,25 @@ def _check_finite(metrics: Dict[str, float], step: int, last_saved: Optional[int
                         "learning rate, add warmup or gradient clipping, or check the data")
 
 
-def train(*, model_dir: str, task: str, train_steps: int, batch_size: int, feature_lengths: Dict[str, int],
-          model: Union[str, T5Config] = "tiny", model_overrides: Optional[dict] = None,
-          vocab_path: Optional[str] = None, decoder_only: bool = False, pack: bool = True, seed: int = 0,
-          optimizer: str = "adafactor", schedule: str = "rsqrt", learning_rate: float = 1.0,
-          warmup_steps: int = 10_000, clip_grad_norm: Optional[float] = None, optimizer_kwargs: Optional[dict] = None,
-          num_microbatches: int = 1, loss: str = "cross_entropy", loss_kwargs: Optional[dict] = None,
-          teacher_checkpoint: Optional[str] = None, z_loss: float = 1e-4, label_smoothing: float = 0.0,
-          loss_normalizing_factor: Optional[float] = None, mesh_shape: Sequence[int] = (-1, 1, 1),
-          partition_rules: Optional[str] = None, data_shards: Optional[int] = None,
-          checkpoint_period: int = 1000, keep_checkpoints: int = 2,
-          keep_period: Optional[int] = None, async_checkpoints: bool = True, log_period: int = 10,
-          eval_period: Optional[int] = None, eval_batches: int = 10, eval_split: str = "validation",
-          init_checkpoint: Optional[str] = None, peak_flops: Optional[float] = None, progress: Optional[str] = None,
-          peer_timeout_s: Optional[float] = 600.0, adapter=None, reset_data: bool = False, operative_gin: str = "",
+def train(config: TrainConfig, *, operative_gin: str = "",
           write_configs: Optional[Callable[[str], None]] = None) -> Dict[str, float]:
-    """Trains `model` on `task` for `train_steps` global steps; returns the last logged metrics.
+    """Trains as `config` says; returns the last logged metrics.
 
-    Resumes automatically from `model_dir/checkpoints`. `init_checkpoint` (a params checkpoint
-    from `t5lite convert from-hf` or another run's model_dir) seeds the parameters of a fresh
-    run (fine-tuning). `loss` names a loss of t5lite/train/losses.py ('cross_entropy', 'distillation',
-    or one you registered) built with `loss_kwargs`; 'distillation' learns from `teacher_checkpoint`
-    (a model_dir or params checkpoint with the student's vocabulary size).
-    mesh_shape is (data, fsdp, tensor); -1 takes the remaining devices.
-    `data_shards`: virtual data shards (default gcd(batch_size, 64)); the batches depend on it but
-    not on the process count, which must divide it.
-    `peer_timeout_s`: in a multi-process run, exit with one line when no step finishes for this
-    long (a dead peer). `write_configs(model_dir)` is called once the run holds model_dir (the
-    CLI writes config.gin / operative_config.gin there).
-    `reset_data`: resume although the data settings changed (task, sources, seed, lengths, batch, data
-    shards, pack, decoder_only: without it that is a UserError): the step and optimizer state are
-    restored and the new data starts from its beginning.
-    `adapter` (a t5lite.model.lora.LoraConfig): train only a LoRA card on the frozen `init_checkpoint`;
-    checkpoints hold the card and its optimizer state, and model_dir/card is the card alone.
+    Resumes automatically from `config.model_dir/checkpoints` (a resume whose data settings changed is
+    refused unless `config.reset_data`). `write_configs(model_dir)` is called once the run holds
+    model_dir (the CLI writes config.gin / operative_config.gin there); `operative_gin` is recorded
+    in every checkpoint.
     """
     preemption = Preemption()  # first: SIGTERM during start-up also exits cleanly
     try:
-        if not isinstance(reset_data, bool):
-            raise UserError(f"train.reset_data must be True or False, got {reset_data!r}; fix its gin binding")
-        start_distributed(preemption, peer_timeout_s)
-        run = setup.prepare(
-            model_dir=model_dir, task=task, train_steps=train_steps, batch_size=batch_size,
-            feature_lengths=feature_lengths, model=model, model_overrides=model_overrides, vocab_path=vocab_path,
-            decoder_only=decoder_only, pack=pack, seed=seed, optimizer=optimizer, schedule=schedule,
-            learning_rate=learning_rate, warmup_steps=warmup_steps, clip_grad_norm=clip_grad_norm,
-            optimizer_kwargs=optimizer_kwargs, num_microbatches=num_microbatches, z_loss=z_loss,
-            label_smoothing=label_smoothing, loss_normalizing_factor=loss_normalizing_factor, mesh_shape=mesh_shape,
-            partition_rules=partition_rules, data_shards=data_shards, checkpoint_period=checkpoint_period,
-            keep_checkpoints=keep_checkpoints,
-            keep_period=keep_period, log_period=log_period, eval_period=eval_period, eval_batches=eval_batches,
-            eval_split=eval_split, init_checkpoint=init_checkpoint, peak_flops=peak_flops, progress=progress,
-            peer_timeout_s=peer_timeout_s, loss=loss, loss_kwargs=loss_kwargs, teacher_checkpoint=teacher_checkpoint,
-            adapter=adapter)
-        with _lock(model_dir), _orbax_errors_in_one_line():
-            metrics = _train(run, preemption, operative_gin, write_configs, async_checkpoints, reset_data)
+        start_distributed(preemption, config.peer_timeout_s)
+        run = Run.build(config)
+        with _lock(config.model_dir), _orbax_errors_in_one_line():
+            metrics = _train(run, preemption, operative_gin, write_configs)
     finally:
         preemption.uninstall()
     if preemption.signal == "SIGINT":
-        saved = (f"saved step {preemption.saved_step} in {model_dir}; run the same command to resume"
+        saved = (f"saved step {preemption.saved_step} in {config.model_dir}; run the same command to resume"
                  if preemption.saved_step is not None else "nothing trained, nothing new saved")
         raise Interrupted(f"Ctrl-C: training stopped, {saved}")
     return metrics
@@ -159,33 +121,33 @@ class _MultiProcessLock:
             self._lock.__exit__(*exc)
 
 
-def _train(run: "setup.Run", preemption: Preemption, operative_gin: str,
-           write_configs: Optional[Callable[[str], None]], async_checkpoints: bool,
-           reset_data: bool = False) -> Dict[str, float]:
-    checkpointer = TrainCheckpointer(run.model_dir, max_to_keep=run.keep_checkpoints, keep_period=run.keep_period,
-                                     async_save=async_checkpoints)
+def _train(run: Run, preemption: Preemption, operative_gin: str,
+           write_configs: Optional[Callable[[str], None]]) -> Dict[str, float]:
+    settings = run.train
+    checkpointer = TrainCheckpointer(settings.model_dir, max_to_keep=settings.keep_checkpoints,
+                                     keep_period=settings.keep_period, async_save=settings.async_checkpoints)
     monitor = watchdog = None
     try:
         restored = checkpointer.restore_latest(run.abstract_state, run.data, run.config, run.data_settings,
-                                               reset_data)
+                                               settings.reset_data)
         if restored is not None:
             start_step, state, _ = restored
             log.info("resumed from %s at step %d", checkpointer.directory, start_step)
         else:
             start_step, state = 0, run.initial_state()
         if write_configs is not None and jax.process_index() == 0:
-            write_configs(run.model_dir)
+            write_configs(settings.model_dir)
         meta = run.checkpoint_meta(operative_gin)
-        if start_step >= run.train_steps:
-            log.info("%s is already at step %d >= train_steps %d: nothing to train", run.model_dir, start_step,
-                     run.train_steps)
+        if start_step >= settings.train_steps:
+            log.info("%s is already at step %d >= train_steps %d: nothing to train", settings.model_dir, start_step,
+                     settings.train_steps)
             return {}
         if preemption.requested_before_start():
             log.warning("%s during start-up: exiting before the first step (nothing new to save)",
                         preemption.signal or "a signal to another process")
             return {}
         monitor = run.monitor(start_step)
-        watchdog = Watchdog(run.peer_timeout_s if jax.process_count() > 1 else None)
+        watchdog = Watchdog(settings.peer_timeout_s if jax.process_count() > 1 else None)
         metrics = _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
         checkpointer.wait()  # the last save's failure is this run's error
         return metrics
@@ -226,8 +188,9 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
     logged: Dict[str, float] = {}
     step, since, timer = start_step, 0, time.perf_counter()
     stop = False
-    while step < run.train_steps and not stop:
-        _check_model_dir(run.model_dir, step)
+    settings = run.train
+    while step < settings.train_steps and not stop:
+        _check_model_dir(settings.model_dir, step)
         checkpointer.check()  # a background save that failed stops the run now, not steps later
         batch = run.next_batch()
         with _out_of_memory(run, "train step", batch):
@@ -241,21 +204,21 @@ def _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, 
             since, timer = 0, time.perf_counter()
         stop = preemption.reached(step - start_step)
         watchdog.beat(step)
-        if step % run.log_period == 0 or step == run.train_steps:
+        if step % settings.log_period == 0 or step == settings.train_steps:
             with _out_of_memory(run, "train step", batch):  # a run-time failure surfaces when metrics are read
                 host = _host_metrics(metrics)
             logged = monitor.log(step, host, since, time.perf_counter() - timer)
             _check_finite(host, step, last_saved)
             since, timer = 0, time.perf_counter()
-        if run.eval_period and (step % run.eval_period == 0 or step == run.train_steps):
+        if settings.eval_period and (step % settings.eval_period == 0 or step == settings.train_steps):
             with _out_of_memory(run, "eval step"):
                 evaluated = run.evaluate(state.params)
             monitor.log_eval(step, evaluated)
             timer = time.perf_counter()
             watchdog.beat(step)
-        if step % run.checkpoint_period == 0 or step == run.train_steps or stop:
+        if step % settings.checkpoint_period == 0 or step == settings.train_steps or stop:
             _check_finite(_host_metrics(metrics), step, last_saved)
-            _check_model_dir(run.model_dir, step)
+            _check_model_dir(settings.model_dir, step)
             checkpointer.save(step, state, run.data, meta)
             run.saved(step, state, meta["gin"])
             last_saved = step
@@ -280,7 +243,7 @@ def _out_of_memory(run, program: str, batch: Optional[dict] = None):
                 abstract = {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype, sharding=v.sharding)
                             for k, v in batch.items()}
                 return run.train_step.lower(run.abstract_state, abstract)
-        raise UserError(memory.explain(program, e, lower=lower, batch_size=run.batch_size,
+        raise UserError(memory.explain(program, e, lower=lower, batch_size=run.train.batch_size,
                                        unit=run.batch_unit())) from None
 
 
@@ -293,7 +256,4 @@ def _check_model_dir(model_dir: str, step: int) -> None:
                         f"after step {step}: training stopped; restore it, or start again with another --model_dir")
 
 
-evaluate_loss = setup.evaluate_loss
-checkpoint_vocabulary = setup.checkpoint_vocabulary
-
-__all__ = ["train", "evaluate_loss", "checkpoint_vocabulary"]
+__all__ = ["train", "TrainConfig"]

@@ -438,3 +438,13 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, capsys, monkeypatch):
                            "out of memory in the train step: it needs ", "the host has 1 GiB available",
                            "lower BATCH_SIZE")
     assert "Traceback" not in line
+
+
+def test_reading_a_checkpoint_for_inference_or_fine_tuning_names_a_permission_error(run_copy, monkeypatch):
+    def denied(step_dir):
+        raise PermissionError(13, "Permission denied", os.path.join(step_dir, "meta", "metadata"))
+    monkeypatch.setattr(checkpoint, "read_meta", denied)
+    for read in (checkpoint.load_train_checkpoint_params, checkpoint.stored_model):
+        with pytest.raises(UserError, match="permission denied on .*/checkpoints/4/meta/metadata"):
+            read(str(run_copy))
+    assert _steps(run_copy) == [2, 4]

@@ -448,3 +448,13 @@ def test_reading_a_checkpoint_for_inference_or_fine_tuning_names_a_permission_er
         with pytest.raises(UserError, match="permission denied on .*/checkpoints/4/meta/metadata"):
             read(str(run_copy))
     assert _steps(run_copy) == [2, 4]
+
+
+def test_host_memory_available_respects_the_process_limit():
+    """Under `ulimit -v` the host's free memory is not what the process may use (a real OOM at BATCH_SIZE
+    2048 on the demo model under a 7 GB limit suggested a batch sized for the whole host)."""
+    code = "from t5lite.train import memory; print(memory.device_memory_bytes())"
+    out = subprocess.run(["bash", "-c", f"ulimit -v 6000000; {sys.executable} -c '{code}'"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 0 < int(out.stdout.split()[-1]) < 6000000 * 1024

@@ -439,3 +439,23 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, capsys, monkeypatch):
                            "out of memory in the train step: it needs ", "the host has 1 GiB available",
                            "lower BATCH_SIZE")
     assert "Traceback" not in line
+
+
+def test_reading_a_checkpoint_for_inference_or_fine_tuning_names_a_permission_error(run_copy, monkeypatch):
+    def denied(step_dir):
+        raise PermissionError(13, "Permission denied", os.path.join(step_dir, "meta", "metadata"))
+    monkeypatch.setattr(checkpoint, "read_meta", denied)
+    for read in (checkpoint.load_train_checkpoint_params, checkpoint.stored_model):
+        with pytest.raises(UserError, match="permission denied on .*/checkpoints/4/meta/metadata"):
+            read(str(run_copy))
+    assert _steps(run_copy) == [2, 4]
+
+
+def test_host_memory_available_respects_the_process_limit():
+    """Under `ulimit -v` the host's free memory is not what the process may use (a real OOM at BATCH_SIZE
+    2048 on the demo model under a 7 GB limit suggested a batch sized for the whole host)."""
+    code = "from t5lite.train import memory; print(memory.device_memory_bytes())"
+    out = subprocess.run(["bash", "-c", f"ulimit -v 6000000; {sys.executable} -c '{code}'"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 0 < int(out.stdout.split()[-1]) < 6000000 * 1024

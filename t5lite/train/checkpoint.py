@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 from t5lite.errors import UserError
 from t5lite.fileio import new_directory
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
-from t5lite.train.data_checkpoint import DataPositionMismatch, DataPositionRestore, DataPositionSave
+from t5lite.train.data_checkpoint import (DataPositionMismatch, DataPositionRestore, DataPositionSave, data_changes,
+                                          data_mismatch)
 
 PARAMS_FORMAT = "t5lite-params"
 TRAIN_FORMAT = "t5lite-train"
@@ -247,6 +248,7 @@ def load_train_checkpoint_params(path: str, step: Optional[int] = None) -> Tuple
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - any damage to a step falls back to the previous one
+            _raise_if_denied(step_dir, e)
             log.warning("checkpoint %s is unreadable (%s); trying the previous step", step_dir, _first_line(e))
             failures.append(os.path.basename(step_dir))
             continue
@@ -277,6 +279,7 @@ def stored_model(path: str) -> Tuple[T5Config, bool, Optional[dict]]:
         try:
             meta = read_meta(step_dir)
         except Exception as e:  # noqa: BLE001
+            _raise_if_denied(step_dir, e)
             log.warning("checkpoint %s is unreadable (%s); trying the previous step", step_dir, _first_line(e))
             continue
         return T5Config.from_dict(meta["model"]), decoder_only_of(meta), meta
@@ -286,29 +289,14 @@ def stored_model(path: str) -> Tuple[T5Config, bool, Optional[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# What the data position depends on, and errors that are not damage.
+# Errors that are not damage.
 # ---------------------------------------------------------------------------------------------
 
-DATA_SETTING_NAMES = {"task": "MIXTURE_OR_TASK_NAME", "sources": "the task's sources", "seed": "RANDOM_SEED",
-                      "feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
-                      "data_shards": "train.data_shards", "pack": "train.pack", "decoder_only": "train.decoder_only"}
-
-
-def data_changes(stored: Optional[dict], current: Optional[dict]) -> str:
-    """'RANDOM_SEED 0 -> 1, ...' for the data settings that differ; settings either side lacks are
-    unknown, not different (checkpoints written before they were recorded)."""
-    if not isinstance(stored, dict) or not current:
-        return ""
-    return ", ".join(f"{DATA_SETTING_NAMES.get(k, k)} {stored[k]!r} -> {current[k]!r}" for k in DATA_SETTING_NAMES
-                     if k in stored and k in current and stored[k] != current[k])
-
-
-def _data_mismatch(step: int, directory: str, what: str) -> str:
-    model_dir = os.path.dirname(directory)
-    return (f"checkpoint step {step} in {directory} was saved with other data settings ({what}), so its data "
-            f"position does not apply; resume with the old value(s), or keep the step and optimizer state and "
-            f"start the new data from its beginning with --gin.train.reset_data=True, or start a new run from "
-            f"these weights: t5lite finetune --init_checkpoint={model_dir} --model_dir=NEW_DIR")
+def _raise_if_denied(step_dir: str, error: BaseException) -> None:
+    denied = permission_error(error)
+    if denied is not None:
+        raise UserError(f"cannot read checkpoint {step_dir}: permission denied on {denied}; fix its permissions "
+                        "(chmod/chown) and run again (nothing was changed)") from None
 
 
 def permission_error(error: BaseException) -> Optional[str]:
@@ -425,7 +413,7 @@ class TrainCheckpointer:
                        "started with")
             changed = data_changes(meta.get("data"), data_settings)
             if changed and not reset_data:
-                raise UserError(_data_mismatch(step, self.directory, changed))
+                raise UserError(data_mismatch(step, self.directory, changed))
             skip_data = bool(changed)
             if changed:
                 log.warning("train.reset_data: the data settings changed since step %d (%s); the state is "
@@ -434,7 +422,7 @@ class TrainCheckpointer:
                 restored = self._restore(step, abstract_state, data_iterator, skip_data)
             except DataPositionMismatch as e:
                 if not reset_data:
-                    raise UserError(_data_mismatch(step, self.directory, str(e))) from None
+                    raise UserError(data_mismatch(step, self.directory, str(e))) from None
                 log.warning("train.reset_data: the saved data position does not fit this pipeline (%s); the "
                             "state is restored and the data starts from its beginning", e)
                 restored = self._restore(step, abstract_state, data_iterator, skip_data=True)
@@ -455,10 +443,7 @@ class TrainCheckpointer:
     def _unreadable(self, step: int, error: BaseException) -> None:
         """A step that cannot be read: set aside when its bytes are damaged; a permission error is the
         user's to fix, so it stops the run with the path and nothing is renamed."""
-        denied = permission_error(error)
-        if denied is not None:
-            raise UserError(f"cannot read checkpoint step {step}: permission denied on {denied}; fix its "
-                            "permissions (chmod/chown) and run again (nothing was changed)") from None
+        _raise_if_denied(os.path.join(self.directory, str(step)), error)
         self._set_aside(step, error)
 
     def _set_aside(self, step: int, error: BaseException) -> None:

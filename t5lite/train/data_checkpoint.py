@@ -30,6 +30,28 @@ def _write_json(path: epath.Path, value) -> None:
     tmp.rename(path)
 
 
+DATA_SETTING_NAMES = {"task": "MIXTURE_OR_TASK_NAME", "sources": "the task's sources", "seed": "RANDOM_SEED",
+                      "feature_lengths": "TASK_FEATURE_LENGTHS", "batch_size": "BATCH_SIZE",
+                      "data_shards": "train.data_shards", "pack": "train.pack", "decoder_only": "train.decoder_only"}
+
+
+def data_changes(stored: Optional[dict], current: Optional[dict]) -> str:
+    """'RANDOM_SEED 0 -> 1, ...' for the data settings that differ; settings either side lacks are
+    unknown, not different (checkpoints written before they were recorded)."""
+    if not isinstance(stored, dict) or not current:
+        return ""
+    return ", ".join(f"{DATA_SETTING_NAMES.get(k, k)} {stored[k]!r} -> {current[k]!r}" for k in DATA_SETTING_NAMES
+                     if k in stored and k in current and stored[k] != current[k])
+
+
+def data_mismatch(step: int, directory: str, what: str) -> str:
+    model_dir = os.path.dirname(directory)
+    return (f"checkpoint step {step} in {directory} was saved with other data settings ({what}), so its data "
+            f"position does not apply; resume with the old value(s), or keep the step and optimizer state and "
+            f"start the new data from its beginning with --gin.train.reset_data=True, or start a new run from "
+            f"these weights: t5lite finetune --init_checkpoint={model_dir} --model_dir=NEW_DIR")
+
+
 class DataPositionMismatch(UserError):
     """The saved position is readable but belongs to another pipeline (another task, for instance)."""
 

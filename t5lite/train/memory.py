@@ -8,7 +8,9 @@ lower, and where a search of a few compiles finds one, the largest global batch 
 """
 
 import logging
+import os
 import re
+import resource
 from typing import Callable, Dict, Optional
 
 import jax
@@ -27,7 +29,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def device_memory_bytes() -> Optional[int]:
-    """What one device may use: its bytes_limit (GPU / TPU), the host's available memory (CPU), or None."""
+    """What one device may use: its bytes_limit (GPU / TPU), the host's available memory (CPU: within this
+    process's `ulimit -v`), or None."""
     try:
         stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # noqa: BLE001 - not every backend reports
@@ -35,13 +38,27 @@ def device_memory_bytes() -> Optional[int]:
     if stats.get("bytes_limit"):
         return int(stats["bytes_limit"])
     if jax.default_backend() == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                fields = dict(line.split(":", 1) for line in f)
-            return int(fields["MemAvailable"].split()[0]) * 1024
-        except (OSError, KeyError, ValueError):
-            return None
+        return _host_available()
     return None
+
+
+def _host_available() -> Optional[int]:
+    """The host's MemAvailable, or less under an address-space limit (`ulimit -v`): what is left of it."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            available = min(available, max(0, limit - used))
+        except (OSError, ValueError):
+            pass
+    return available
 
 
 def program_bytes(compiled) -> Optional[int]:

@@ -1,6 +1,7 @@
-"""Preemption (SIGTERM: save, then exit 0) and dead-peer detection for multi-process runs.
+"""Preemption (SIGTERM: save, then exit 0; Ctrl-C: save, then exit 130), the wait for peers at
+start-up, and dead-peer detection for multi-process runs.
 
-One process: a Python SIGTERM handler sets a flag; the loop saves at the next step and stops.
+One process: a Python SIGTERM / SIGINT handler sets a flag; the loop saves at the next step and stops.
 Several processes: every process must save the SAME step, or the checkpoint is torn and the
 collectives hang. JAX's preemption sync manager (started by jax.distributed.initialize)
 catches SIGTERM on whichever process gets it and agrees on a step with all the others;

@@ -6,12 +6,15 @@ binds it as `train.*`, see t5lite/gin_utils.py). It runs in three phases:
 1. Run.build(config) (t5lite/train/run.py): the task's splits, the first batches, the initial
    checkpoint and the vocabulary are checked, and the model, mesh, steps and data are built.
    A mistake is a UserError here, before anything is written into model_dir.
-2. lock model_dir, then restore the newest readable checkpoint (one that holds another model is
-   a UserError, and nothing is touched) or initialise, and write the run's config files.
+2. lock model_dir, then restore the newest readable checkpoint (one that holds another model, or
+   was saved with other data settings, is a UserError, and nothing is touched) or initialise, and
+   write the run's config files.
 3. the loop. A run killed at any moment resumes from the newest complete checkpoint to exactly
    the losses and parameters it would have had: the state, the data position and the
    step-derived dropout keys are all restored. SIGTERM saves an agreed step on every process
-   and exits 0; a dead peer ends the survivors with one line (t5lite/train/preemption.py).
+   and exits 0, Ctrl-C saves too and exits 130; a dead peer ends the survivors with one line
+   (t5lite/train/preemption.py). A failed save, a vanished model_dir or an out-of-memory step
+   stop the run with one line.
 """
 
 import contextlib

@@ -30,6 +30,7 @@ from t5lite.compile import program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
 from t5lite.train.config import TrainConfig
+from t5lite.train.memory import largest_batch
 from t5lite.train.run import build_steps
 
 GIB = 2 ** 30
@@ -409,29 +410,6 @@ def _both(first, second):
 
 def _rules_name(rules) -> str:
     return next((name for name, value in partitioning.RULE_SETS.items() if value == rules), "custom")
-
-
-def largest_batch(fits: Callable[[int], bool], unit: int, start: int, max_compiles: int = 8) -> dict:
-    """The largest multiple of `unit` for which `fits(batch)` holds: doubling from `start`, then halving
-    the gap; at most `max_compiles` calls. -> {'largest': b or None, 'tried': {batch: fits}}."""
-    tried: Dict[int, bool] = {}
-
-    def probe(batch: int) -> bool:
-        tried[batch] = fits(batch)
-        return tried[batch]
-
-    low, high = 0, None  # the largest batch known to fit, the smallest known not to
-    batch = max(unit, start // unit * unit)
-    while high is None and len(tried) < max_compiles:
-        if probe(batch):
-            low, batch = batch, batch * 2
-        else:
-            high = batch
-    while high is not None and high - low > unit and len(tried) < max_compiles:
-        middle = max(unit, (low + high) // 2 // unit * unit)
-        low, high = (middle, high) if probe(middle) else (low, middle)
-    return {"largest": low or None, "tried": dict(sorted(tried.items())),
-            "exact": high is not None and high - low <= unit}
 
 
 def search_batch(train: TrainConfig, topology: Topology, start: int, max_compiles: int = 8) -> dict:

@@ -396,7 +396,7 @@ class TrainCheckpointer:
         None when there is none. `abstract_state` holds ShapeDtypeStructs with the target shardings
         (any mesh: orbax reshards on restore); `config` names the differences in a mismatch.
 
-        `data_settings` (what the data position depends on, see setup.data_settings) are compared with
+        `data_settings` (what the data position depends on, see checks.data_settings) are compared with
         the ones the step recorded: a difference is a UserError naming it, unless `reset_data`, which
         restores the state and starts the data from its beginning. A step without a record (written
         before t5lite recorded them) is restored as before: unknown is not a mismatch."""

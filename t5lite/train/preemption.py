@@ -113,10 +113,6 @@ class Watchdog:
     def beat(self, step: int) -> None:
         self._last, self._step = time.monotonic(), step
 
-    def pause(self) -> None:
-        """Disarm until the next beat (checkpoint waits, evaluation that may legitimately be slow)."""
-        self._last = None
-
     def _watch(self) -> None:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             if self._last is not None and time.monotonic() - self._last > self.timeout_s:

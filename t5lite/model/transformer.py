@@ -142,7 +142,8 @@ def _attention_impl(cfg: T5Config, max_length: int, deterministic: bool) -> str:
     """What attention_core implementation a stack's attention runs as, for its longest sequence."""
     has_bias = getattr(registry.get("positions", cfg.position_scheme), "block_bias", None) is not None
     return resolve_impl(cfg.attention_impl, max_length, cfg.attention_auto_min_length,
-                        dropout=cfg.dropout_rate > 0 and not deterministic, has_bias=has_bias)
+                        dropout=cfg.dropout_rate > 0 and not deterministic, has_bias=has_bias, dtype=cfg.dtype,
+                        softcap=cfg.attention_logit_softcap)
 
 
 def _per_block_positions(cfg: T5Config, bidirectional: bool, x, positions, length):
@@ -221,7 +222,12 @@ class Decoder(nn.Module):
                  decode_position: Optional[jax.Array] = None,
                  max_decode_length: Optional[int] = None,
                  decoder_key_valid: Optional[jax.Array] = None,
-                 decoder_positions: Optional[jax.Array] = None) -> jax.Array:
+                 decoder_positions: Optional[jax.Array] = None, return_hidden: bool = False,
+                 hidden: Optional[jax.Array] = None) -> jax.Array:
+        """Logits [B, T, V]; with `return_hidden` the final hidden states [B, T, D] instead; given `hidden`
+        only the output layer runs on it (a loss can then make the logits a chunk of tokens at a time)."""
+        if hidden is not None:
+            return self.logits(hidden)
         cfg = self.config
         length = decoder_input_tokens.shape[-1]
         prefix = decoder_causal_attention if cfg.decoder_only_prefix_lm else None
@@ -254,7 +260,7 @@ class Decoder(nn.Module):
                         decoder_only=self.decoder_only, decode=decode, cache_length=max_decode_length)
         x = _final_norm(cfg, "decoder_norm", x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        return self.logits(x)
+        return x if return_hidden else self.logits(x)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final hidden states [..., D] -> float32 logits [..., V]."""
@@ -321,23 +327,28 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False, decode=False,
-               decode_position=None, max_decode_length=None, decoder_positions=None):
+               decode_position=None, max_decode_length=None, decoder_positions=None, return_hidden=False):
         """Decoder pass over `encoded` -> logits [B, T, V]; teacher-forced, or on a cache with `decode`."""
         return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, decoder_target_tokens,
                             encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout,
                             decode=decode, decode_position=decode_position, max_decode_length=max_decode_length,
-                            decoder_positions=decoder_positions)
+                            decoder_positions=decoder_positions, return_hidden=return_hidden)
+
+    def logits_from_hidden(self, hidden):
+        """The output layer alone: final hidden states [..., D] (from return_hidden=True) -> logits [..., V]."""
+        return self.decoder(None, hidden=hidden)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, enable_dropout=False, **unused_features):
+                 decoder_positions=None, enable_dropout=False, return_hidden=False, **unused_features):
         """`*_positions` [B, L]: each token's position in its segment (packed rows restart at 0);
-        absent, positions are 0..L-1. Relative schemes only use offsets inside a segment."""
+        absent, positions are 0..L-1. Relative schemes only use offsets inside a segment.
+        `return_hidden`: the decoder's final hidden states [B, T, D] instead of the logits."""
         del unused_features
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, enable_dropout,
-                           decoder_positions=decoder_positions)
+                           decoder_positions=decoder_positions, return_hidden=return_hidden)
 
 
 class DecoderOnly(nn.Module):
@@ -352,7 +363,8 @@ class DecoderOnly(nn.Module):
 
     def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
                  decoder_positions=None, decoder_causal_attention=None, enable_dropout=False, decode=False,
-                 decode_position=None, max_decode_length=None, decoder_key_valid=None, **unused_features):
+                 decode_position=None, max_decode_length=None, decoder_key_valid=None, return_hidden=False,
+                 **unused_features):
         """`decoder_causal_attention` [B, T] marks the prefix (1) that attends bidirectionally.
 
         When decoding on a cache it covers all cache positions [B, max_decode_length], and
@@ -365,4 +377,8 @@ class DecoderOnly(nn.Module):
                             decoder_causal_attention=decoder_causal_attention,
                             deterministic=not enable_dropout, decode=decode, decode_position=decode_position,
                             max_decode_length=max_decode_length, decoder_key_valid=decoder_key_valid,
-                            decoder_positions=decoder_positions)
+                            decoder_positions=decoder_positions, return_hidden=return_hidden)
+
+    def logits_from_hidden(self, hidden):
+        """The output layer alone: final hidden states [..., D] -> logits [..., V]."""
+        return self.decoder(None, hidden=hidden)

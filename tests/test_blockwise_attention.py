@@ -87,7 +87,8 @@ def test_auto_picks_by_backend_length_and_dropout():
     assert resolve_impl("auto", 512, 2048, dropout=False, has_bias=True, backend="cpu") == "dense"
     assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=True, backend="cpu") == "blockwise"
     assert resolve_impl("auto", 4096, 2048, dropout=True, has_bias=True, backend="cpu") == "dense"
-    assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=False, backend="gpu") == "cudnn"
+    assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=True, backend="gpu", dtype="bfloat16") == "cudnn"
+    assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=True, backend="gpu") == "blockwise"  # f32
     assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=True, backend="tpu") == "blockwise"
     assert resolve_impl("auto", 4096, 2048, dropout=False, has_bias=False, backend="tpu") == "pallas_tpu"
 

@@ -62,17 +62,18 @@ class AttentionSpec:
 
 
 def resolve_impl(impl: str, max_length: int, auto_min_length: int, dropout: bool, has_bias: bool,
-                 backend: Optional[str] = None) -> str:
-    """The implementation `impl` runs as: 'auto' -> dense below auto_min_length or with attention dropout;
-    else cudnn on GPU, pallas_tpu on TPU when there is no position bias (its bias is quadratic), blockwise."""
+                 backend: Optional[str] = None, dtype: str = "float32", softcap: Optional[float] = None) -> str:
+    """The implementation `impl` runs as. 'auto': dense below auto_min_length tokens or while attention
+    dropout is on; else on GPU cudnn (bf16 / fp16, no soft-capping), on TPU pallas_tpu when there is no
+    position bias and no soft-capping (its bias would be a quadratic array), otherwise blockwise."""
     if impl != "auto":
         return impl
     if dropout or max_length < auto_min_length:
         return "dense"
     backend = backend or jax.default_backend()
-    if backend == "gpu":
+    if backend == "gpu" and dtype in ("bfloat16", "float16") and softcap is None:
         return "cudnn"
-    if backend == "tpu" and not has_bias:
+    if backend == "tpu" and not has_bias and softcap is None:
         return "pallas_tpu"
     return "blockwise"
 

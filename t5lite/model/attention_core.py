@@ -103,13 +103,43 @@ def block_buckets(spec: AttentionSpec, q_idx, k_idx, q_len: int, k_len: int) -> 
 
 
 def block_position_bias(spec: AttentionSpec, table, q_idx, k_idx, q_len: int, k_len: int):
-    """[H, bq, bk] float32 position bias of one block, or None."""
+    """[H, bq, bk] float32 position bias of the (query rows q_idx, key rows k_idx) block, or None."""
     if spec.position == "t5":
         return jnp.take(table, block_buckets(spec, q_idx, k_idx, q_len, k_len), axis=1)
     if spec.position == "alibi":
         distance = jnp.abs(k_idx[None, :] - q_idx[:, None]).astype(jnp.float32)  # [bq, bk]
         return -jnp.asarray(_alibi_slopes(spec.num_heads))[:, None, None] * distance
     return None
+
+
+# T5's bias in a block of contiguous rows depends only on the offset k - q, which takes bq + bk - 1 values:
+# the blockwise path gathers the bias of those offsets ([H, bq + bk - 1]) and lays it out as the Toeplitz
+# block by a skewing reshape, and sums its gradient along the block's diagonals the same way, instead of
+# gathering (forward) and scatter-adding (backward) bq x bk elements per block.
+
+
+def _offset_buckets_of_block(spec: AttentionSpec, qi, ki, bq: int, bk: int, q_len: int, k_len: int):
+    """[bq + bk - 1] bucket ids of offsets ki * bk - (qi * bq + bq - 1) + c, c = 0 .. bq + bk - 2."""
+    table = jnp.asarray(_offset_buckets(q_len, k_len, spec.bidirectional, spec.num_buckets, spec.max_distance))
+    offsets = ki * bk - qi * bq - (bq - 1) + jnp.arange(bq + bk - 1)
+    return table[jnp.clip(offsets, -(q_len - 1), k_len - 1) + (q_len - 1)]
+
+
+def _toeplitz(vec: jax.Array, bq: int, bk: int) -> jax.Array:
+    """[H, bq + bk - 1] -> [H, bq, bk] with out[h, i, j] = vec[h, j - i + bq - 1]."""
+    h, n1 = vec.shape
+    skewed = jnp.broadcast_to(vec[:, None, :], (h, bq, n1)).reshape(h, bq * n1)
+    skewed = jnp.pad(skewed, ((0, 0), (0, bq))).reshape(h, bq, n1 + 1)[:, :, :bk]  # row r holds vec[r + j]
+    return skewed[:, ::-1, :]
+
+
+def _diagonal_sums(block: jax.Array) -> jax.Array:
+    """[H, bq, bk] -> [H, bq + bk - 1]: sums over the diagonals j - i + bq - 1 = c (_toeplitz's transpose)."""
+    h, bq, bk = block.shape
+    n = bq + bk
+    flipped = jnp.pad(block[:, ::-1, :], ((0, 0), (0, 0), (0, bq)))  # [H, bq, n]; row r is row bq - 1 - r
+    skewed = flipped.reshape(h, bq * n)[:, :bq * (n - 1)].reshape(h, bq, n - 1)  # (r, j) lands at (r, r + j)
+    return skewed.sum(axis=1)
 
 
 def block_mask(spec: AttentionSpec, masks: dict, q_idx, k_idx) -> Optional[jax.Array]:
@@ -224,7 +254,10 @@ def _block_scores(spec, table, qblk, kblk, qmask, kmask, qi, ki, bq, bk, lq, lk)
         raw = spec.softcap * tanh
     q_idx, k_idx = qi * bq + jnp.arange(bq), ki * bk + jnp.arange(bk)
     s = raw
-    position = block_position_bias(spec, table, q_idx, k_idx, lq, lk)  # [H, bq, bk]
+    if spec.position == "t5":  # gathered per offset, laid out by a reshape (see _toeplitz)
+        position = _toeplitz(jnp.take(table, _offset_buckets_of_block(spec, qi, ki, bq, bk, lq, lk), axis=1), bq, bk)
+    else:
+        position = block_position_bias(spec, table, q_idx, k_idx, lq, lk)  # [H, bq, bk]
     if position is not None:
         s = s + position.reshape((1,) + raw.shape[1:])
     mask = block_mask(spec, {**qmask, **kmask}, q_idx, k_idx)  # [B or 1, bq, bk]
@@ -309,10 +342,10 @@ def _blockwise_bwd(spec, residuals, d_result):
             p = jnp.exp(s - lse_blk[0][..., None]) / lse_blk[1][..., None]  # [B, Hkv, G, bq, bk]
             dp = jnp.einsum("bngqd,bknd->bngqk", do, vb[ki].astype(jnp.float32))
             ds = p * (dp - delta_blk[..., None])  # d loss / d (scores + bias)
-            if spec.position == "t5":
-                buckets = block_buckets(spec, q_idx, k_idx, lq, lk).reshape(-1)  # [bq * bk]
-                per_head = ds.sum(0).reshape(h, -1)  # [H, bq * bk]
-                dtable = dtable + jnp.zeros_like(dtable).at[:, buckets].add(per_head)
+            if spec.position == "t5":  # per offset first (diagonal sums), then a small scatter into the buckets
+                per_offset = _diagonal_sums(ds.sum(0).reshape(h, bq, bk))  # [H, bq + bk - 1]
+                buckets = _offset_buckets_of_block(spec, qi, ki, bq, bk, lq, lk)
+                dtable = dtable.at[:, buckets].add(per_offset)
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             dq = dq + jnp.einsum("bngqk,bknd->bqngd", ds, kb[ki].astype(jnp.float32))

@@ -26,15 +26,16 @@ SETTINGS = {  # name -> (T5Config overrides, loss_kwargs)
 }
 
 
-def _batch(rows, length, rng=None):
-    shapes = {"encoder_input_tokens": (rows, length), "decoder_input_tokens": (rows, length // 8),
-              "decoder_target_tokens": (rows, length // 8)}
+def _batch(rows, length, rng=None, targets=None):
+    targets = targets or length // 8
+    shapes = {"encoder_input_tokens": (rows, length), "decoder_input_tokens": (rows, targets),
+              "decoder_target_tokens": (rows, targets)}
     if rng is None:
         return {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in shapes.items()}
     return {k: jnp.asarray(rng.integers(2, 30000, s), jnp.int32) for k, s in shapes.items()}
 
 
-def measure(setting, length, tokens, timed_steps, preset="t5_1_1_small"):
+def measure(setting, length, tokens, timed_steps, preset="t5_1_1_small", targets=None):
     overrides, loss_kwargs = SETTINGS[setting]
     cfg = get_config(preset, **overrides)
     model, optimizer = EncoderDecoder(cfg), optax.adamw(1e-4)
@@ -43,13 +44,13 @@ def measure(setting, length, tokens, timed_steps, preset="t5_1_1_small"):
     rows = max(tokens // length, 1)
     abstract_state = jax.eval_shape(lambda: TrainState.create(init_params(cfg, jax.random.key(0)), optimizer))
     start = time.perf_counter()
-    compiled = step.lower(abstract_state, _batch(rows, length)).compile()
+    compiled = step.lower(abstract_state, _batch(rows, length, targets=targets)).compile()
     memory = compiled.memory_analysis()
-    result = dict(setting=setting, length=length, rows=rows, compile_s=round(time.perf_counter() - start, 1),
+    result = dict(setting=setting, length=length, targets=targets or length // 8, rows=rows, compile_s=round(time.perf_counter() - start, 1),
                   temp_gib=memory.temp_size_in_bytes / 2 ** 30, args_gib=memory.argument_size_in_bytes / 2 ** 30)
     if timed_steps:
         state = TrainState.create(init_params(cfg, jax.random.key(0)), optimizer)
-        batch = _batch(rows, length, np.random.default_rng(0))
+        batch = _batch(rows, length, np.random.default_rng(0), targets)
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
         times = []
@@ -70,11 +71,13 @@ def main():
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--preset", default="t5_1_1_small")
+    parser.add_argument("--targets", type=int, default=None, help="target length (default: inputs / 8)")
     args = parser.parse_args()
     timed = {int(x) for x in args.time_lengths.split(",") if x}
     for length in (int(x) for x in args.lengths.split(",")):
         for setting in args.settings.split(","):
-            result = measure(setting, length, args.tokens, args.steps if length in timed else 0, args.preset)
+            result = measure(setting, length, args.tokens, args.steps if length in timed else 0, args.preset,
+                             args.targets)
             print(json.dumps(result), flush=True)
 
 

@@ -203,3 +203,20 @@ def test_train_step_memory_grows_linearly_with_length():
             temps[impl, length] = compiled.memory_analysis().temp_size_in_bytes
     assert temps["blockwise", 8192] <= 2.0 * temps["blockwise", 512], temps
     assert temps["dense", 8192] >= 8.0 * temps["dense", 512], temps  # the quadratic scores the core avoids
+
+
+def test_auto_in_the_model_and_greedy_decoding_equal_dense():
+    """'auto' above its threshold runs blockwise in the model; generation (blockwise encoder and cross-attention
+    over it, the cache path for the decoding steps) gives the dense model's tokens."""
+    from t5lite.infer import generate
+
+    cfg = get_config("tiny")
+    params = init_params(cfg, jax.random.key(6))
+    batch = _batch(np.random.default_rng(7))
+    auto = cfg.replace(attention_impl="auto", attention_auto_min_length=16, **_BLOCKS)
+    logits = {c: jax.jit(lambda p, b, m=EncoderDecoder(c): m.apply({"params": p}, **b))(params, batch)
+              for c in (cfg, auto)}
+    assert _rel(_valid_logits(logits[cfg], batch), _valid_logits(logits[auto], batch)) <= 1e-5
+    tokens = {c: generate(c, params, np.asarray(batch["encoder_input_tokens"]), max_decode_length=8)[0]
+              for c in (cfg, cfg.replace(attention_impl="blockwise", **_BLOCKS))}
+    np.testing.assert_array_equal(*tokens.values())

@@ -15,13 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5lite.model.attention_core import MASK_VALUE, AttentionSpec, attention_core
 from t5lite.model.config import T5Config
 from t5lite.model.layers import DenseGeneral, RMSNorm
 from t5lite.model.positions import Rotary, apply_rotary
 from t5lite.registry import register
 
-# Added to the scores of masked (query, key) pairs; exp() of it underflows to exactly 0.
-MASK_VALUE = -1e10
+__all__ = ["MASK_VALUE", "MultiHeadAttention", "make_attention_mask", "make_causal_mask", "make_segment_mask",
+           "mask_to_bias"]
 
 
 def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array) -> jax.Array:
@@ -60,6 +61,8 @@ class MultiHeadAttention(nn.Module):
     the whole cache (the caller's bias masks slots not yet written). A cross-attention cache with
     fewer rows than the queries is shared by consecutive query rows (beam search: an example's
     beams). Subclasses may override `scores` (e.g. another similarity) and keep the rest.
+    `bias` is either a float32 [B or 1, H, q, k] array (the dense path, which `scores` serves) or an
+    AttentionSpec (t5lite/model/attention_core.py: masks and position bias computed per block there).
     """
 
     config: T5Config
@@ -98,6 +101,9 @@ class MultiHeadAttention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "kv"))
         if self.decode:
             k, v = self._use_cache(k, v, decode_position)
+        if isinstance(bias, AttentionSpec):  # the stack chose a non-dense attention core
+            out = attention_core(q, k, v, bias)  # [B, q, H, Dh]
+            return self._project_out(out, emb_dim, dtype, fan_in)
         q_shape = q.shape
         rows = q_shape[0] // k.shape[0]
         if cached_cross and rows > 1:
@@ -113,9 +119,13 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(scores + bias, axis=-1)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
         out = self.weighted_sum(jnp.asarray(weights, dtype), v).reshape(q_shape)  # [B, q, H, Dh]
+        return self._project_out(out, emb_dim, dtype, fan_in)
+
+    def _project_out(self, out: jax.Array, emb_dim: int, dtype, kernel_init) -> jax.Array:
+        """[B, q, H, Dh] -> [B, q, D]."""
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
         return DenseGeneral(emb_dim, ("heads", "kv", "embed"), num_contracting=2, dtype=dtype,
-                            kernel_init=fan_in, name="out")(out)
+                            kernel_init=kernel_init, name="out")(out)
 
     def scores(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """q [B, q, H, Dh] . k [B, k, Hkv, Dh] -> float32 scores [B, H, q, k]; each key head serves H/Hkv queries."""

@@ -31,6 +31,7 @@ ACTIVATIONS = {
     "linear": lambda x: x,
 }
 NORM_LAYOUTS = ("pre", "post", "sandwich")
+ATTENTION_IMPLS = ("dense", "blockwise", "cudnn", "pallas_tpu", "auto")  # see t5lite/model/attention_core.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,13 @@ class T5Config:
     num_kv_heads: Optional[int] = None  # None: num_heads (MHA); fewer: grouped-query; 1: multi-query
     qk_norm: bool = False  # RMSNorm on each query / key head, then explicit 1/sqrt(head_dim) scaling
     attention_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    # How attention is computed (t5lite/model/attention_core.py): dense [B, H, q, k] scores (the default),
+    # blockwise (online softmax, memory linear in length), cudnn (GPU), pallas_tpu (TPU), or auto (dense
+    # below attention_auto_min_length tokens or with attention dropout; else cudnn / pallas_tpu / blockwise).
+    attention_impl: str = "dense"
+    attention_block_q: int = 512  # query rows per block (blockwise / pallas_tpu)
+    attention_block_k: int = 512  # key rows per block
+    attention_auto_min_length: int = 2048
     norm: str = "rms_norm"  # rms_norm | layer_norm
     norm_layout: str = "pre"  # one of NORM_LAYOUTS: pre (T5), post (Vaswani et al.), sandwich (pre + post)
     mlp: str = "dense"  # dense | moe: the MLP of every `moe_every`-th layer (the others are dense)
@@ -111,6 +119,14 @@ class T5Config:
         if not 0.0 < self.rope_fraction <= 1.0 or self.rotary_dim < 2:
             raise UserError(f"rope_fraction={self.rope_fraction} must be in (0, 1] and rotate at least 2 of the "
                             f"{self.head_dim} head dims")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise UserError(f"unknown attention_impl {self.attention_impl!r}; choose from {', '.join(ATTENTION_IMPLS)}")
+        if self.attention_impl in ("blockwise", "cudnn", "pallas_tpu") and self.dropout_rate > 0:
+            raise UserError(f"attention_impl={self.attention_impl!r} has no attention-probability dropout; set "
+                            "dropout_rate=0, or attention_impl='auto' (dense while dropout is on)")
+        for name in ("attention_block_q", "attention_block_k", "attention_auto_min_length"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
         if self.attention_logit_softcap is not None and self.attention_logit_softcap <= 0:
             raise UserError(f"attention_logit_softcap must be positive or None, got {self.attention_logit_softcap}")
         if self.experts_per_token > self.num_experts:

@@ -11,6 +11,8 @@ token_positions       [B, L] position of each token (packed segments restart at 
 key_length            keys the self-attention scores cover (L, or the KV cache length)
 query_offset          when decoding on a cache: the cache slot of the first query, else None
 bias                  [1 or B, H, L, key_length] float32 added to every self-attention score, or None
+                      (with `per_block=True`, which schemes with a `block_bias` accept: the bias's
+                      parameters as AttentionSpec fields, for attention that computes it per block)
 rotary                (sin, cos) [B, L, rotary_dim / 2] that self-attention rotates q and k by, or None
 
 Relative schemes (T5 bias, ALiBi) depend only on key - query offsets inside a segment, which
@@ -102,15 +104,20 @@ class RelativePositionBias(nn.Module):
     config: T5Config
     bidirectional: bool
     scope_name: ClassVar[str] = "relpos_bias"
+    block_bias: ClassVar[str] = "t5"  # attention_core can compute this bias per block
 
     @nn.compact
-    def __call__(self, x, positions, key_length, query_offset=None):
+    def __call__(self, x, positions, key_length, query_offset=None, per_block=False):
         cfg, q_len = self.config, x.shape[1]
         table = self.param(
             "rel_embedding",
             nn.with_logical_partitioning(nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
                                          ("heads", "relpos_buckets")),
             (cfg.num_heads, cfg.relative_attention_num_buckets), jnp.float32)
+        if per_block:  # the [H, buckets] table and the bucket function's settings, no [q, k] array
+            return x, dict(position="t5", table=table, bidirectional=self.bidirectional,
+                           num_buckets=cfg.relative_attention_num_buckets,
+                           max_distance=cfg.relative_attention_max_distance), None
         bucket_table = functools.partial(_bucket_table, bidirectional=self.bidirectional,
                                          num_buckets=cfg.relative_attention_num_buckets,
                                          max_distance=cfg.relative_attention_max_distance)
@@ -148,8 +155,11 @@ class ALiBi(nn.Module):
     config: T5Config
     bidirectional: bool
     scope_name: ClassVar[str] = "positions"
+    block_bias: ClassVar[str] = "alibi"
 
-    def __call__(self, x, positions, key_length, query_offset=None):
+    def __call__(self, x, positions, key_length, query_offset=None, per_block=False):
+        if per_block:
+            return x, dict(position="alibi"), None
         q_len = x.shape[1]
         start = 0 if query_offset is None else query_offset
         distance = jnp.abs(jnp.arange(key_length)[None, :] - (start + jnp.arange(q_len))[:, None])  # [q, k]

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from t5lite import registry
+from t5lite.errors import UserError
 from t5lite.model.attention import make_attention_mask, make_causal_mask, make_segment_mask, mask_to_bias
+from t5lite.model.attention_core import AttentionSpec, resolve_impl
 from t5lite.model.config import REMAT_POLICIES, T5Config
 from t5lite.model.layers import BATCH_LENGTH_EMBED, DenseGeneral, Embed
 
@@ -136,6 +138,31 @@ def _positions(cfg: T5Config, bidirectional: bool) -> nn.Module:
     return cls(cfg, bidirectional, name=cls.scope_name)
 
 
+def _attention_impl(cfg: T5Config, max_length: int, deterministic: bool) -> str:
+    """What attention_core implementation a stack's attention runs as, for its longest sequence."""
+    has_bias = getattr(registry.get("positions", cfg.position_scheme), "block_bias", None) is not None
+    return resolve_impl(cfg.attention_impl, max_length, cfg.attention_auto_min_length,
+                        dropout=cfg.dropout_rate > 0 and not deterministic, has_bias=has_bias, dtype=cfg.dtype,
+                        softcap=cfg.attention_logit_softcap)
+
+
+def _per_block_positions(cfg: T5Config, bidirectional: bool, x, positions, length):
+    """The positions module's output for a non-dense attention core: x, the bias as AttentionSpec fields, rotary."""
+    module = _positions(cfg, bidirectional)
+    if getattr(module, "block_bias", None) is not None:
+        return module(x, positions, length, per_block=True)
+    x, bias, rotary = module(x, positions, length)
+    if bias is not None:
+        raise UserError(f"position_scheme {cfg.position_scheme!r} makes a [q, k] bias array that attention_impl="
+                        f"{cfg.attention_impl!r} cannot compute per block; set T5Config.attention_impl='dense'")
+    return x, {}, rotary
+
+
+def _spec(cfg: T5Config, impl: str, **fields) -> AttentionSpec:
+    return AttentionSpec(**fields, num_heads=cfg.num_heads, softcap=cfg.attention_logit_softcap, impl=impl,
+                         block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+
+
 def _final_norm(cfg: T5Config, name: str, x: jax.Array) -> jax.Array:
     """The stack's last norm; post-norm layers already end normalised, so they have none."""
     return x if cfg.norm_layout == "post" else registry.get("norm", cfg.norm)(cfg, name=name)(x)
@@ -152,12 +179,18 @@ class Encoder(nn.Module):
                  deterministic: bool = True, positions: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         length = tokens.shape[-1]
-        mask = make_attention_mask(tokens > 0, tokens > 0)  # [B, 1, L, L]
-        if segment_ids is not None:
-            mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
         x = self.token_embedder(tokens)
-        x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
-        bias = mask_to_bias(mask) if position_bias is None else mask_to_bias(mask) + position_bias  # [B, H, L, L]
+        impl = _attention_impl(cfg, length, deterministic)
+        if impl != "dense":  # masks and position bias computed per block by the attention core
+            x, position_fields, rotary = _per_block_positions(cfg, True, x, positions, length)
+            bias = _spec(cfg, impl, q_valid=tokens > 0, k_valid=tokens > 0, q_segments=segment_ids,
+                         k_segments=segment_ids, **position_fields)
+        else:
+            mask = make_attention_mask(tokens > 0, tokens > 0)  # [B, 1, L, L]
+            if segment_ids is not None:
+                mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
+            x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
+            bias = mask_to_bias(mask) if position_bias is None else mask_to_bias(mask) + position_bias  # [B, H, L, L]
 
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = _run_layers(self, EncoderLayer, cfg.num_encoder_layers, x, bias, rotary,
@@ -189,13 +222,61 @@ class Decoder(nn.Module):
                  decode_position: Optional[jax.Array] = None,
                  max_decode_length: Optional[int] = None,
                  decoder_key_valid: Optional[jax.Array] = None,
-                 decoder_positions: Optional[jax.Array] = None) -> jax.Array:
+                 decoder_positions: Optional[jax.Array] = None, return_hidden: bool = False,
+                 hidden: Optional[jax.Array] = None) -> jax.Array:
+        """Logits [B, T, V]; with `return_hidden` the final hidden states [B, T, D] instead; given `hidden`
+        only the output layer runs on it (a loss can then make the logits a chunk of tokens at a time)."""
+        if hidden is not None:
+            return self.logits(hidden)
         cfg = self.config
         length = decoder_input_tokens.shape[-1]
         prefix = decoder_causal_attention if cfg.decoder_only_prefix_lm else None
         stepping = decode and decode_position is not None
         # Without targets every decoder position counts as real (token 0 is also the start token).
         valid = decoder_target_tokens > 0 if decoder_target_tokens is not None and not stepping else None
+        longest = max(length, 0 if encoder_input_tokens is None else encoder_input_tokens.shape[-1])
+        impl = "dense" if stepping else _attention_impl(cfg, longest, deterministic)  # decoding steps: the cache
+        x = self.token_embedder(decoder_input_tokens)
+        if impl != "dense":
+            x, position_fields, rotary = _per_block_positions(cfg, False, x, decoder_positions, length)
+            self_bias = _spec(cfg, impl, q_valid=valid, k_valid=valid, q_segments=decoder_segment_ids,
+                              k_segments=decoder_segment_ids, q_prefix=prefix, k_prefix=prefix, causal=True,
+                              **position_fields)
+            cross_bias = None
+            if not self.decoder_only:
+                both = decoder_segment_ids is not None and encoder_segment_ids is not None
+                cross_bias = _spec(cfg, impl, q_valid=valid, k_valid=encoder_input_tokens > 0,
+                                   q_segments=decoder_segment_ids if both else None,
+                                   k_segments=encoder_segment_ids if both else None)
+        else:
+            x, self_bias, cross_bias, rotary = self._dense_biases(
+                x, stepping, length, valid, prefix, decode_position, max_decode_length, decoder_key_valid,
+                decoder_segment_ids, encoder_segment_ids, encoder_input_tokens, decoder_input_tokens,
+                decoder_positions)
+
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        x = _run_layers(self, DecoderLayer, cfg.num_decoder_layers, x, self_bias, rotary, encoded, cross_bias,
+                        decode_position, config=cfg, deterministic=deterministic,
+                        decoder_only=self.decoder_only, decode=decode, cache_length=max_decode_length)
+        x = _final_norm(cfg, "decoder_norm", x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final hidden states [..., D] -> float32 logits [..., V]."""
+        cfg = self.config
+        if cfg.logits_via_embedding:
+            # Tied embeddings: rescale so the logits keep unit-ish variance (T5 v1.0).
+            logits = self.token_embedder.attend(x * (cfg.emb_dim ** -0.5))
+        else:
+            logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32, name="logits_dense")(x)
+        return nn.with_logical_constraint(jnp.asarray(logits, jnp.float32), ("batch", "length", "vocab"))
+
+    def _dense_biases(self, x, stepping, length, valid, prefix, decode_position, max_decode_length,
+                      decoder_key_valid, decoder_segment_ids, encoder_segment_ids, encoder_input_tokens,
+                      decoder_input_tokens, decoder_positions):
+        """The dense path's [B, H, T, T or Lmax] self-attention and [B, 1, T, L] cross-attention biases."""
+        cfg = self.config
         if stepping:
             # Queries at decode_position + [0, length) against the whole cache [0, max_decode_length).
             q_pos = decode_position + jnp.arange(length)
@@ -214,7 +295,6 @@ class Decoder(nn.Module):
             if decoder_segment_ids is not None:
                 self_mask = jnp.logical_and(self_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
             key_length, query_offset = length, None
-        x = self.token_embedder(decoder_input_tokens)
         x, position_bias, rotary = _positions(cfg, bidirectional=False)(x, decoder_positions, key_length, query_offset)
         self_bias = mask_to_bias(self_mask)  # [B, H, T, T or Lmax]
         self_bias = self_bias if position_bias is None else self_bias + position_bias
@@ -226,19 +306,7 @@ class Decoder(nn.Module):
             if decoder_segment_ids is not None and encoder_segment_ids is not None:
                 cross_mask = jnp.logical_and(cross_mask, make_segment_mask(decoder_segment_ids, encoder_segment_ids))
             cross_bias = mask_to_bias(cross_mask)
-
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        x = _run_layers(self, DecoderLayer, cfg.num_decoder_layers, x, self_bias, rotary, encoded, cross_bias,
-                        decode_position, config=cfg, deterministic=deterministic,
-                        decoder_only=self.decoder_only, decode=decode, cache_length=max_decode_length)
-        x = _final_norm(cfg, "decoder_norm", x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-        if cfg.logits_via_embedding:
-            # Tied embeddings: rescale so the logits keep unit-ish variance (T5 v1.0).
-            logits = self.token_embedder.attend(x * (cfg.emb_dim ** -0.5))
-        else:
-            logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32, name="logits_dense")(x)
-        return nn.with_logical_constraint(jnp.asarray(logits, jnp.float32), ("batch", "length", "vocab"))
+        return x, self_bias, cross_bias, rotary
 
 
 class EncoderDecoder(nn.Module):
@@ -259,23 +327,28 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                encoder_segment_ids=None, decoder_segment_ids=None, enable_dropout=False, decode=False,
-               decode_position=None, max_decode_length=None, decoder_positions=None):
+               decode_position=None, max_decode_length=None, decoder_positions=None, return_hidden=False):
         """Decoder pass over `encoded` -> logits [B, T, V]; teacher-forced, or on a cache with `decode`."""
         return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, decoder_target_tokens,
                             encoder_segment_ids, decoder_segment_ids, deterministic=not enable_dropout,
                             decode=decode, decode_position=decode_position, max_decode_length=max_decode_length,
-                            decoder_positions=decoder_positions)
+                            decoder_positions=decoder_positions, return_hidden=return_hidden)
+
+    def logits_from_hidden(self, hidden):
+        """The output layer alone: final hidden states [..., D] (from return_hidden=True) -> logits [..., V]."""
+        return self.decoder(None, hidden=hidden)
 
     def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens=None,
                  encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
-                 decoder_positions=None, enable_dropout=False, **unused_features):
+                 decoder_positions=None, enable_dropout=False, return_hidden=False, **unused_features):
         """`*_positions` [B, L]: each token's position in its segment (packed rows restart at 0);
-        absent, positions are 0..L-1. Relative schemes only use offsets inside a segment."""
+        absent, positions are 0..L-1. Relative schemes only use offsets inside a segment.
+        `return_hidden`: the decoder's final hidden states [B, T, D] instead of the logits."""
         del unused_features
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, encoder_positions)
         return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
                            encoder_segment_ids, decoder_segment_ids, enable_dropout,
-                           decoder_positions=decoder_positions)
+                           decoder_positions=decoder_positions, return_hidden=return_hidden)
 
 
 class DecoderOnly(nn.Module):
@@ -290,7 +363,8 @@ class DecoderOnly(nn.Module):
 
     def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
                  decoder_positions=None, decoder_causal_attention=None, enable_dropout=False, decode=False,
-                 decode_position=None, max_decode_length=None, decoder_key_valid=None, **unused_features):
+                 decode_position=None, max_decode_length=None, decoder_key_valid=None, return_hidden=False,
+                 **unused_features):
         """`decoder_causal_attention` [B, T] marks the prefix (1) that attends bidirectionally.
 
         When decoding on a cache it covers all cache positions [B, max_decode_length], and
@@ -303,4 +377,8 @@ class DecoderOnly(nn.Module):
                             decoder_causal_attention=decoder_causal_attention,
                             deterministic=not enable_dropout, decode=decode, decode_position=decode_position,
                             max_decode_length=max_decode_length, decoder_key_valid=decoder_key_valid,
-                            decoder_positions=decoder_positions)
+                            decoder_positions=decoder_positions, return_hidden=return_hidden)
+
+    def logits_from_hidden(self, hidden):
+        """The output layer alone: final hidden states [..., D] -> logits [..., V]."""
+        return self.decoder(None, hidden=hidden)

@@ -11,10 +11,14 @@ A loss is a frozen dataclass (its fields are the settings) called on one (micro)
 them over microbatches and divides them by the weight sum (or a fixed loss_normalizing_factor) at
 the very end, so every loss microbatches and normalises exactly like cross-entropy. A loss whose
 `needs_teacher` is True gets the logits of a frozen teacher model (t5lite/train/teacher.py).
+
+A loss with a positive `logit_chunk` field (train.loss_kwargs={'logit_chunk': 2048}) is computed by
+`chunked_sums` from the decoder's final hidden states, `logit_chunk` tokens at a time: the [B, T, V]
+float32 logits and their gradient never exist whole (long inputs, large vocabularies).
 """
 
 import dataclasses
-from typing import ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +115,50 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, temperat
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Chunked over tokens: logits made and differentiated a chunk at a time.
+# ---------------------------------------------------------------------------------------------
+
+def chunked_sums(loss_fn: Callable, hidden: jax.Array, batch: Batch, head: Callable,
+                 teacher_logits: Optional[jax.Array] = None) -> Sums:
+    """`loss_fn`'s sums from hidden states [B, T, D] and the output layer `head` ([..., D] -> [..., V]),
+    `loss_fn.logit_chunk` tokens at a time: a scan over token chunks whose body is under jax.checkpoint,
+    so the backward pass recomputes each chunk's [chunk, V] logits instead of keeping [B, T, V] alive.
+    Every loss here is a sum over tokens, so chunk sums add up to the unchunked sums."""
+    chunk = loss_fn.logit_chunk
+    n = hidden.shape[0] * hidden.shape[1]
+    count = -(-n // chunk)
+
+    def pieces(x):  # [B, T, ...] -> [count, 1, chunk, ...], zero-padded (padding has weight 0)
+        x = x.reshape((n,) + x.shape[2:])
+        x = jnp.pad(x, [(0, count * chunk - n)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape((count, 1, chunk) + x.shape[1:])
+
+    xs = dict(hidden=pieces(hidden), decoder_target_tokens=pieces(batch["decoder_target_tokens"]),
+              decoder_loss_weights=pieces(loss_weights(batch).astype(jnp.float32)))
+    if teacher_logits is not None:  # the teacher's logits are an input (no gradient): chunked, not recomputed
+        xs["teacher"] = pieces(teacher_logits)
+
+    @jax.checkpoint
+    def one(piece):
+        logits = head(piece["hidden"])  # [1, chunk, V] float32
+        return loss_fn(logits, {k: piece[k] for k in ("decoder_target_tokens", "decoder_loss_weights")},
+                       piece.get("teacher"))
+
+    def body(total, piece):
+        return jax.tree.map(jnp.add, total, one(piece)), None
+
+    shapes = jax.eval_shape(one, jax.tree.map(lambda x: x[0], xs))
+    total, _ = jax.lax.scan(body, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), xs)
+    return total
+
+
+def _check_chunk(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"train.loss_kwargs['logit_chunk'] must be a whole number of tokens >= 0 (0: unchunked), "
+                        f"got {value!r}")
+
+
 def make(name: str, settings: Optional[dict] = None, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
     """The loss registered as `name`, built with `settings` (train.loss_kwargs) and, when it has those
     fields, train.z_loss / train.label_smoothing. Unknown names and settings are one-line UserErrors."""
@@ -143,7 +191,11 @@ class CrossEntropy:
 
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    logit_chunk: int = 0  # > 0: logits made `logit_chunk` tokens at a time (chunked_sums)
     needs_teacher: ClassVar[bool] = False
+
+    def __post_init__(self):
+        _check_chunk(self.logit_chunk)
 
     def __call__(self, logits: jax.Array, batch: Batch, teacher_logits: Optional[jax.Array] = None) -> Sums:
         return cross_entropy_sums(logits, batch["decoder_target_tokens"], loss_weights(batch), z_loss=self.z_loss,
@@ -167,9 +219,11 @@ class Distillation:
     temperature: float = 1.0
     z_loss: float = 0.0
     label_smoothing: float = 0.0
+    logit_chunk: int = 0  # > 0: the student's logits a chunk at a time (the teacher's stay whole: no gradient)
     needs_teacher: ClassVar[bool] = True
 
     def __post_init__(self):
+        _check_chunk(self.logit_chunk)
         _check("alpha", self.alpha, 0.0, 1.0)
         _check("temperature", self.temperature, 0.0, float("inf"), low_open=True)
 

@@ -75,9 +75,15 @@ def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Mod
             {"params": teacher_params}, **_model_features(batch), enable_dropout=False))  # [B, T, V]
 
     def objective(p):
-        logits, aux = _apply_with_aux(model, p, batch, enable_dropout=True,
-                                      rngs={"dropout": dropout_rng})  # [B, T, V] float32
-        sums = loss_fn(logits, batch, teacher_logits)
+        if getattr(loss_fn, "logit_chunk", 0):  # the output layer runs inside the loss, a chunk of tokens at a time
+            hidden, aux = _apply_with_aux(model, p, batch, enable_dropout=True, rngs={"dropout": dropout_rng},
+                                          return_hidden=True)  # [B, T, D]
+            head = lambda h: model.apply({"params": p}, h, method="logits_from_hidden")  # noqa: E731
+            sums = losses.chunked_sums(loss_fn, hidden, batch, head, teacher_logits)
+        else:
+            logits, aux = _apply_with_aux(model, p, batch, enable_dropout=True,
+                                          rngs={"dropout": dropout_rng})  # [B, T, V] float32
+            sums = loss_fn(logits, batch, teacher_logits)
         if aux:
             aux = {k: v * sums["weight_sum"] for k, v in aux.items()}
             sums = {**sums, "loss": sums["loss"] + aux[AUX_LOSS], **aux}

@@ -182,3 +182,26 @@ def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
     ours, scores = generate(cfg, params, enc, max_decode_length=12, method="beam", num_beams=3, length_penalty=0.6)
     np.testing.assert_array_equal(_normalise(np.asarray(ours), 12), _normalise(ref, 12))
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-4)
+
+
+# --- presets: parameter counts equal HF's models of the same config.json (built on the meta device) ---
+
+FAMILY_PRESETS = ["umt5_small", "umt5_base", "umt5_xl", "umt5_xxl", "switch_base_8", "switch_base_16",
+                  "switch_base_32", "switch_base_64", "switch_base_128", "switch_large_128"]
+
+
+@pytest.mark.parametrize("name", FAMILY_PRESETS)
+def test_preset_parameter_counts_equal_hf(name):
+    from t5lite.convert.hf import config_to_hf
+    from t5lite.model import abstract_params, count_params, get_config
+
+    cfg = get_config(name)
+    hf_cfg = config_to_hf(cfg)  # also checks that to-hf can write the preset
+    kind = "umt5" if hf_cfg["model_type"] == "umt5" else "switch"
+    config_cls, model_cls = _classes(kind)
+    with torch.device("meta"):  # shapes only: xxl's 13B weights are never allocated
+        model = model_cls(config_cls(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "model_type")}))
+    count = sum(p.numel() for p in model.parameters())  # tied tensors once
+    if model.lm_head.weight is model.shared.weight and not cfg.logits_via_embedding:
+        count += model.lm_head.weight.numel()  # transformers 5 ties UMT5's head in memory; the checkpoints do not
+    assert count_params(abstract_params(cfg)) == count

@@ -225,9 +225,10 @@ PRESETS = {
     "modern_base": dict(_MODERN, num_kv_heads=4, **_V1_1_SIZES["base"]),
     # google/umt5-{small,base,xl,xxl} config.json (small and base read there; xl / xxl share mT5's shapes).
     **{f"umt5_{k}": dict(_UMT5, **_V1_1_SIZES[k]) for k in ("small", "base", "xl", "xxl")},
-    # google/switch-base-{8,...,128} and switch-large-128 config.json.
+    # google/switch-base-{8,...,128} config.json; switch-large-128 on T5 v1.0 large (d_ff 4096), 26.2B parameters
+    # as its model card says.
     **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_size(768, 12, 64, 3072, 12)) for e in (8, 16, 32, 64, 128)},
-    "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 2816, 24)),
+    "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 4096, 24)),
 }
 
 

@@ -205,3 +205,86 @@ def test_preset_parameter_counts_equal_hf(name):
     if model.lm_head.weight is model.shared.weight and not cfg.logits_via_embedding:
         count += model.lm_head.weight.numel()  # transformers 5 ties UMT5's head in memory; the checkpoints do not
     assert count_params(abstract_params(cfg)) == count
+
+
+# --- Switch routing, by hand -------------------------------------------------------------------
+
+
+def test_switch_router_matches_hf_on_a_hand_checked_row():
+    """One row of 5 tokens, 2 experts of 2 slots. The router's logits are the tokens themselves, so tokens
+    0, 1, 2 and 4 choose expert 0 and token 3 expert 1; expert 0 is full after tokens 0 and 1, so 2 and 4
+    are dropped (zero MLP output: the residual carries them). Experts: relu(x) and relu(2x)."""
+    from t5lite.model import T5Config
+    from t5lite.model.moe import MoeMlp, dispatch_and_combine
+
+    x = np.array([[[3.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 2.0], [4.0, 0.0]]], np.float32)  # [1, 5, 2]
+    eye = np.eye(2, dtype=np.float32)
+    p = lambda a, b: np.exp(a) / (np.exp(a) + np.exp(b))  # noqa: E731
+    expected = np.array([[p(3, 0) * 3, 0], [p(2, 0) * 2, 0], [0, 0], [0, p(2, 0) * 4], [0, 0]], np.float32)
+
+    hf_cfg = transformers.SwitchTransformersConfig(d_model=2, d_ff=2, num_experts=2, expert_capacity=2,
+                                                   router_jitter_noise=0.0, dense_act_fn="relu", dropout_rate=0.0)
+    hf = transformers.models.switch_transformers.modeling_switch_transformers.SwitchTransformersSparseMLP(hf_cfg)
+    with torch.no_grad():
+        hf.router.classifier.weight.copy_(torch.tensor(eye))
+        for e, scale in enumerate((1.0, 2.0)):
+            hf.experts[f"expert_{e}"].wi.weight.copy_(torch.tensor(scale * eye))
+            hf.experts[f"expert_{e}"].wo.weight.copy_(torch.tensor(eye))
+        hf_index, hf_probs, hf_logits_ = hf.router(torch.tensor(x))
+        hf_out = hf(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(hf_out[0], expected, rtol=1e-6)  # the hand-checked values hold for HF
+
+    cfg = T5Config(emb_dim=2, mlp_dim=2, mlp_activations=("relu",), mlp="moe", num_experts=2, expert_capacity=2)
+    params = {"router": {"kernel": eye}, "expert": {"wi": {"kernel": np.stack([eye, 2 * eye])},
+                                                    "wo": {"kernel": np.stack([eye, eye])}}}
+    out, state = MoeMlp(cfg).apply({"params": params}, x, True, capture_intermediates=True, mutable=["aux_loss"])
+    logits = np.asarray(state["intermediates"]["router"]["__call__"][0])  # t5lite's router logits [1, 5, E]
+    out = np.asarray(out)
+    np.testing.assert_allclose(out, hf_out, rtol=1e-6, atol=1e-7)  # outputs, dropped tokens included
+    assert not out[0, 2].any() and not out[0, 4].any()
+
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    np.testing.assert_allclose(hf_logits_.numpy(), logits, rtol=1e-6)
+    np.testing.assert_allclose(hf_probs.numpy()[..., 0], probs.max(-1), rtol=1e-6)  # the gate: top probability
+    expert = np.argmax(probs, -1)[..., None]  # [1, 5, 1]
+    dispatch, _ = dispatch_and_combine(jax.numpy.asarray(expert), jax.numpy.asarray(probs.max(-1, keepdims=True)),
+                                       2, 2)  # [1, 5, E, C]
+    np.testing.assert_array_equal(np.asarray(dispatch).sum(-1), hf_index.numpy())  # kept (token, expert) pairs
+    np.testing.assert_array_equal(hf_index.numpy()[0], [[1, 0], [1, 0], [0, 0], [0, 1], [0, 0]])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(experts_per_token=2), "experts_per_token=2"),
+    (dict(expert_capacity=None), "expert_capacity=None"),
+    (dict(moe_first_layer=0), "moe_first_layer=0"),
+    (dict(relative_attention_per_layer=True), "relative_attention_per_layer=True with mlp='moe'"),
+])
+def test_to_hf_refuses_what_switch_cannot_represent_in_one_line(overrides, message, tmp_path):
+    from t5lite.errors import UserError
+    from t5lite.model import get_config
+
+    cfg = get_config("tiny", mlp="moe", mlp_activations=("relu",), moe_every=2, moe_first_layer=1, num_experts=2,
+                     expert_capacity=4).replace(**overrides)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as err:
+        to_hf(cfg, init_params(cfg, jax.random.key(0)), str(tmp_path / "out"))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_file,extra", [("umt5_small", ["--gin.T5Config.scan_layers=True"]),
+                                              ("switch_base_8", [])])
+def test_train_two_steps_from_the_cli(model_file, extra, tmp_path):
+    """`t5lite train` with the family's models/ gin file (shrunk by tiny.gin, which keeps the family's fields)."""
+    import json
+    from t5lite.cli import main
+
+    model_dir = tmp_path / "run"
+    assert main(["train", "--gin_file=experiments/demo/pretrain.gin", f"--gin_file=experiments/models/{model_file}.gin",
+                 "--gin_file=experiments/models/tiny.gin", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+                 "--gin.TRAIN_STEPS=2", "--gin.train.log_period=1", "--gin.train.progress='off'",
+                 f"--model_dir={model_dir}", *extra]) == 0
+    saved = (model_dir / "config.gin").read_text()
+    family_lines = (["T5Config.relative_attention_per_layer = True"] if model_file.startswith("umt5")
+                    else ["T5Config.mlp = 'moe'", "T5Config.moe_first_layer = 1", "T5Config.expert_capacity = 64"])
+    assert all(line in saved for line in family_lines)
+    losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -288,3 +288,20 @@ def test_train_two_steps_from_the_cli(model_file, extra, tmp_path):
     assert all(line in saved for line in family_lines)
     losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("overrides", [dict(relative_attention_per_layer=True),
+                                       dict(mlp="moe", mlp_activations=("relu",), moe_every=2, moe_first_layer=1,
+                                            num_experts=3, expert_capacity=3)], ids=["umt5", "switch"])
+def test_lora_card_on_the_family(overrides):
+    """A fresh LoRA card leaves a tiny UMT5 / Switch bit-identical; a trained one changes its logits."""
+    from t5lite.model import get_config, lora
+    from tests.test_lora import _card, _logits, _params
+
+    config = get_config("tiny", **overrides)
+    spec = lora.LoraConfig(rank=2, targets=("q", "v", "wi", "wo"))
+    params = _params(config)
+    fresh = jax.jit(lambda k: lora.init_card(config, spec, k))(jax.random.key(1))
+    base = _logits(config, params)
+    np.testing.assert_array_equal(_logits(config, params, fresh, spec), base)
+    assert np.abs(_logits(config, params, _card(config, spec, 2), spec) - base).max() > 1e-3

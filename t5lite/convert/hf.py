@@ -47,6 +47,7 @@ Mapping = Tuple[str, Union[str, Tuple[str, ...]], Callable[[np.ndarray], np.ndar
                 Callable[[np.ndarray], np.ndarray]]
 MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "umt5": "UMT5ForConditionalGeneration",
                   "switch_transformers": "SwitchTransformersForConditionalGeneration"}
+_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers"}
 
 
 def family(cfg: T5Config) -> str:
@@ -235,7 +236,7 @@ def check_hf_representable(cfg: T5Config) -> None:
     if cfg.mlp == "moe":
         unsupported += _switch_unsupported(cfg)
     if unsupported:
-        raise UserError(f"HF transformers' {MODEL_CLASSES[family(cfg)]} cannot represent {', '.join(unsupported)}; "
+        raise UserError(f"HF transformers' {_FAMILY_NAMES[family(cfg)]} cannot represent {', '.join(unsupported)}; "
                         "only T5's architecture (relative position bias, multi-head attention, pre-RMSNorm), with "
                         "Switch's top-1 MoE or UMT5's per-layer bias, converts")
 

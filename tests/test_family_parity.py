@@ -157,6 +157,7 @@ def _normalise(tokens, length):
     return np.where(after, 0, tokens)
 
 
+@pytest.mark.slow  # 30-40 s each on 2 cores (two decoders compiled per framework); in make test, not test-fast
 @pytest.mark.parametrize("kind", sorted(GEN))
 def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
     spec = dict(GEN[kind])

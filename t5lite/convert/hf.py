@@ -133,7 +133,8 @@ def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
     if missing:
         raise UserError(f"config.json lacks {', '.join(missing)}; it is not a complete HF {model_type} config")
     # Switch's MLPs are never gated and read dense_act_fn; the others read feed_forward_proj.
-    proj = hf.get("dense_act_fn", "relu") if model_type == "switch_transformers" else hf.get("feed_forward_proj", "relu")
+    proj_key = "dense_act_fn" if model_type == "switch_transformers" else "feed_forward_proj"
+    proj = hf.get(proj_key, "relu")
     if proj not in _HF_TO_ACTIVATIONS or (model_type == "switch_transformers" and proj.startswith("gated")):
         raise UserError(f"unsupported activation {proj!r} for {model_type}; supported: {', '.join(_HF_TO_ACTIVATIONS)}")
     if model_type == "umt5":

@@ -89,7 +89,8 @@ class MoeMlp(nn.Module):
             router_input = router_input * jax.random.uniform(self.make_rng("dropout"), router_input.shape,
                                                              jnp.float32, 1.0 - eps, 1.0 + eps)
         router_logits = DenseGeneral(num_experts, ("embed", "expert"), dtype=jnp.float32,
-                                     kernel_init=nn.initializers.normal(stddev=2e-2), name="router")(router_input)  # [B, S, E]
+                                     kernel_init=nn.initializers.normal(stddev=2e-2),
+                                     name="router")(router_input)  # [B, S, E]
         router_probs = jax.nn.softmax(router_logits, axis=-1)
         top_probs, expert_index = jax.lax.top_k(router_probs, k)  # [B, S, k]
         gates = top_probs if k == 1 else top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)

@@ -306,3 +306,25 @@ def test_lora_card_on_the_family(overrides):
     base = _logits(config, params)
     np.testing.assert_array_equal(_logits(config, params, fresh, spec), base)
     assert np.abs(_logits(config, params, _card(config, spec, 2), spec) - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mlp="moe", mlp_activations=("relu",), moe_every=2, moe_first_layer=1, num_experts=3, expert_capacity=3,
+         num_encoder_layers=4, num_decoder_layers=4),
+    dict(relative_attention_per_layer=True, num_encoder_layers=3, num_decoder_layers=3)], ids=["switch", "umt5"])
+def test_scanned_layout_gives_the_same_logits_and_converts(overrides, tmp_path):
+    """scan_layers stacks Switch's (dense, MoE) blocks and UMT5's per-layer tables; to-hf unstacks them exactly."""
+    from t5lite.model import get_config, scan_params
+
+    cfg = get_config("tiny", **overrides)
+    params = init_params(cfg, jax.random.key(0))
+    scanned_cfg = cfg.replace(scan_layers=True)
+    scanned = scan_params(params, scanned_cfg.layers_per_scan_block)
+    enc, dec_in, targets = random_batch(np.random.default_rng(2), cfg.vocab_size, [12, 5], [4, 2], 12, 4)
+    np.testing.assert_allclose(_ours(scanned_cfg, scanned, enc, dec_in, targets), _ours(cfg, params, enc, dec_in, targets),
+                               atol=1e-5)
+    to_hf(scanned_cfg, scanned, str(tmp_path / "out"))
+    cfg2, params2 = from_hf(str(tmp_path / "out"))
+    assert cfg2 == cfg
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), b)

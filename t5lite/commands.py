@@ -243,8 +243,8 @@ def convert_from_hf(args) -> None:
 
 
 def convert_to_hf(args) -> None:
-    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5."""
-    from t5lite.convert.hf import to_hf
+    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5 / UMT5 / Switch."""
+    from t5lite.convert.hf import MODEL_CLASSES, family, to_hf
     from t5lite.train.checkpoint import (
         decoder_only_of,
         is_params_checkpoint,
@@ -264,7 +264,8 @@ def convert_to_hf(args) -> None:
             raise UserError(f"{args.checkpoint} holds a decoder-only model; HF's T5 is an encoder-decoder, so it "
                             "has no HF T5 form")
     to_hf(config, params, args.out)
-    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
+    print(f"wrote HF {family(config)} checkpoint {args.out} (load with "
+          f"{MODEL_CLASSES[family(config)]}.from_pretrained)")
 
 
 def distill_make_data(args) -> None:

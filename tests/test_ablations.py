@@ -279,12 +279,13 @@ def test_invalid_variant_values_fail_in_one_line_naming_the_choices(overrides, m
     (dict(attention_logit_softcap=50.0), "attention_logit_softcap=50.0"),
     (dict(norm="layer_norm"), "norm='layer_norm'"),
     (dict(norm_layout="sandwich"), "norm_layout='sandwich'"),
-    (dict(mlp="moe"), "mlp='moe'"),
+    (dict(mlp="moe"), "expert_capacity=None"),  # an MoE converts as Switch Transformers when HF's Switch holds it
     (dict(position_scheme="alibi", num_kv_heads=1), "position_scheme='alibi', num_kv_heads=1"),
 ])
 def test_hf_conversion_refuses_what_hf_t5_cannot_represent(tmp_path, overrides, named):
     from t5lite.convert.hf import to_hf
     cfg = get_config("tiny", **overrides)
-    with pytest.raises(UserError, match="HF transformers' T5 cannot represent " + named.replace("(", r"\(")) as error:
+    family = "Switch Transformers" if overrides.get("mlp") == "moe" else "T5"
+    with pytest.raises(UserError, match=f"HF transformers' {family} cannot represent " + named.replace("(", r"\(")) as error:
         to_hf(cfg, {}, str(tmp_path / "hf"))
     assert "\n" not in str(error.value) and not (tmp_path / "hf").exists()

@@ -55,10 +55,14 @@ def _write_weights(model: str, overrides: dict, directory: str, with_hf: bool, s
     variant) and, for the HF side, the same weights as an HF T5 checkpoint. -> their paths."""
     import jax
 
-    from t5lite.convert.hf import to_hf
+    from t5lite.convert.hf import family, to_hf
+    from t5lite.errors import UserError
     from t5lite.model import get_config, init_params
     from t5lite.train.checkpoint import save_params
     config = get_config(model, **overrides)
+    if with_hf and family(config) != "t5":  # the HF side runs T5ForConditionalGeneration
+        raise UserError(f"the HF side of the benchmark is HF's T5; {model} is a {family(config)} model: "
+                        "benchmark it without the HF comparison (decode --no_hf, train without --with_hf)")
     params = init_params(config, jax.random.key(seed))
     paths = {"t5lite": os.path.join(directory, "t5lite")}
     save_params(paths["t5lite"], config, params)

@@ -1,4 +1,4 @@
-"""HF transformers T5 <-> t5lite, both directions, with NumPy only (no torch needed).
+"""HF transformers T5 / mT5 / UMT5 / Switch Transformers <-> t5lite, both directions, NumPy only.
 
 HF layout facts this relies on: linear weights are (out, in); the relative attention bias
 [buckets, heads] lives only in block 0 of each stack; the decoder block has layer.0 self-
@@ -6,11 +6,20 @@ attention, layer.1 cross-attention, layer.2 MLP. Tied (v1.0) checkpoints have no
 `lm_head.weight` and scale the decoder output by d_model**-0.5; v1.1 ones store a separate
 `lm_head.weight` and do not scale (transformers 5 writes `scale_decoder_outputs: false`,
 transformers 4 `tie_word_embeddings: false`).
+
+UMT5 differs in one place: every block's self-attention has its own relative_attention_bias
+(t5lite: `relative_attention_per_layer`). transformers 5 forces UMT5's tie_word_embeddings to
+true and then scales the logits even of untied checkpoints; the published umt5 checkpoints are
+untied and were trained unscaled (T5X, transformers 4), so a distinct lm_head.weight reads as
+untied and unscaled here. Switch Transformers: T5 v1.0 blocks whose MLP in every
+`sparse_step`-th layer (i % step == 1) is a top-1 MoE, `layer.N.mlp.router.classifier` and
+`layer.N.mlp.experts.expert_e.{wi,wo}` (dense layers: `layer.N.mlp.{wi,wo}`), with a fixed
+`expert_capacity` per row (t5lite/model/moe.py).
 """
 
 import json
 import os
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
@@ -32,8 +41,18 @@ _ACTIVATIONS_TO_HF = {
     ("silu",): "silu", ("swish",): "silu", ("silu", "linear"): "gated-silu", ("swish", "linear"): "gated-silu",
 }
 
-# (t5lite path, HF key, HF array -> t5lite array, t5lite array -> HF array)
-Mapping = Tuple[str, str, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+# (t5lite path, HF key, HF array -> t5lite array, t5lite array -> HF array). A tuple of HF keys maps
+# to the slices of a t5lite array's leading axis (one HF tensor per expert).
+Mapping = Tuple[str, Union[str, Tuple[str, ...]], Callable[[np.ndarray], np.ndarray],
+                Callable[[np.ndarray], np.ndarray]]
+MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "umt5": "UMT5ForConditionalGeneration",
+                  "switch_transformers": "SwitchTransformersForConditionalGeneration"}
+_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers"}
+
+
+def family(cfg: T5Config) -> str:
+    """The HF model_type that holds `cfg`: switch_transformers (MoE MLPs), umt5 (bias per layer) or t5."""
+    return "switch_transformers" if cfg.mlp == "moe" else "umt5" if cfg.relative_attention_per_layer else "t5"
 
 
 def _same(x):
@@ -52,17 +71,30 @@ def _attention_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
     return maps
 
 
-def _mlp_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
+def _mlp_maps(t5: str, hf: str, cfg: T5Config, index: int) -> List[Mapping]:
     names = ["wi"] if len(cfg.mlp_activations) == 1 else [f"wi_{i}" for i in range(len(cfg.mlp_activations))]
-    return [(f"{t5}/{n}/kernel", f"{hf}.{n}.weight", np.transpose, np.transpose) for n in names + ["wo"]]
+    if cfg.mlp != "moe":
+        return [(f"{t5}/{n}/kernel", f"{hf}.DenseReluDense.{n}.weight", np.transpose, np.transpose)
+                for n in names + ["wo"]]
+    if cfg.mlp_of_layer(index) != "moe":  # Switch's dense layers
+        return [(f"{t5}/{n}/kernel", f"{hf}.mlp.{n}.weight", np.transpose, np.transpose) for n in names + ["wo"]]
+    # router [D, E] <-> (E, D); experts [E, D, F] <-> E x (F, D)
+    maps: List[Mapping] = [(f"{t5}/router/kernel", f"{hf}.mlp.router.classifier.weight", np.transpose, np.transpose)]
+    for n in names + ["wo"]:
+        keys = tuple(f"{hf}.mlp.experts.expert_{e}.{n}.weight" for e in range(cfg.num_experts))
+        maps.append((f"{t5}/expert/{n}/kernel", keys, np.transpose, np.transpose))
+    return maps
 
 
 def parameter_map(cfg: T5Config) -> List[Mapping]:
     """Every parameter of an (unscanned) t5lite EncoderDecoder and its HF counterpart."""
     maps: List[Mapping] = [("token_embedder/embedding", "shared.weight", _same, _same)]
     for stack, n_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
-        maps.append((f"{stack}/relpos_bias/rel_embedding",
-                     f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", np.transpose, np.transpose))
+        for i in range(n_layers if cfg.relative_attention_per_layer else 1):
+            ours = f"{stack}/layers_{i}/relpos_bias" if cfg.relative_attention_per_layer else f"{stack}/relpos_bias"
+            maps.append((f"{ours}/rel_embedding",
+                         f"{stack}.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight",
+                         np.transpose, np.transpose))
         for i in range(n_layers):
             t5, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
             if stack == "encoder":
@@ -76,7 +108,7 @@ def parameter_map(cfg: T5Config) -> List[Mapping]:
                 maps += _attention_maps(f"{t5}/encoder_decoder_attention", f"{hf}.1.EncDecAttention", cfg)
                 mlp = 2
             maps.append((f"{t5}/pre_mlp_layer_norm/scale", f"{hf}.{mlp}.layer_norm.weight", _same, _same))
-            maps += _mlp_maps(f"{t5}/mlp", f"{hf}.{mlp}.DenseReluDense", cfg)
+            maps += _mlp_maps(f"{t5}/mlp", f"{hf}.{mlp}", cfg, i)
         maps.append((f"{stack}/{stack}_norm/scale", f"{stack}.final_layer_norm.weight", _same, _same))
     if not cfg.logits_via_embedding:
         maps.append(("decoder/logits_dense/kernel", "lm_head.weight", np.transpose, np.transpose))
@@ -92,31 +124,58 @@ def _read_json(path: str) -> dict:
 
 
 def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
-    """T5Config from an HF config.json dict (transformers 4 or 5)."""
-    if not isinstance(hf, dict) or hf.get("model_type") not in ("t5", "mt5"):
-        raise UserError(f"config.json has model_type {(hf or {}).get('model_type') if isinstance(hf, dict) else None!r}, "
-                        "expected 't5' or 'mt5'")
-    proj = hf.get("feed_forward_proj", "relu")
-    if proj not in _HF_TO_ACTIVATIONS:
-        raise UserError(f"unsupported feed_forward_proj {proj!r}; supported: {', '.join(_HF_TO_ACTIVATIONS)}")
-    if "scale_decoder_outputs" in hf:
+    """T5Config from an HF config.json dict (transformers 4 or 5) of a t5, mt5, umt5 or switch_transformers model."""
+    model_type = hf.get("model_type") if isinstance(hf, dict) else None
+    if model_type not in ("t5", "mt5", "umt5", "switch_transformers"):
+        raise UserError(f"config.json has model_type {model_type!r}, expected 't5', 'mt5', 'umt5' or "
+                        "'switch_transformers'")
+    missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
+    if missing:
+        raise UserError(f"config.json lacks {', '.join(missing)}; it is not a complete HF {model_type} config")
+    # Switch's MLPs are never gated and read dense_act_fn; the others read feed_forward_proj.
+    proj_key = "dense_act_fn" if model_type == "switch_transformers" else "feed_forward_proj"
+    proj = hf.get(proj_key, "relu")
+    if proj not in _HF_TO_ACTIVATIONS or (model_type == "switch_transformers" and proj.startswith("gated")):
+        raise UserError(f"unsupported activation {proj!r} for {model_type}; supported: {', '.join(_HF_TO_ACTIVATIONS)}")
+    if model_type == "umt5":
+        scale = not has_separate_lm_head and hf.get("tie_word_embeddings", True) is not False  # see the docstring
+    elif "scale_decoder_outputs" in hf:
         scale = bool(hf["scale_decoder_outputs"])
     else:
         scale = hf.get("tie_word_embeddings", True) is not False
     if scale and has_separate_lm_head:
         raise UserError("checkpoint has a separate lm_head.weight but scales decoder outputs; t5lite supports "
                         "tied+scaled (v1.0) or untied+unscaled (v1.1) logits only")
-    missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
-    if missing:
-        raise UserError(f"config.json lacks {', '.join(missing)}; it is not a complete HF T5 config")
-    return T5Config(
+    fields = dict(
         vocab_size=hf["vocab_size"], emb_dim=hf["d_model"], num_heads=hf["num_heads"], head_dim=hf["d_kv"],
         mlp_dim=hf["d_ff"], num_encoder_layers=hf["num_layers"],
         num_decoder_layers=hf.get("num_decoder_layers") or hf["num_layers"],
         mlp_activations=_HF_TO_ACTIVATIONS[proj], logits_via_embedding=scale,
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+        relative_attention_per_layer=model_type == "umt5",
         dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
+    if model_type == "switch_transformers":
+        fields.update(_switch_fields(hf, fields["num_encoder_layers"], fields["num_decoder_layers"]))
+    return T5Config(**fields)
+
+
+def _switch_fields(hf: dict, enc_layers: int, dec_layers: int) -> dict:
+    """The MoE fields of a Switch config.json (HF's layer rule: sparse when i % step == 1, or every layer)."""
+    steps = []
+    for sparse, layers in ((hf.get("num_sparse_encoder_layers", 3), enc_layers),
+                           (hf.get("num_sparse_decoder_layers", 3), dec_layers)):
+        steps.append(layers // sparse if sparse > 0 else 0)
+    if steps[0] != steps[1] or steps[0] == 0:
+        raise UserError(f"Switch checkpoint has sparse steps {steps[0]} (encoder) and {steps[1]} (decoder); t5lite "
+                        "converts checkpoints whose two stacks both have MoE layers at the same step")
+    if hf.get("router_bias", False):
+        raise UserError("Switch checkpoint has router_bias=true; t5lite's router has no bias")
+    return dict(mlp="moe", moe_every=steps[0], moe_first_layer=1 % steps[0], num_experts=hf.get("num_experts", 8),
+                experts_per_token=1, expert_capacity=hf.get("expert_capacity", 64),
+                router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+                moe_load_balancing_weight=float(hf.get("router_aux_loss_coef", 0.001)),
+                moe_router_z_loss_weight=float(hf.get("router_z_loss_coef", 0.001)))
 
 
 def _flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
@@ -128,13 +187,17 @@ def _flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
 
 
 def from_hf(path: str) -> Tuple[T5Config, dict]:
-    """Reads an HF T5 directory (config.json + model.safetensors, or a sharded index) -> (config, params)."""
+    """Reads an HF T5 / mT5 / UMT5 / Switch directory (config.json + model.safetensors, or a sharded index)
+    -> (config, params)."""
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path} is not an HF T5 checkpoint directory (expected config.json and model.safetensors)")
     hf_cfg = _read_json(os.path.join(path, "config.json"))
     tensors = read_safetensors(path)
     lm_head = tensors.get("lm_head.weight")
     separate_head = lm_head is not None and not np.array_equal(lm_head, tensors.get("shared.weight"))
+    for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):  # transformers 5, Switch untied
+        if key in tensors and not np.array_equal(tensors[key], tensors.get("shared.weight")):
+            raise UserError(f"{path}: {key} differs from shared.weight; t5lite's stacks share one input embedding")
     cfg = config_from_hf(hf_cfg, separate_head)
     if not cfg.logits_via_embedding and lm_head is None:
         # Unscaled logits through the shared embedding: an untied head that starts equal to it.
@@ -143,39 +206,67 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
     expected = param_shapes(abstract_params(cfg))
     flat = {}
     for ours, theirs, to_t5, _ in parameter_map(cfg):
-        if tensors.get(theirs) is None:
-            raise UserError(f"{path}: tensor {theirs!r} is missing; the checkpoint does not match its config.json")
-        value = to_t5(np.asarray(tensors[theirs], np.float32))
+        keys = (theirs,) if isinstance(theirs, str) else theirs
+        for key in keys:
+            if tensors.get(key) is None:
+                raise UserError(f"{path}: tensor {key!r} is missing; the checkpoint does not match its config.json")
+        parts = [to_t5(np.asarray(tensors[key], np.float32)) for key in keys]
+        value = parts[0] if isinstance(theirs, str) else np.stack(parts)  # experts: [E, ...]
         if list(value.shape) != expected[ours]:
-            raise UserError(f"{path}: tensor {theirs!r} has shape {tuple(tensors[theirs].shape)}, which does not "
+            raise UserError(f"{path}: tensor {keys[0]!r} has shape {tuple(tensors[keys[0]].shape)}, which does not "
                             f"match config.json (t5lite expects {tuple(expected[ours])} for {ours})")
         flat[ours] = np.ascontiguousarray(value)
     return cfg, nest_paths(flat)
 
 
-# Ablation fields and the only value of each that HF's T5 has (T5ForConditionalGeneration).
+# Ablation fields and the only value of each that HF's T5 family has.
 _HF_T5_ARCHITECTURE = dict(position_scheme="t5_relative_bias", attention="multi_head", qk_norm=False,
-                           attention_logit_softcap=None, norm="rms_norm", norm_layout="pre", mlp="dense")
+                           attention_logit_softcap=None, norm="rms_norm", norm_layout="pre")
 
 
 def check_hf_representable(cfg: T5Config) -> None:
-    """One-line UserError naming every setting of `cfg` that HF's T5 cannot represent."""
+    """One-line UserError naming every setting of `cfg` that HF's T5 / UMT5 / Switch cannot represent."""
     unsupported = [f"{name}={getattr(cfg, name)!r}" for name, value in _HF_T5_ARCHITECTURE.items()
                    if getattr(cfg, name) != value]
     if cfg.kv_heads != cfg.num_heads:
         unsupported.append(f"num_kv_heads={cfg.num_kv_heads} (grouped-query attention)")
     if cfg.mlp_activations not in _ACTIVATIONS_TO_HF:
         unsupported.append(f"mlp_activations={cfg.mlp_activations}")
+    if cfg.mlp not in ("dense", "moe"):
+        unsupported.append(f"mlp={cfg.mlp!r}")
+    if cfg.mlp == "moe":
+        unsupported += _switch_unsupported(cfg)
     if unsupported:
-        raise UserError(f"HF transformers' T5 cannot represent {', '.join(unsupported)}; only models with T5's "
-                        "architecture (relative position bias, multi-head attention, pre-RMSNorm, dense MLP) convert")
+        raise UserError(f"HF transformers' {_FAMILY_NAMES[family(cfg)]} cannot represent {', '.join(unsupported)}; "
+                        "only T5's architecture (relative position bias, multi-head attention, pre-RMSNorm), with "
+                        "Switch's top-1 MoE or UMT5's per-layer bias, converts")
+
+
+def _switch_unsupported(cfg: T5Config) -> List[str]:
+    out = []
+    if cfg.relative_attention_per_layer:
+        out.append("relative_attention_per_layer=True with mlp='moe'")
+    if len(cfg.mlp_activations) != 1:
+        out.append(f"gated MoE activations {cfg.mlp_activations}")
+    if cfg.experts_per_token != 1:
+        out.append(f"experts_per_token={cfg.experts_per_token} (Switch routes top-1)")
+    if cfg.expert_capacity is None:
+        out.append("expert_capacity=None (Switch needs a fixed number of slots per expert)")
+    for layers in (cfg.num_encoder_layers, cfg.num_decoder_layers):
+        sparse = layers // cfg.moe_every
+        if sparse == 0 or layers // sparse != cfg.moe_every:
+            out.append(f"moe_every={cfg.moe_every} with {layers} layers")
+    if cfg.mlp_of_layer(1 % cfg.moe_every) != "moe":
+        out.append(f"moe_first_layer={cfg.moe_first_layer} (Switch's MoE layers are i % moe_every == 1)")
+    return sorted(set(out))
 
 
 def config_to_hf(cfg: T5Config) -> dict:
     """An HF config.json dict that transformers 4 and 5 read as this architecture."""
     check_hf_representable(cfg)
-    return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True,
+    model_type = family(cfg)
+    out = {
+        "architectures": [MODEL_CLASSES[model_type]], "model_type": model_type, "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,
         "num_heads": cfg.num_heads, "num_layers": cfg.num_encoder_layers, "num_decoder_layers": cfg.num_decoder_layers,
         "feed_forward_proj": _ACTIVATIONS_TO_HF[cfg.mlp_activations],
@@ -186,10 +277,18 @@ def config_to_hf(cfg: T5Config) -> dict:
         "initializer_factor": 1.0, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
         "use_cache": True, "dtype": "float32",
     }
+    if model_type == "switch_transformers":
+        out.update(dense_act_fn=out.pop("feed_forward_proj"), num_experts=cfg.num_experts,
+                   num_sparse_encoder_layers=cfg.num_encoder_layers // cfg.moe_every,
+                   num_sparse_decoder_layers=cfg.num_decoder_layers // cfg.moe_every,
+                   expert_capacity=cfg.expert_capacity, router_bias=False, router_dtype="float32",
+                   router_jitter_noise=cfg.router_jitter_noise, router_aux_loss_coef=cfg.moe_load_balancing_weight,
+                   router_z_loss_coef=cfg.moe_router_z_loss_weight)
+    return out
 
 
 def to_hf(config: T5Config, params: dict, path: str) -> None:
-    """Writes `path/config.json` + `path/model.safetensors` for T5ForConditionalGeneration.from_pretrained.
+    """Writes `path/config.json` + `path/model.safetensors` for <family>ForConditionalGeneration.from_pretrained.
 
     The directory is assembled under a temporary name and renamed into place, so a failure
     never leaves a half-written checkpoint at `path`.
@@ -205,8 +304,14 @@ def to_hf(config: T5Config, params: dict, path: str) -> None:
             raise UserError(f"parameter {ours} is missing; the params do not match the config")
         if list(flat[ours].shape) != expected[ours]:
             raise UserError(f"parameter {ours} has shape {flat[ours].shape}, config expects {tuple(expected[ours])}")
-        tensors[theirs] = np.ascontiguousarray(to_hf_fn(np.asarray(flat[ours], np.float32)))
+        value = np.asarray(flat[ours], np.float32)
+        for key, part in ([(theirs, value)] if isinstance(theirs, str) else zip(theirs, value)):  # experts: [E, ...]
+            tensors[key] = np.ascontiguousarray(to_hf_fn(part))
 
+    if hf_cfg["model_type"] == "switch_transformers":
+        # transformers 5 unties Switch's stack embeddings from shared.weight when tie_word_embeddings is false.
+        for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            tensors[key] = tensors["shared.weight"].copy()
     with new_directory(path) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)

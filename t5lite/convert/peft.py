@@ -28,7 +28,7 @@ def peft_tensors(card) -> tuple:
     check_hf_representable(card.model)
     hf_module = {ours[:-len("/kernel")]: theirs[:-len(".weight")]
                  for ours, theirs, _, _ in parameter_map(card.model.replace(scan_layers=False))
-                 if ours.endswith("/kernel")}
+                 if ours.endswith("/kernel") and isinstance(theirs, str)}  # experts take no card
     flat = {path: np.asarray(value, np.float32) for path, value in flat_paths(card.params).items()}
     modules, tensors = [], {}
     for path in sorted(p for p in flat if p.endswith("/lora_a")):

@@ -51,6 +51,8 @@ class T5Config:
     logits_via_embedding: bool = False
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    # True: every layer's self-attention has its own relative-bias table (UMT5); False: one per stack (T5).
+    relative_attention_per_layer: bool = False
     dropout_rate: float = 0.0
     layer_norm_epsilon: float = 1e-6
     dtype: str = "float32"  # compute dtype; parameters are always float32
@@ -81,10 +83,17 @@ class T5Config:
     norm_layout: str = "pre"  # one of NORM_LAYOUTS: pre (T5), post (Vaswani et al.), sandwich (pre + post)
     mlp: str = "dense"  # dense | moe: the MLP of every `moe_every`-th layer (the others are dense)
     moe_every: int = 1
+    # Index of the first MoE layer, then every moe_every-th; None: moe_every - 1 (layers k-1, 2k-1, ...).
+    # HF's Switch Transformers put theirs at i % k == 1, i.e. moe_first_layer = 1 % k.
+    moe_first_layer: Optional[int] = None
     num_experts: int = 8
     experts_per_token: int = 1  # top-k routing; 1 is the Switch Transformer
     expert_capacity_factor: float = 1.25  # training: slots per expert = ceil(factor * k * row_length / experts)
     eval_expert_capacity_factor: Optional[float] = None  # eval / decoding; None: no capacity limit (dropless)
+    # A fixed number of slots per expert per row, in training and evaluation alike (HF Switch's
+    # `expert_capacity`); set, it replaces both capacity factors.
+    expert_capacity: Optional[int] = None
+    router_jitter_noise: float = 0.0  # training only: router input * U(1 - eps, 1 + eps) (Switch)
     moe_load_balancing_weight: float = 0.01  # Switch's alpha
     moe_router_z_loss_weight: float = 0.0  # ST-MoE's router z-loss (they use 1e-3)
 
@@ -131,6 +140,15 @@ class T5Config:
             raise UserError(f"attention_logit_softcap must be positive or None, got {self.attention_logit_softcap}")
         if self.experts_per_token > self.num_experts:
             raise UserError(f"experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}")
+        if self.relative_attention_per_layer and self.position_scheme != "t5_relative_bias":
+            raise UserError("relative_attention_per_layer needs position_scheme='t5_relative_bias'; set one or the "
+                            "other")
+        if self.moe_first_layer is not None and not 0 <= self.moe_first_layer < self.moe_every:
+            raise UserError(f"moe_first_layer={self.moe_first_layer} must be in [0, moe_every={self.moe_every})")
+        if self.expert_capacity is not None and self.expert_capacity <= 0:
+            raise UserError(f"T5Config.expert_capacity must be positive or None, got {self.expert_capacity}")
+        if not 0.0 <= self.router_jitter_noise < 1.0:
+            raise UserError(f"router_jitter_noise={self.router_jitter_noise} must be in [0, 1)")
         for name in ("expert_capacity_factor", "eval_expert_capacity_factor"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
@@ -152,8 +170,10 @@ class T5Config:
         return int(self.head_dim * self.rope_fraction) // 2 * 2
 
     def mlp_of_layer(self, index: int) -> str:
-        """The registered MLP of layer `index` (0-based): `mlp` in every moe_every-th layer, else dense."""
-        return self.mlp if (index + 1) % self.moe_every == 0 else "dense"
+        """The registered MLP of layer `index` (0-based): `mlp` in every moe_every-th layer from
+        moe_first_layer on (by default layers moe_every - 1, 2 * moe_every - 1, ...), else dense."""
+        first = self.moe_every - 1 if self.moe_first_layer is None else self.moe_first_layer
+        return self.mlp if index % self.moe_every == first else "dense"
 
     @property
     def layers_per_scan_block(self) -> int:
@@ -190,6 +210,12 @@ _MT5 = dict(_V1_1, vocab_size=250112)
 # The modern encoder-decoder choices (as in T5Gemma): rotary positions instead of the relative bias,
 # grouped-query attention (3 query heads per key/value head) and QK-norm, on T5 v1.1's shapes.
 _MODERN = dict(_V1_1, position_scheme="rope", qk_norm=True)
+# UMT5 (Chung et al., 2023): mT5 v1.1 shapes, a 256384-token vocabulary and a relative-bias table per layer.
+_UMT5 = dict(_V1_1, vocab_size=256384, relative_attention_per_layer=True)
+# Switch Transformers (Fedus et al., 2021) as HF ships them (google/switch-*): T5 v1.0-style tied, scaled
+# logits and ReLU MLPs; every 2nd layer (1, 3, ...) is a top-1 MoE with 64 slots per expert per row.
+_SWITCH = dict(_V1_0, mlp="moe", moe_every=2, moe_first_layer=1, experts_per_token=1, expert_capacity=64,
+               router_jitter_noise=0.01, moe_load_balancing_weight=0.001, moe_router_z_loss_weight=0.001)
 
 
 def _size(emb, heads, head_dim, mlp, layers):
@@ -217,6 +243,12 @@ PRESETS = {
     **{f"mt5_{k}": dict(_MT5, **v) for k, v in _V1_1_SIZES.items()},
     "modern_small": dict(_MODERN, num_kv_heads=2, **_V1_1_SIZES["small"]),
     "modern_base": dict(_MODERN, num_kv_heads=4, **_V1_1_SIZES["base"]),
+    # google/umt5-{small,base,xl,xxl} config.json (small and base read there; xl / xxl share mT5's shapes).
+    **{f"umt5_{k}": dict(_UMT5, **_V1_1_SIZES[k]) for k in ("small", "base", "xl", "xxl")},
+    # google/switch-base-{8,...,128} config.json; switch-large-128 on T5 v1.0 large (d_ff 4096), 26.2B parameters
+    # as its model card says.
+    **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_size(768, 12, 64, 3072, 12)) for e in (8, 16, 32, 64, 128)},
+    "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 4096, 24)),
 }
 
 

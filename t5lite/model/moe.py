@@ -12,7 +12,9 @@ dropped. A token that loses all its assignments gets a zero MLP output: it passe
 residual connection unchanged. Evaluation and decoding use `eval_expert_capacity_factor`,
 by default no limit: every expert runs on every token and only the top-k outputs are kept,
 which is exact and independent of what else is in the batch (so a KV-cache step equals the
-full forward pass).
+full forward pass). `expert_capacity` instead fixes C = min(S, expert_capacity) in training and
+evaluation alike, HF's Switch Transformers rule (a KV-cache step routes one token, so it never drops).
+`router_jitter_noise` (training only) multiplies the router's input by U(1 - eps, 1 + eps).
 
 Output: sum over the kept top-k experts of gate * expert(x), gate = the router probability
 (k = 1, Switch) or the top-k probabilities renormalised to sum to 1 (k > 1). Auxiliary losses
@@ -81,8 +83,14 @@ class MoeMlp(nn.Module):
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         num_experts, k = cfg.num_experts, cfg.experts_per_token
+        router_input = jnp.asarray(x, jnp.float32)  # routing runs in float32 ("selective precision")
+        if cfg.router_jitter_noise and not deterministic:
+            eps = cfg.router_jitter_noise
+            router_input = router_input * jax.random.uniform(self.make_rng("dropout"), router_input.shape,
+                                                             jnp.float32, 1.0 - eps, 1.0 + eps)
         router_logits = DenseGeneral(num_experts, ("embed", "expert"), dtype=jnp.float32,
-                                     kernel_init=nn.initializers.normal(stddev=2e-2), name="router")(x)  # [B, S, E]
+                                     kernel_init=nn.initializers.normal(stddev=2e-2),
+                                     name="router")(router_input)  # [B, S, E]
         router_probs = jax.nn.softmax(router_logits, axis=-1)
         top_probs, expert_index = jax.lax.top_k(router_probs, k)  # [B, S, k]
         gates = top_probs if k == 1 else top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
@@ -96,12 +104,15 @@ class MoeMlp(nn.Module):
                           metadata_params={nn.PARTITION_NAME: "expert"})(cfg, name="expert")
         factor = cfg.eval_expert_capacity_factor if deterministic else cfg.expert_capacity_factor
         dtype = jnp.dtype(cfg.dtype)
-        if factor is None:  # no capacity limit: every expert on every token, keep the top-k outputs
+        if factor is None and cfg.expert_capacity is None:  # no capacity limit: every expert on every token, keep the top-k outputs
             weights = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * gates[..., None], axis=2)
             every = jnp.broadcast_to(x[:, None], (x.shape[0], num_experts, *x.shape[1:]))  # [B, E, S, D]
             out = experts(every, deterministic)  # [B, E, S, D]
             return jnp.einsum("besd,bse->bsd", out, weights.astype(dtype))
-        capacity = expert_capacity(x.shape[1], num_experts, k, factor)
+        if cfg.expert_capacity is not None:
+            capacity = min(x.shape[1], cfg.expert_capacity)
+        else:
+            capacity = expert_capacity(x.shape[1], num_experts, k, factor)
         dispatch, combine = dispatch_and_combine(expert_index, gates, num_experts, capacity)  # [B, S, E, C]
         expert_inputs = jnp.einsum("bsec,bsd->becd", dispatch.astype(dtype), jnp.asarray(x, dtype))  # [B, E, C, D]
         expert_inputs = nn.with_logical_constraint(expert_inputs, ("batch", "expert", "length", "embed"))

@@ -3,7 +3,8 @@
 Residual layers whose attention, MLP, norm and position modules are looked up by the names
 in the config (t5lite/registry.py): T5 is pre-norm (norm -> sublayer -> dropout -> add),
 `norm_layout` also gives post-norm and sandwich. Each stack owns one positions module (T5's
-relative-position table, shared by all its layers). With `config.scan_layers` the layers are
+relative-position table, shared by all its layers, or with `relative_attention_per_layer` one
+table per layer, UMT5). With `config.scan_layers` the layers are
 one `nn.scan` over a stacked parameter tree (leading `layers` axis), which compiles once
 instead of once per layer; `t5lite.model.params.scan_params` / `unscan_params` convert. When
 the layers differ (an MoE MLP every k-th layer) the scan steps over blocks of k layers.
@@ -38,6 +39,14 @@ def _residual(layer: nn.Module, x: jax.Array, stem: str, sublayer) -> jax.Array:
     return norm(cfg, name=f"post_{stem}_layer_norm")(x) if cfg.norm_layout == "post" else x
 
 
+def _layer_relative_bias(cfg: T5Config, bidirectional: bool, q_len: int, key_length: int,
+                         query_offset: Optional[jax.Array]) -> jax.Array:
+    """UMT5: the calling layer's own relative-bias table ('relpos_bias' under the layer), as [1, H, q, k]."""
+    table = registry.get("positions", "t5_relative_bias")(cfg, bidirectional, name="relpos_bias")
+    _, bias, _ = table(jnp.zeros((1, q_len, 1)), None, key_length, query_offset)
+    return bias
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then MLP, each a residual block (`_residual`)."""
 
@@ -49,6 +58,8 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, rotary: Optional[Tuple[jax.Array, jax.Array]]):
         cfg = self.config
+        if cfg.relative_attention_per_layer:
+            bias = bias + _layer_relative_bias(cfg, True, x.shape[1], bias.shape[-1], None)  # [B, H, L, L]
         attention = registry.get("attention", cfg.attention)(cfg, name="attention")
         x = _residual(self, x, "attention", lambda h: attention(h, h, bias, self.deterministic, rotary))
         mlp = registry.get("mlp", self.mlp_name)(cfg, name="mlp")
@@ -73,6 +84,8 @@ class DecoderLayer(nn.Module):
                  encoded: Optional[jax.Array], cross_bias: Optional[jax.Array],
                  decode_position: Optional[jax.Array] = None):
         cfg = self.config
+        if cfg.relative_attention_per_layer:  # queries from decode_position on when stepping a cache
+            self_bias = self_bias + _layer_relative_bias(cfg, False, x.shape[1], self_bias.shape[-1], decode_position)
         attention_cls = registry.get("attention", cfg.attention)
         attention = lambda name, is_cross: attention_cls(  # noqa: E731
             cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name)
@@ -133,8 +146,9 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
 
 
 def _positions(cfg: T5Config, bidirectional: bool) -> nn.Module:
-    """The stack's positions module, named by its class (e.g. 'relpos_bias', T5X's name)."""
-    cls = registry.get("positions", cfg.position_scheme)
+    """The stack's positions module, named by its class (e.g. 'relpos_bias', T5X's name); none when
+    each layer owns its relative bias (UMT5)."""
+    cls = registry.get("positions", "none" if cfg.relative_attention_per_layer else cfg.position_scheme)
     return cls(cfg, bidirectional, name=cls.scope_name)
 
 

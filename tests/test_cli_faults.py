@@ -185,3 +185,48 @@ def test_output_in_a_new_directory_is_created(runs, tmp_path, capsys):
     assert main(["infer", "--checkpoint", str(runs / "base"), "--input", str(runs / "in.txt"), "--output", str(out),
                  "--max_decode_length", "2"]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+# --- 4. A LoRA card run where a model is asked for -------------------------------------------------
+
+
+def test_a_card_run_is_refused_where_a_model_is_asked_for_naming_card(runs, tmp_path, capsys):
+    """Before: `ShapeDtypeStruct is not a valid JAX type` tracebacks, and finetune left its model_dir."""
+    card_run, digest = runs / "card_run", tree_digest(runs / "card_run")
+    _fails_in_one_line(["infer", "--checkpoint", card_run, "--input", runs / "in.txt", "--output",
+                        tmp_path / "out.jsonl"], capsys, "is a LoRA card run", "--card")
+    _fails_in_one_line(["eval", "--checkpoint", card_run, "--task", "bible_translate_en_es"], capsys, "--card")
+    _fails_in_one_line(["finetune", *CARD_RUN[1:], "--gin_file=experiments/demo/finetune_en_es.gin",
+                        f"--model_dir={tmp_path / 'ft'}", f"--init_checkpoint={card_run}"], capsys,
+                       "--init_checkpoint", "is a LoRA card run")
+    _fails_in_one_line(["distill", "train", *QUICK, f"--model_dir={tmp_path / 'student'}", f"--teacher={card_run}"],
+                       capsys, "--teacher", "is a LoRA card run")
+    _fails_in_one_line(["convert", "to-hf", "--checkpoint", card_run, "--out", tmp_path / "hf"], capsys, "card")
+    assert os.listdir(tmp_path) == [] and tree_digest(card_run) == digest
+    # The way the message names works: the base with --card.
+    assert main(["infer", "--checkpoint", str(runs / "base"), "--card", f"es={card_run}", "--input",
+                 str(runs / "in.txt"), "--output", str(tmp_path / "out.jsonl"), "--max_decode_length", "2"]) == 0
+
+
+# --- 5. Another vocabulary, sweep mistakes ---------------------------------------------------------
+
+
+def test_infer_refuses_a_vocab_other_than_the_checkpoints(runs, tmp_path, capsys):
+    """Before: accepted (its ids mean other pieces); finetune refused the same."""
+    from t5lite.data.vocab import train_vocabulary
+    (tmp_path / "text.txt").write_text("\n".join(f"line number {i} of a small corpus" for i in range(200)))
+    other = train_vocabulary([str(tmp_path / "text.txt")], 140, str(tmp_path / "vocab"))
+    _fails_in_one_line(["infer", "--checkpoint", runs / "trained", "--input", runs / "in.txt", "--output",
+                        tmp_path / "out.jsonl", "--vocab", other], capsys, "is not the vocabulary")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_sweep_dry_run_with_invalid_points_and_summary_of_a_missing_root(tmp_path, capsys):
+    """Before: the dry run exited 0 with every point invalid; summary created the mistyped root, exit 0."""
+    base = ["--gin_file=experiments/demo/pretrain.gin", "--gin_file=experiments/models/tiny.gin"]
+    err = _fails_in_one_line(["sweep", "run", "--root", tmp_path / "sweep", *base, "--grid",
+                              "T5Config.num_heads=[0,-2]", "--dry_run"], capsys, "2 of 2 points cannot run")
+    assert "num_heads-0" in err and "num_heads--2" in err
+    _fails_in_one_line(["sweep", "summary", "--root", tmp_path / "typo", *base, "--grid", "T5Config.num_heads=[2]"],
+                       capsys, "is not a directory")
+    assert os.listdir(tmp_path) == []

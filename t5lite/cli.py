@@ -183,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a training model_dir (its newest readable step) or a params "
                    "checkpoint directory")
     p.add_argument("--step", type=NON_NEGATIVE, default=None, help="export this step of a training model_dir")
-    p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
+    p.add_argument("--vocab", help="SentencePiece model to export as the HF tokenizer (default: the one a training "
+                   "model_dir stored; a params checkpoint records none)")
+    p.add_argument("--out", required=True, help="new directory for the HF checkpoint (config.json, "
+                   "model.safetensors, and spiece.model + tokenizer_config.json when the vocabulary is known)")
     p.set_defaults(run=run.convert_to_hf)
 
     distill = commands.add_parser("distill", help="knowledge distillation: train a student on a teacher, or turn a "

@@ -275,6 +275,8 @@ def convert_from_hf(args) -> None:
 def convert_to_hf(args) -> None:
     """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5."""
     from t5lite.convert.hf import to_hf
+    from t5lite.data.vocab import Vocabulary
+    from t5lite.train.setup import checkpoint_vocabulary
     from t5lite.train.checkpoint import (
         decoder_only_of,
         is_params_checkpoint,
@@ -286,17 +288,25 @@ def convert_to_hf(args) -> None:
         raise UserError(f"checkpoint {args.checkpoint} does not exist; pass a training model_dir or a params "
                         "checkpoint")
     refuse_card_run(args.checkpoint, "--checkpoint")
+    given = Vocabulary(args.vocab) if args.vocab else None
     if is_params_checkpoint(args.checkpoint):
         if args.step is not None:
             raise UserError("--step applies to a training model_dir, not to a params checkpoint")
-        config, params = load_params(args.checkpoint)
+        (config, params), vocab = load_params(args.checkpoint), given
     else:
         config, params, meta = load_train_checkpoint_params(args.checkpoint, args.step)
         if decoder_only_of(meta, params):
             raise UserError(f"{args.checkpoint} holds a decoder-only model; HF's T5 is an encoder-decoder, so it "
                             "has no HF T5 form")
-    to_hf(config, params, args.out)
-    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained)")
+        vocab = checkpoint_vocabulary(meta)
+        if given is not None and vocab is not None and given.serialized_model != vocab.serialized_model:
+            raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.checkpoint} was trained with; drop "
+                            "--vocab to export the checkpoint's")
+        vocab = vocab or given
+    to_hf(config, params, args.out, vocab)
+    tokenizer = (" and AutoTokenizer.from_pretrained" if vocab else "; no tokenizer: a params checkpoint records "
+                 "no vocabulary, pass --vocab spiece.model to export one")
+    print(f"wrote HF T5 checkpoint {args.out} (load with T5ForConditionalGeneration.from_pretrained{tokenizer})")
 
 
 def distill_make_data(args) -> None:

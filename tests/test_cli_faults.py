@@ -230,3 +230,36 @@ def test_sweep_dry_run_with_invalid_points_and_summary_of_a_missing_root(tmp_pat
     _fails_in_one_line(["sweep", "summary", "--root", tmp_path / "typo", *base, "--grid", "T5Config.num_heads=[2]"],
                        capsys, "is not a directory")
     assert os.listdir(tmp_path) == []
+
+
+# --- 6. The HF export: file modes and the tokenizer ------------------------------------------------
+
+
+def test_to_hf_files_follow_the_umask_and_the_tokenizer_loads_in_transformers(runs, tmp_path, capsys):
+    """Before: model.safetensors was mode 0600 and no tokenizer was exported beside it."""
+    from transformers import AutoTokenizer
+    old_mask = os.umask(0o022)
+    try:
+        assert main(["convert", "to-hf", "--checkpoint", str(runs / "trained"), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old_mask)
+    names = sorted(os.listdir(tmp_path / "hf"))
+    assert names == ["config.json", "model.safetensors", "special_tokens_map.json", "spiece.model",
+                     "tokenizer_config.json"]
+    assert {oct(os.stat(tmp_path / "hf" / n).st_mode & 0o777) for n in names} == {"0o644"}
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["tokenizer_class"] == "T5Tokenizer"
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    vocab = tasks.default_vocabulary()  # what the trained run stored
+    assert len(hf_tokenizer) == vocab.vocab_size
+    for text in ("translate English to Spanish: God is love.", "Dios es amor, y el Señor es mi pastor.",
+                 "In the beginning God created the heavens and the earth. 1234"):
+        assert hf_tokenizer(text).input_ids == vocab.encode(text) + [vocab.eos_id]
+    assert hf_tokenizer.convert_tokens_to_ids("<extra_id_0>") == vocab.sentinel_id(0)
+
+    # A params checkpoint records no vocabulary: the tokenizer only with --vocab.
+    capsys.readouterr()
+    assert main(["convert", "to-hf", "--checkpoint", str(runs / "base"), "--out", str(tmp_path / "p")]) == 0
+    assert "pass --vocab" in capsys.readouterr().out and not (tmp_path / "p" / "spiece.model").exists()
+    assert main(["convert", "to-hf", "--checkpoint", str(runs / "base"), "--out", str(tmp_path / "pv"), "--vocab",
+                 "t5lite/data/corpora/spiece.model"]) == 0
+    assert (tmp_path / "pv" / "spiece.model").read_bytes() == vocab.serialized_model

@@ -4,7 +4,6 @@ vocabulary, sweep mistakes, and the HF export's file modes and tokenizer.
 
 Each case failed before its fix (a traceback, a silent wrong result or a filled host)."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,41 +19,15 @@ from t5lite.infer import generate
 from t5lite.infer import evaluate
 from t5lite.infer.evaluate import decode_texts, pad_inputs
 from t5lite.model import get_config, init_params
-from t5lite.train.checkpoint import save_params
+from tests.conftest import CARD_RUN, QUICK, tree_digest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--gin_file=experiments/demo/pretrain.gin", "--gin_file=experiments/models/tiny.gin",
-         "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}", "--gin.train.log_period=1",
-         "--gin.train.progress='off'", "--gin.EVAL_PERIOD=None"]
-CARD_RUN = ["--gin_file=experiments/finetune/lora_en_es.gin", "--gin_file=experiments/models/tiny.gin",
-            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}", "--gin.EVAL_PERIOD=None",
-            "--gin.train.progress='off'", "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2"]
 
 
-def tree_digest(path) -> str:
-    """Hash of every file name and content under `path` (what a failed command must not change)."""
-    digest = hashlib.sha256()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(files):
-            full = os.path.join(root, name)
-            digest.update(os.path.relpath(full, path).encode())
-            with open(full, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A tiny params checkpoint (base), a 2-step training run (trained) and a 2-step LoRA card run on base."""
-    root = tmp_path_factory.mktemp("faults")
-    config = get_config("tiny", vocab_size=8192)
-    save_params(str(root / "base"), config, jax.jit(lambda k: init_params(config, k))(jax.random.key(0)))
-    assert main(["train", *QUICK, f"--model_dir={root / 'trained'}", "--gin.TRAIN_STEPS=2",
-                 "--gin.CHECKPOINT_PERIOD=2"]) == 0
-    assert main(["finetune", *CARD_RUN, f"--model_dir={root / 'card_run'}", f"--init_checkpoint={root / 'base'}"]) == 0
-    (root / "in.txt").write_text("translate English to Spanish: God is love.\nHello.\n")
-    return root
+@pytest.fixture
+def runs(cli_runs):
+    """base (params checkpoint), trained (2-step run), card_run (2-step LoRA run on base), in.txt: conftest.py."""
+    return cli_runs
 
 
 def _fails_in_one_line(argv, capsys, *expected):
@@ -116,6 +89,7 @@ def test_one_long_line_does_not_fill_the_host(runs, tmp_path):
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_gb = int(proc.stdout.split("PEAK_RSS_KB")[1].split()[0]) / 2**20
+    print(f"peak RSS {peak_gb:.2f} GB")  # README quotes it (pytest -s)
     assert peak_gb < 2.5, f"peak RSS {peak_gb:.2f} GB"
     assert "1 of 32 inputs were longer than input_length 4096" in proc.stderr
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 32
@@ -263,3 +237,19 @@ def test_to_hf_files_follow_the_umask_and_the_tokenizer_loads_in_transformers(ru
     assert main(["convert", "to-hf", "--checkpoint", str(runs / "base"), "--out", str(tmp_path / "pv"), "--vocab",
                  "t5lite/data/corpora/spiece.model"]) == 0
     assert (tmp_path / "pv" / "spiece.model").read_bytes() == vocab.serialized_model
+
+
+# --- Found by the fuzzer (tests/test_fuzz_cli.py) --------------------------------------------------
+
+
+@pytest.mark.parametrize("binding, expected", [
+    ("T5Config.num_heads={}", "T5Config.num_heads must be an int, got {}"),
+    ("T5Config.emb_dim='x'", "T5Config.emb_dim must be an int"),
+    ("T5Config.layer_norm_epsilon=nan", "must be a finite float"),
+    ("T5Config.num_heads=(", "unclosed bracket or quote"),
+])
+def test_odd_gin_values_are_one_line_and_leave_the_run_alone(binding, expected, runs, capsys):
+    """Before: TypeError '<=' not supported between 'dict' and 'int' / tokenize.TokenError tracebacks."""
+    digest = tree_digest(runs / "trained")
+    _fails_in_one_line(["train", *QUICK, f"--model_dir={runs / 'trained'}", f"--gin.{binding}"], capsys, expected)
+    assert tree_digest(runs / "trained") == digest

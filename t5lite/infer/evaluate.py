@@ -24,12 +24,18 @@ from t5lite.model import EncoderDecoder, lora
 
 
 def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = EOS_ID,
-               strict: bool = False, numbers: Optional[Sequence[int]] = None) -> (np.ndarray, int):
+               strict: bool = False, numbers: Optional[Sequence[int]] = None,
+               trim: bool = False) -> (np.ndarray, int):
     """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated.
 
     A truncated input keeps its final EOS (unless eos_id is None); `numbers` name the inputs in
-    the --strict error (default: their index)."""
-    out = np.zeros((len(token_lists), input_length), np.int32)
+    the --strict error (default: their index). `trim`: only as wide as the longest input's length
+    bucket (see token_budget_batches), so a huge input_length allocates nothing for columns of padding."""
+    width = input_length
+    if trim:
+        longest = max((len(t) for t in token_lists), default=1)
+        width = min(input_length, max(_next_power_of_two(longest), _MIN_BUCKET))
+    out = np.zeros((len(token_lists), width), np.int32)
     truncated = 0
     for i, tokens in enumerate(token_lists):
         tokens = list(tokens)
@@ -205,7 +211,7 @@ def decode_task_split(config, params, task, vocab, *, split: str, max_examples: 
     examples = task.eval_examples(split, vocab, max_examples=max_examples)
     if not examples:
         raise UserError(f"split {split!r} of task {task.name!r} has no examples to decode")
-    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict)
+    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict, trim=True)
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(examples), input_length)
@@ -262,7 +268,7 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
     real = [i for i, t in enumerate(texts) if t.strip()]
     eos = None if _continues_text(config, decoder_only) else vocab.eos_id
     tokens = [vocab.encode(texts[i]) + ([eos] if eos is not None else []) for i in real]
-    inputs, truncated = pad_inputs(tokens, input_length, eos, strict, numbers=[i + 1 for i in real])
+    inputs, truncated = pad_inputs(tokens, input_length, eos, strict, numbers=[i + 1 for i in real], trim=True)
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(texts), input_length)

@@ -203,6 +203,9 @@ def test_sweep_dry_run_with_invalid_points_and_summary_of_a_missing_root(tmp_pat
     assert "num_heads-0" in err and "num_heads--2" in err
     _fails_in_one_line(["sweep", "summary", "--root", tmp_path / "typo", *base, "--grid", "T5Config.num_heads=[2]"],
                        capsys, "is not a directory")
+    # Found by the fuzzer: a TRAIN_STEPS that is not a number was a ValueError traceback while planning.
+    _fails_in_one_line(["sweep", "run", "--root", tmp_path / "sweep", *base, "--grid", "TRAIN_STEPS=['x']",
+                        "--dry_run"], capsys, "TRAIN_STEPS) must be an integer >= 1, got 'x'")
     assert os.listdir(tmp_path) == []
 
 

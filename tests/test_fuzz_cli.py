@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from t5lite.cli import main
 from tests.conftest import tree_digest
 
-DEFAULT, DEEP = 12, 150  # cases per fuzz test: make test / make test-all
+DEFAULT, DEEP = 20, 400  # cases per fuzz test: make test / make test-all
 
 
 def _settings(n: int):
@@ -206,3 +206,33 @@ def test_fuzz_gin_bindings(cli_runs, tmp_path):
 @pytest.mark.extended
 def test_fuzz_gin_bindings_deep(cli_runs, tmp_path):
     _fuzz_gin(cli_runs, tmp_path, DEEP)
+
+
+# Sweeps: odd grids, seeds and roots (the dry run, the command lines and the summary plan without training).
+GRID_VALUES = ["[0,-2]", "[64]", "[]", "[", "1", "['x']", "[None]", "[1e400]", "[True]", "[64,64]"]
+
+
+def _fuzz_sweep(runs, tmp_path, n):
+    (tmp_path / "a_file").write_text("x")
+
+    @_settings(n)
+    @given(axis=st.sampled_from(["T5Config.emb_dim", "T5Config.num_heads", "TRAIN_STEPS", "nonsense", "", "="]),
+           values=st.sampled_from(GRID_VALUES), seeds=st.sampled_from([[], ["--seeds", "2"], ["--seeds", "0"]]),
+           action=st.sampled_from([["run", "--dry_run"], ["run", "--print_commands"], ["summary"]]),
+           root=st.sampled_from(["new", "a_file", "trained"]))
+    def case(axis, values, seeds, action, root):
+        where = runs / "trained" if root == "trained" else tmp_path / root
+        run_cli(["sweep", *action, "--root", where, "--gin_file=experiments/demo/pretrain.gin",
+                 "--gin_file=experiments/models/tiny.gin", "--grid", f"{axis}={values}", *seeds],
+                guarded=[runs / "trained"])
+        assert not (tmp_path / "new").exists()  # planning creates no directory
+    case()
+
+
+def test_fuzz_sweep(cli_runs, tmp_path):
+    _fuzz_sweep(cli_runs, tmp_path, DEFAULT)
+
+
+@pytest.mark.extended
+def test_fuzz_sweep_deep(cli_runs, tmp_path):
+    _fuzz_sweep(cli_runs, tmp_path, DEEP)

@@ -131,10 +131,10 @@ def plan_point(sweep: Sweep, point: Point, root: str) -> Plan:
     facts, config_text, error = {}, "", None
     try:
         kwargs = _train_arguments(sweep.gin_files, bindings, model_dir)
+        facts = _facts(kwargs)  # first: it checks the settings (TRAIN_STEPS='x' is one line, not a ValueError)
         if kwargs["eval_period"] is None and _has_split(kwargs["task"], kwargs["eval_split"]):
             bindings.append(f"train.eval_period={int(kwargs['train_steps'])}")
             gin_utils.parse(sweep.gin_files, bindings, model_dir)
-        facts = _facts(kwargs)
         config_text = gin_utils.config_text()
     except UserError as e:
         error = one_line(str(e))

@@ -250,9 +250,12 @@ def test_to_hf_files_follow_the_umask_and_the_tokenizer_loads_in_transformers(ru
     ("T5Config.emb_dim='x'", "T5Config.emb_dim must be an int"),
     ("T5Config.layer_norm_epsilon=nan", "must be a finite float"),
     ("T5Config.num_heads=(", "unclosed bracket or quote"),
+    ("train.optimizer=[]", "unknown optimizer []"),
+    ("T5Config.attention=[]", "T5Config.attention must be a str"),
 ])
 def test_odd_gin_values_are_one_line_and_leave_the_run_alone(binding, expected, runs, capsys):
-    """Before: TypeError '<=' not supported between 'dict' and 'int' / tokenize.TokenError tracebacks."""
+    """Before: TypeError '<=' not supported between 'dict' and 'int', tokenize.TokenError, 'unhashable type: list'
+    tracebacks (or a nan epsilon accepted)."""
     digest = tree_digest(runs / "trained")
     _fails_in_one_line(["train", *QUICK, f"--model_dir={runs / 'trained'}", f"--gin.{binding}"], capsys, expected)
     assert tree_digest(runs / "trained") == digest

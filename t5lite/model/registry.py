@@ -48,7 +48,7 @@ def get(kind: str, name: str) -> Type:
     _load_builtins()
     if kind not in KINDS:
         raise UserError(f"unknown module kind {kind!r}; choose from {', '.join(KINDS)}")
-    if name not in _REGISTRY[kind]:
+    if not isinstance(name, str) or name not in _REGISTRY[kind]:  # a list from gin is unhashable, no name
         raise UserError(f"unknown {kind} {name!r}; choose from {', '.join(_REGISTRY[kind])} (a module of your own "
                         f"must be imported first, e.g. `import my_module` in the gin file)")
     return _REGISTRY[kind][name]

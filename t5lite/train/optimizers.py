@@ -124,7 +124,7 @@ def make_optimizer(name: str = "adafactor", schedule: str = "rsqrt", learning_ra
     `clip_grad_norm` clips the global gradient norm before the optimizer sees it.
     The defaults are T5 pre-training: Adafactor, lr = 1 / sqrt(max(step, 10k)).
     """
-    if name not in OPTIMIZERS:
+    if not isinstance(name, str) or name not in OPTIMIZERS:  # a list or dict from gin is no name either
         raise UserError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     build = OPTIMIZERS[name]
     valid = [p for p in inspect.signature(build).parameters if p != "learning_rate"]

@@ -4,9 +4,51 @@ User mistakes (UserError) print one line `t5lite: error: ...` and exit with code
 """
 
 import argparse
+import math
 import sys
 
 from t5lite.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flag, bad value) are one line and exit 2, like a UserError."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    """A finite float in [low, high] (open ends where asked; +-inf bounds = unbounded)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NON_NEGATIVE = _int_at_least(0)
+FINITE = _float_in(-math.inf, math.inf)
 
 
 def _add_training(commands, name: str, help_text: str, finetune: bool, distill: bool = False):
@@ -33,18 +75,22 @@ def _add_decoding_flags(p, checkpoint: str = "--checkpoint", split: str = "valid
                    help="a training model_dir or a converted params checkpoint")
     p.add_argument("--vocab", help="SentencePiece model (default: the checkpoint's, else the shipped one)")
     p.add_argument("--split", default=split)
-    p.add_argument("--max_examples", type=int, default=None)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--input_length", type=int, default=128, help="inputs are padded/truncated to this")
-    p.add_argument("--max_decode_length", type=int, default=64)
+    p.add_argument("--max_examples", type=POSITIVE, default=None)
+    p.add_argument("--batch_size", type=POSITIVE, default=32, help="most inputs in one batch (>= 1)")
+    p.add_argument("--max_batch_tokens", type=POSITIVE, default=None,
+                   help="most padded input tokens in one batch (default: batch_size x 128); inputs are sorted by "
+                   "length and batched under this budget, a long input alone, outputs still in input order")
+    p.add_argument("--input_length", type=POSITIVE, default=128,
+                   help="longer inputs are truncated (one warning counts them), or refused with --strict")
+    p.add_argument("--max_decode_length", type=POSITIVE, default=64)
     p.add_argument("--strict", action="store_true", help="reject inputs longer than --input_length")
     p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
-    p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--length_penalty", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_beams", type=POSITIVE, default=4)
+    p.add_argument("--length_penalty", type=FINITE, default=1.0, help="beam score exponent (finite)")
+    p.add_argument("--temperature", type=_float_in(0, math.inf, low_open=True), default=1.0, help="> 0")
+    p.add_argument("--top_k", type=NON_NEGATIVE, default=0, help="0: off; at most the vocabulary size")
+    p.add_argument("--top_p", type=_float_in(0, 1, low_open=True), default=1.0, help="in (0, 1]")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
 
 
 def _add_sweep(commands):
@@ -60,8 +106,8 @@ def _add_sweep(commands):
         p.add_argument("--loss", choices=["eval_loss", "train_loss"], help="what to fit (default: eval_loss if logged)")
         p.add_argument("--params", default="params_non_embedding", choices=["params_non_embedding", "params"],
                        help="N of the fit: non-embedding (Kaplan et al.) or total parameters")
-        p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the intervals")
-        p.add_argument("--bootstrap_seed", type=int, default=0, help="seed of the bootstrap resampling")
+        p.add_argument("--bootstrap", type=NON_NEGATIVE, default=100, help="bootstrap resamples for the intervals")
+        p.add_argument("--bootstrap_seed", type=NON_NEGATIVE, default=0, help="seed of the bootstrap resampling")
 
     def spec_flags(p):
         p.add_argument("sweep_file", nargs="?", help="a sweep file (TOML; see experiments/scaling/tiny.toml)")
@@ -69,7 +115,7 @@ def _add_sweep(commands):
         p.add_argument("--gin_file", action="append", default=[], help="base gin run file (repeatable)")
         p.add_argument("--grid", action="append", default=[], metavar="NAME=[V1,V2,...]",
                        help="an axis of the grid, e.g. 'T5Config.emb_dim=[64,128]' (repeatable: cartesian product)")
-        p.add_argument("--seeds", type=int, metavar="N", help="run every point with RANDOM_SEED = 0..N-1 (default: the sweep "
+        p.add_argument("--seeds", type=POSITIVE, metavar="N", help="run every point with RANDOM_SEED = 0..N-1 (default: the sweep "
                        "file's seeds, else 1)")
         p.add_argument("--fit", action="store_true", help="also fit the scaling laws (like `t5lite sweep fit`)")
         fit_flags(p)
@@ -84,7 +130,7 @@ def _add_sweep(commands):
     p.add_argument("--skip_failed", action="store_true", help="do not retry points that failed before")
     p.add_argument("--task_metrics", action="store_true", help="also decode the validation split of tasks with "
                    "metrics (BLEU, ...) with each final checkpoint (slow)")
-    p.add_argument("--eval_examples", type=int, default=200, help="examples decoded for --task_metrics")
+    p.add_argument("--eval_examples", type=POSITIVE, default=200, help="examples decoded for --task_metrics")
     p.add_argument("--verbose", action="store_true", help="echo each run's output (always in ROOT/<point>/train.log)")
     p.set_defaults(run=sweep_command.run, takes_gin=True)
     p = actions.add_parser("summary", help="re-read the run directories (e.g. points launched elsewhere) and "
@@ -100,7 +146,7 @@ def _add_sweep(commands):
 def build_parser() -> argparse.ArgumentParser:
     from t5lite import commands as run
     import t5lite
-    parser = argparse.ArgumentParser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
+    parser = _Parser(prog="t5lite", description="T5-style encoder-decoder research in JAX/Flax.")
     parser.add_argument("--version", action="version", version=f"t5lite {t5lite.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_training(commands, "train", "train a model from gin run files (pre-training or any training)", False)
@@ -141,8 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "HF T5 / UMT5 / Switch")
     p.add_argument("--checkpoint", required=True, help="a training model_dir (its newest readable step) or a params "
                    "checkpoint directory")
-    p.add_argument("--step", type=int, default=None, help="export this step of a training model_dir")
-    p.add_argument("--out", required=True, help="new directory for the HF checkpoint")
+    p.add_argument("--step", type=NON_NEGATIVE, default=None, help="export this step of a training model_dir")
+    p.add_argument("--vocab", help="SentencePiece model to export as the HF tokenizer (default: the one a training "
+                   "model_dir stored; a params checkpoint records none)")
+    p.add_argument("--out", required=True, help="new directory for the HF checkpoint (config.json, "
+                   "model.safetensors, and spiece.model + tokenizer_config.json when the vocabulary is known)")
     p.set_defaults(run=run.convert_to_hf)
 
     distill = commands.add_parser("distill", help="knowledge distillation: train a student on a teacher, or turn a "
@@ -181,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = vocab.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("train", help="train a vocabulary with T5's layout (100 sentinels on top)")
     p.add_argument("--input", required=True, nargs="+", help="text files (one sentence or document per line)")
-    p.add_argument("--vocab_size", required=True, type=int, help="total pieces, sentinels included")
+    p.add_argument("--vocab_size", required=True, type=POSITIVE, help="total pieces, sentinels included")
     p.add_argument("--out", required=True, help="directory for spiece.model / spiece.vocab")
     p.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
     p.set_defaults(run=run.vocab_train)
@@ -190,29 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = bench.add_subparsers(dest="kind", required=True, metavar="KIND")
     p = kinds.add_parser("decode", help="greedy and beam decoding tokens/s, side by side with HF generate")
     p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights)")
-    p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--input_length", type=int, default=128)
-    p.add_argument("--max_decode_length", type=int, default=64)
-    p.add_argument("--num_beams", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per case and round, after a warm-up")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
+    p.add_argument("--batch_sizes", type=POSITIVE, nargs="+", default=[1, 32])
+    p.add_argument("--input_length", type=POSITIVE, default=128)
+    p.add_argument("--max_decode_length", type=POSITIVE, default=64)
+    p.add_argument("--num_beams", type=POSITIVE, default=4)
+    p.add_argument("--repeats", type=POSITIVE, default=2, help="timed runs per case and round, after a warm-up")
+    p.add_argument("--rounds", type=POSITIVE, default=2, help="rounds per framework, alternating which goes first")
     p.add_argument("--no_hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=run.bench_decode)
     p = kinds.add_parser("train", help="train-step time, tokens/s and MFU on random tokens (optionally vs HF)")
     p.add_argument("--models", nargs="+", default=["tiny", "t5_1_1_small"], help="preset names")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--input_length", type=int, default=128)
-    p.add_argument("--target_length", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per round after one compile step")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per framework, alternating which goes first")
+    p.add_argument("--batch_size", type=POSITIVE, default=8)
+    p.add_argument("--input_length", type=POSITIVE, default=128)
+    p.add_argument("--target_length", type=POSITIVE, default=32)
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps per round after one compile step")
+    p.add_argument("--rounds", type=POSITIVE, default=2, help="rounds per framework, alternating which goes first")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adafactor"],
                    help="the same on both sides (HF: torch AdamW or transformers' Adafactor)")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--vocab_size", type=int, default=None, help="override the presets' vocabulary size")
+    p.add_argument("--dropout", type=_float_in(0, 1, high_open=True), default=0.0, help="in [0, 1)")
+    p.add_argument("--vocab_size", type=POSITIVE, default=None, help="override the presets' vocabulary size")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="T5Config field for every model (repeatable), e.g. --set position_scheme=rope")
-    p.add_argument("--peak_flops", type=float, default=None, help="per-device peak FLOP/s for MFU (default: known "
+    p.add_argument("--peak_flops", type=_float_in(0, math.inf, low_open=True), default=None, help="per-device peak FLOP/s for MFU (default: known "
                    "accelerators, or the host CPU's theoretical AVX2 f32 peak)")
     p.add_argument("--with_hf", action="store_true", help="also time HF transformers (PyTorch)")
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -220,20 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = kinds.add_parser("cards", help="decode tokens/s with N adapter cards mixed in one batch vs one merged model "
                          "vs card by card")
     p.add_argument("--model", default="t5_1_1_small", help="preset name (random weights and cards)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_cards", type=int, nargs="+", default=[1, 4, 16], help="each must divide the batch size")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--input_length", type=int, default=64)
-    p.add_argument("--max_decode_length", type=int, default=32)
+    p.add_argument("--batch_size", type=POSITIVE, default=32)
+    p.add_argument("--num_cards", type=POSITIVE, nargs="+", default=[1, 4, 16], help="each must divide the batch size")
+    p.add_argument("--rank", type=POSITIVE, default=8)
+    p.add_argument("--input_length", type=POSITIVE, default=64)
+    p.add_argument("--max_decode_length", type=POSITIVE, default=32)
     p.add_argument("--method", default="greedy", choices=["greedy", "beam", "sample"])
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after a warm-up")
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed runs per case after a warm-up")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=run.bench_cards)
     p = kinds.add_parser("data", help="input-pipeline throughput (span corruption by default)")
     p.add_argument("--task", default="bible_span_corruption_en_es")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--input_length", type=int, default=512)
-    p.add_argument("--num_batches", type=int, default=128,
+    p.add_argument("--batch_size", type=POSITIVE, default=32)
+    p.add_argument("--input_length", type=POSITIVE, default=512)
+    p.add_argument("--num_batches", type=POSITIVE, default=128,
                    help="batches timed from the first one (packing prepares a window of batches ahead)")
     p.add_argument("--no_pack", action="store_true")
     p.set_defaults(run=run.bench_data)
@@ -247,15 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a slice shape like v5e:4x4, v4:2x2x4")
     p.add_argument("--gin_file", action="append", default=[], help="gin run file (repeatable)")
     p.add_argument("--programs", default="train,eval,decode", help="comma-separated: train, eval, decode")
-    p.add_argument("--batch_size", type=int, help="global batch (default: the run's BATCH_SIZE)")
-    p.add_argument("--decode_batch", type=int, help="serving batch for the decode program (default: the batch size)")
-    p.add_argument("--decode_input_length", type=int, help="default: the run's inputs length")
-    p.add_argument("--max_decode_length", type=int, help="default: the run's targets length")
+    p.add_argument("--batch_size", type=POSITIVE, help="global batch (default: the run's BATCH_SIZE)")
+    p.add_argument("--decode_batch", type=POSITIVE, help="serving batch for the decode program (default: the batch size)")
+    p.add_argument("--decode_input_length", type=POSITIVE, help="default: the run's inputs length")
+    p.add_argument("--max_decode_length", type=POSITIVE, help="default: the run's targets length")
     p.add_argument("--decode_method", default="greedy", choices=["greedy", "beam"])
-    p.add_argument("--num_beams", type=int, default=4)
+    p.add_argument("--num_beams", type=POSITIVE, default=4)
     p.add_argument("--max_batch", action="store_true", help="also search the largest global batch whose train step "
                    "fits (compiles the train step once per candidate)")
-    p.add_argument("--max_batch_compiles", type=int, default=8, help="bound on the compiles of --max_batch")
+    p.add_argument("--max_batch_compiles", type=POSITIVE, default=8, help="bound on the compiles of --max_batch")
     p.add_argument("--hlo_dir", help="also write each program's optimized HLO here")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=run.run_compile, takes_gin=True)
@@ -282,7 +331,10 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     gin_flags, rest = _split_gin_flags(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(rest)
+    try:
+        args = build_parser().parse_args(rest)
+    except SystemExit as e:  # --help (0) or a flag error, already printed in one line (2)
+        return e.code if isinstance(e.code, int) else 2
     args.gin = gin_flags
     if gin_flags and not getattr(args, "takes_gin", False):
         print(f"t5lite: error: --gin.* flags apply to train, finetune, distill train, compile and sweep run|summary, "

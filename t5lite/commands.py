@@ -6,6 +6,7 @@ import os
 import sys
 
 from t5lite.errors import UserError
+from t5lite.fileio import check_output_dir, check_output_file, write_lines
 
 
 def run_training(args, finetune: bool = False) -> None:
@@ -25,9 +26,15 @@ def run_training(args, finetune: bool = False) -> None:
         print(config_text)
         return
     model_dir = _query("%MODEL_DIR", "set --model_dir (or MODEL_DIR in a gin file)")
-    if finetune and not (_query("train.init_checkpoint", "") or _query("%INITIAL_CHECKPOINT_PATH", "")):
+    init = _query("train.init_checkpoint", "") or _query("%INITIAL_CHECKPOINT_PATH", "")
+    if finetune and not init:
         raise UserError("finetune needs a checkpoint to start from: --init_checkpoint DIR or "
                         "--gin.INITIAL_CHECKPOINT_PATH=DIR")
+    if isinstance(init, str):
+        refuse_card_run(init, "--init_checkpoint")
+    teacher = _query("train.teacher_checkpoint", "")
+    if isinstance(teacher, str):
+        refuse_card_run(teacher, "--teacher")
     metrics = gin_utils.train_into(model_dir, config_text)
     print(json.dumps({"model_dir": model_dir, **(metrics or {})}))
 
@@ -55,9 +62,18 @@ def _query(key: str, fix: str):
     return value
 
 
-def load_for_inference(checkpoint: str, vocab_path=None):
+def refuse_card_run(path: str, flag: str) -> None:
+    """A LoRA card run's model_dir (or a card directory) holds the card, not a model: say how to use it."""
+    if any(os.path.isfile(os.path.join(path, *parts, "card.json")) for parts in ((), ("card",))):
+        raise UserError(f"{flag} {path} is a LoRA card run, not a model; pass its base checkpoint as {flag} and "
+                        f"this directory as --card (infer/eval), or fold it in first: t5lite cards merge {path} "
+                        "--out DIR")
+
+
+def load_for_inference(checkpoint: str, vocab_path=None, flag: str = "--checkpoint"):
     """(config, params, vocab, decoder_only) from a training model_dir (its newest readable step) or a
-    params checkpoint."""
+    params checkpoint. A --vocab other than the one a training checkpoint stored is refused (its ids
+    would mean other pieces)."""
     from t5lite.data import tasks
     from t5lite.data.vocab import Vocabulary
     from t5lite.train.checkpoint import (
@@ -69,19 +85,38 @@ def load_for_inference(checkpoint: str, vocab_path=None):
     from t5lite.train.checks import checkpoint_vocabulary
     if not os.path.exists(checkpoint):
         raise UserError(f"checkpoint {checkpoint} does not exist; pass a model_dir or a converted checkpoint")
+    refuse_card_run(checkpoint, flag)
+    given = Vocabulary(vocab_path) if vocab_path else None  # a bad --vocab fails before the model is read
     if is_params_checkpoint(checkpoint):
         (config, params), vocab, decoder_only = load_any_params(checkpoint), None, False
     else:
         config, params, meta = load_train_checkpoint_params(checkpoint)
         vocab, decoder_only = checkpoint_vocabulary(meta), decoder_only_of(meta, params)
-    if vocab_path:
-        vocab = Vocabulary(vocab_path)
-    return config, params, vocab or tasks.default_vocabulary(), decoder_only
+    if given is not None:
+        if vocab is not None and given.serialized_model != vocab.serialized_model:
+            raise UserError(f"--vocab {vocab_path} is not the vocabulary {checkpoint} was trained with (its ids would "
+                            "mean other pieces); drop --vocab to use the checkpoint's")
+        vocab = given
+    vocab = vocab or tasks.default_vocabulary()
+    if vocab.vocab_size > config.vocab_size:
+        raise UserError(f"the vocabulary has {vocab.vocab_size} pieces, more than the model's vocab_size "
+                        f"{config.vocab_size}; pass the vocabulary the checkpoint was trained with (--vocab)")
+    return config, params, vocab, decoder_only
+
+
+def _load_decoder(args, flag: str = "--checkpoint"):
+    """load_for_inference plus the decoding flags that need the model: --top_k at most the vocabulary."""
+    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab, flag)
+    if args.top_k > config.vocab_size:
+        raise UserError(f"--top_k {args.top_k} is larger than the vocabulary ({config.vocab_size}); use "
+                        f"0 (off) to {config.vocab_size}")
+    return config, params, vocab, decoder_only
 
 
 def _decode_kwargs(args) -> dict:
     return dict(method=args.method, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                max_batch_tokens=args.max_batch_tokens)
 
 
 def _progress(total: int, desc: str):
@@ -95,9 +130,11 @@ def run_eval(args) -> None:
     from t5lite.data import tasks
     from t5lite.infer.evaluate import evaluate_task
     from t5lite.train.cards import load_card
+    if args.output:
+        check_output_file(args.output, "--output")
     card = load_card(args.card) if args.card else None  # a bad card fails before the base is read
     task = tasks.get(args.task)
-    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    config, params, vocab, decoder_only = _load_decoder(args)
     cards = _stack_cards({"card": card}, config, params, args.checkpoint)[0] if card else None
     with _progress(args.max_examples or 0, f"eval {args.task}/{args.split}") as bar:
         results, records = evaluate_task(config, params, task, vocab, split=args.split,
@@ -114,9 +151,10 @@ def run_infer(args) -> None:
     """Decodes a task split or a text / JSONL file and writes JSONL (input, output, score) in order; with
     --card NAME=DIR, each line decodes with the card its JSONL field names, all in the same batches."""
     from t5lite.infer.evaluate import decode_texts
+    check_output_file(args.output, "--output", inputs=[args.input])
     named = _named_cards(args.card)  # a bad --card fails before any reading
     texts, line_cards = _read_inputs(args)
-    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    config, params, vocab, decoder_only = _load_decoder(args)
     cards, card_index = None, None
     if named:
         cards, names = _stack_cards(named, config, params, args.checkpoint)
@@ -221,21 +259,13 @@ def _decode_line(raw: bytes, path: str, number: int, errors: str) -> str:
 
 def _write_jsonl(path: str, records) -> None:
     """Written to a temporary name and renamed, so a failure never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_lines(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def convert_from_hf(args) -> None:
     from t5lite.convert.hf import from_hf
     from t5lite.train.checkpoint import save_params
+    check_output_dir(args.out, "--out")
     config, params = from_hf(args.hf_dir)
     save_params(args.out, config, params)
     print(f"wrote t5lite params checkpoint {args.out} ({config.num_encoder_layers}+{config.num_decoder_layers} "
@@ -243,29 +273,42 @@ def convert_from_hf(args) -> None:
 
 
 def convert_to_hf(args) -> None:
-    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5 / UMT5 / Switch."""
+    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5 / UMT5 / Switch,
+    with the tokenizer files when the vocabulary is known."""
     from t5lite.convert.hf import MODEL_CLASSES, family, to_hf
+    from t5lite.data.vocab import Vocabulary
+    from t5lite.train.checks import checkpoint_vocabulary
     from t5lite.train.checkpoint import (
         decoder_only_of,
         is_params_checkpoint,
         load_params,
         load_train_checkpoint_params,
     )
+    check_output_dir(args.out, "--out")
     if not os.path.exists(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} does not exist; pass a training model_dir or a params "
                         "checkpoint")
+    refuse_card_run(args.checkpoint, "--checkpoint")
+    given = Vocabulary(args.vocab) if args.vocab else None
     if is_params_checkpoint(args.checkpoint):
         if args.step is not None:
             raise UserError("--step applies to a training model_dir, not to a params checkpoint")
-        config, params = load_params(args.checkpoint)
+        (config, params), vocab = load_params(args.checkpoint), given
     else:
         config, params, meta = load_train_checkpoint_params(args.checkpoint, args.step)
         if decoder_only_of(meta, params):
             raise UserError(f"{args.checkpoint} holds a decoder-only model; HF's T5 is an encoder-decoder, so it "
                             "has no HF T5 form")
-    to_hf(config, params, args.out)
+        vocab = checkpoint_vocabulary(meta)
+        if given is not None and vocab is not None and given.serialized_model != vocab.serialized_model:
+            raise UserError(f"--vocab {args.vocab} is not the vocabulary {args.checkpoint} was trained with; drop "
+                            "--vocab to export the checkpoint's")
+        vocab = vocab or given
+    to_hf(config, params, args.out, vocab)
+    tokenizer = (" and AutoTokenizer.from_pretrained" if vocab else "; no tokenizer: a params checkpoint records "
+                 "no vocabulary, pass --vocab spiece.model to export one")
     print(f"wrote HF {family(config)} checkpoint {args.out} (load with "
-          f"{MODEL_CLASSES[family(config)]}.from_pretrained)")
+          f"{MODEL_CLASSES[family(config)]}.from_pretrained{tokenizer})")
 
 
 def distill_make_data(args) -> None:
@@ -273,9 +316,10 @@ def distill_make_data(args) -> None:
     from t5lite.data import tasks
     from t5lite.infer.distillation import data_format, gin_lines, make_distillation_data
     data_format(args.out)
+    check_output_file(args.out, "--out")
     task = tasks.get(args.task)
     task.source(args.split)  # an unknown split fails before the teacher is loaded
-    config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab)
+    config, params, vocab, decoder_only = _load_decoder(args, "--teacher")
     with _progress(args.max_examples or 0, f"teacher {args.task}/{args.split}") as bar:
         made = make_distillation_data(config, params, vocab, task, args.split, args.out, name=args.name,
                                       max_examples=args.max_examples, batch_size=args.batch_size,
@@ -412,8 +456,7 @@ def cards_merge(args) -> None:
     from t5lite.model import lora
     from t5lite.train.cards import card_for
     from t5lite.train.checkpoint import save_params
-    if os.path.exists(args.out) and os.listdir(args.out):
-        raise UserError(f"output directory {args.out} is not empty; choose a new --out or remove it")
+    check_output_dir(args.out, "--out")
     card, base, config, params = _card_and_base(args)
     merged = lora.merge(params, card_for(card, config, params, base), card.spec)
     save_params(args.out, config, merged)
@@ -424,6 +467,7 @@ def cards_export(args) -> None:
     """A card as an HF PEFT LoRA adapter (load it with PeftModel.from_pretrained on the to-hf base)."""
     from t5lite.convert.peft import export_peft
     from t5lite.train.cards import load_card
+    check_output_dir(args.out, "--out")
     card = load_card(args.card)
     export_peft(card, args.out, args.base_model_name_or_path)
     print(f"wrote PEFT adapter {args.out} (PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained"

@@ -18,6 +18,7 @@ import difflib
 import os
 import re
 import sys
+import tokenize
 import traceback
 from typing import List, Optional, Sequence, Tuple
 
@@ -285,6 +286,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (), model_dir: Opt
                         "PYTHONPATH") from None
     except (ValueError, KeyError, SyntaxError, TypeError, NameError) as e:
         raise _friendly(e, _where(lines, e)) from None
+    except tokenize.TokenError as e:  # e.g. --gin.X=( : the text ends inside a bracket or string
+        raise UserError(f"gin syntax error: {e.args[0]}; an unclosed bracket or quote in a gin file or "
+                        "--gin.NAME=VALUE") from None
 
 
 def _raised_by_gin(error: BaseException) -> bool:

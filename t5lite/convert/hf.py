@@ -287,8 +287,21 @@ def config_to_hf(cfg: T5Config) -> dict:
     return out
 
 
-def to_hf(config: T5Config, params: dict, path: str) -> None:
-    """Writes `path/config.json` + `path/model.safetensors` for <family>ForConditionalGeneration.from_pretrained.
+def tokenizer_files(vocab) -> Dict[str, bytes]:
+    """What HF's T5Tokenizer / AutoTokenizer.from_pretrained needs to load a t5lite vocabulary (offline).
+
+    The SentencePiece model already holds the sentinels <extra_id_0..99> as its top pieces (t5lite's
+    layout), so HF adds no extra ids of its own (`extra_ids: 0`) and the ids are t5lite's."""
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 0, "model_max_length": 1 << 30, **special}
+    return {"spiece.model": vocab.serialized_model,
+            "tokenizer_config.json": json.dumps(config, indent=2).encode(),
+            "special_tokens_map.json": json.dumps(special, indent=2).encode()}
+
+
+def to_hf(config: T5Config, params: dict, path: str, vocab=None) -> None:
+    """Writes `path/config.json` + `path/model.safetensors` for <family>ForConditionalGeneration.from_pretrained,
+    and with `vocab` (a t5lite Vocabulary) the tokenizer files for AutoTokenizer.from_pretrained.
 
     The directory is assembled under a temporary name and renamed into place, so a failure
     never leaves a half-written checkpoint at `path`.
@@ -316,3 +329,10 @@ def to_hf(config: T5Config, params: dict, path: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         write_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        if vocab is not None:
+            if vocab.vocab_size > config.vocab_size:
+                raise UserError(f"the vocabulary has {vocab.vocab_size} pieces, more than the model's vocab_size "
+                                f"{config.vocab_size}; pass the vocabulary the model was trained with")
+            for name, data in tokenizer_files(vocab).items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)

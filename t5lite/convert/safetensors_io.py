@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from t5lite.errors import UserError
+from t5lite.fileio import set_default_mode
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -81,3 +82,4 @@ def read_safetensors(directory: str) -> Dict[str, np.ndarray]:
 
 def write_safetensors(tensors: Dict[str, np.ndarray], path: str) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
+    set_default_mode(path)  # safetensors creates it 0600

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 
 from t5lite.data import tasks as tasks_lib
 from t5lite.errors import UserError
+from t5lite.fileio import write_lines
 from t5lite.infer.evaluate import decode_task_split
 
 FORMATS = {".jsonl": "jsonl", ".tsv": "tsv"}
@@ -57,16 +58,7 @@ def _lines(pairs: List[Dict], fmt: str) -> List[str]:
 
 def write_pairs(pairs: List[Dict], path: str) -> None:
     """One line per pair, written to a temporary name and renamed: never half a file."""
-    lines = _lines(pairs, data_format(path))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_lines(path, (line + "\n" for line in _lines(pairs, data_format(path))))
 
 
 def distilled_task(name: str, split: str, path: str, metrics=("bleu",)) -> "tasks_lib.Task":

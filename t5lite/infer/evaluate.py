@@ -1,7 +1,10 @@
 """Batch decoding of texts and evaluation of a task split: metrics by name plus perplexity.
 
-Inputs are padded to one fixed length and every batch to one size, so decoding compiles
-once. Inputs longer than `input_length` are truncated (keeping EOS) with a counted warning,
+Batches follow a token budget: inputs are sorted by length and grouped so that a batch holds at
+most `batch_size` inputs and, padded to its length bucket (a power of two, at most `input_length`),
+at most `max_batch_tokens` tokens; one long input is never padded into a batch of short ones.
+Results come back in input order. Bucketed lengths and row counts bound the compiled shapes.
+Inputs longer than `input_length` are truncated (keeping EOS) with one warning that counts them,
 or rejected when `strict=True`.
 """
 
@@ -21,12 +24,18 @@ from t5lite.model import EncoderDecoder, lora
 
 
 def pad_inputs(token_lists: Sequence[Sequence[int]], input_length: int, eos_id: Optional[int] = EOS_ID,
-               strict: bool = False, numbers: Optional[Sequence[int]] = None) -> (np.ndarray, int):
+               strict: bool = False, numbers: Optional[Sequence[int]] = None,
+               trim: bool = False) -> (np.ndarray, int):
     """Token lists -> int32 [N, input_length] (right-padded) and how many were truncated.
 
     A truncated input keeps its final EOS (unless eos_id is None); `numbers` name the inputs in
-    the --strict error (default: their index)."""
-    out = np.zeros((len(token_lists), input_length), np.int32)
+    the --strict error (default: their index). `trim`: only as wide as the longest input's length
+    bucket (see token_budget_batches), so a huge input_length allocates nothing for columns of padding."""
+    width = input_length
+    if trim:
+        longest = max((len(t) for t in token_lists), default=1)
+        width = min(input_length, max(_next_power_of_two(longest), _MIN_BUCKET))
+    out = np.zeros((len(token_lists), width), np.int32)
     truncated = 0
     for i, tokens in enumerate(token_lists):
         tokens = list(tokens)
@@ -47,27 +56,75 @@ def _fill_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[:1], missing, axis=0)]) if missing > 0 else rows
 
 
+DEFAULT_TOKENS_PER_ROW = 128  # max_batch_tokens defaults to batch_size x this (the default input_length)
+_MIN_BUCKET = 16
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def token_budget_batches(lengths: Sequence[int], *, batch_size: int, input_length: int,
+                         max_batch_tokens: Optional[int] = None) -> List[tuple]:
+    """Groups inputs of these token lengths into batches -> [(indices, rows, length)].
+
+    Inputs are taken shortest first; a batch is padded to `length` (the next power of two >= its longest
+    input, at least 16, at most input_length) and to `rows` (the next power of two >= its size, at most
+    batch_size), and holds at most max_batch_tokens (default batch_size x 128) padded tokens, but always at
+    least one input. Few distinct (rows, length) shapes -> few compiles."""
+    if batch_size < 1 or input_length < 1:
+        raise UserError(f"batch_size and input_length must be >= 1, got {batch_size} and {input_length}")
+    budget = max_batch_tokens if max_batch_tokens is not None else batch_size * DEFAULT_TOKENS_PER_ROW
+    if budget < 1:
+        raise UserError(f"max_batch_tokens must be >= 1, got {budget}")
+
+    def shape(longest, count):
+        length = min(max(_next_power_of_two(longest), _MIN_BUCKET), input_length)
+        cap = max(1, min(batch_size, budget // length))
+        return min(_next_power_of_two(count), cap), length, cap
+
+    order = np.argsort(np.asarray(lengths, np.int64), kind="stable")
+    batches, current = [], []
+    for i in order:
+        if current and len(current) + 1 > shape(lengths[i], len(current) + 1)[2]:
+            batches.append(current)
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(current)
+    return [(np.asarray(b), *shape(max(lengths[i] for i in b), len(b))[:2]) for b in batches]
+
+
+def _input_lengths(inputs: np.ndarray) -> np.ndarray:
+    """Tokens before the right padding of each row of [N, L] -> [N] (a row of padding only: 1)."""
+    nonzero = inputs != 0
+    last = np.where(nonzero.any(axis=1), inputs.shape[1] - np.argmax(nonzero[:, ::-1], axis=1), 1)
+    return last.astype(np.int64)
+
+
 def decode_batches(config, params, inputs: np.ndarray, *, batch_size: int, max_decode_length: int,
-                   decoder_only: bool = False, progress=None, cards=None, card_index=None, **decode_kwargs):
-    """Decodes [N, L] inputs in fixed-size batches -> (tokens [N, T], scores [N]).
+                   decoder_only: bool = False, progress=None, cards=None, card_index=None,
+                   max_batch_tokens: Optional[int] = None, **decode_kwargs):
+    """Decodes [N, L] right-padded inputs in token-budget batches (token_budget_batches) -> (tokens [N, T],
+    scores [N]) in input order.
 
     `cards` (a lora.CardTable) and `card_index` [N]: example i decodes with card card_index[i] (< 0: none;
     no card_index: every example with card 0)."""
-    tokens, scores = [], []
+    tokens = np.zeros((len(inputs), max_decode_length), np.int32)
+    scores = np.zeros((len(inputs),), np.float32)
     card_index = _card_index_or_first(cards, card_index, len(inputs))
-    for start in range(0, len(inputs), batch_size):
-        n = len(inputs[start:start + batch_size])
-        chunk = _fill_batch(inputs[start:start + batch_size], batch_size)
-        index = None if cards is None else _fill_batch(card_index[start:start + batch_size], batch_size)
+    plan = token_budget_batches(_input_lengths(inputs), batch_size=batch_size, input_length=inputs.shape[1],
+                                max_batch_tokens=max_batch_tokens)
+    for rows_of, rows, length in plan:
+        chunk = _fill_batch(inputs[rows_of, :length], rows)  # [rows, length]
+        index = None if cards is None else _fill_batch(card_index[rows_of], rows)
         out, score = generate(config, params, chunk, max_decode_length=max_decode_length,
                               decoder_only=decoder_only, cards=cards, card_index=index, **decode_kwargs)
-        tokens.append(np.asarray(out)[:n])
-        scores.append(np.asarray(score)[:n])
+        tokens[rows_of] = np.asarray(out)[:len(rows_of)]
+        scores[rows_of] = np.asarray(score)[:len(rows_of)]
         if progress is not None:
-            progress.update(n)
-    if not tokens:
-        return np.zeros((0, max_decode_length), np.int32), np.zeros((0,), np.float32)
-    return np.concatenate(tokens), np.concatenate(scores)
+            progress.update(len(rows_of))
+    return tokens, scores
 
 
 def _card_index_or_first(cards, card_index, n: int) -> Optional[np.ndarray]:
@@ -101,16 +158,19 @@ def _decoder_only_rows(inputs: np.ndarray, targets: np.ndarray):
 
 
 def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarray, batch_size: int,
-                           decoder_only: bool = False, cards=None, card_index=None):
+                           decoder_only: bool = False, cards=None, card_index=None,
+                           max_batch_tokens: Optional[int] = None):
     """Sum of log p(target token) per example under teacher forcing -> (log-likelihoods [N], token counts [N]).
 
     Decoder-only models score the targets after the prompt in one sequence (prefix attention when the
-    model is a prefix LM). `cards` / `card_index`: each example scored with its card (see decode_batches)."""
+    model is a prefix LM). `cards` / `card_index`: each example scored with its card (see decode_batches).
+    Batches follow the inputs' token budget, as decode_batches."""
     card_index = _card_index_or_first(cards, card_index, len(inputs))
+    plan = token_budget_batches(_input_lengths(inputs), batch_size=batch_size, input_length=inputs.shape[1],
+                                max_batch_tokens=max_batch_tokens)
     if decoder_only:
         from t5lite.model import DecoderOnly
         model = DecoderOnly(config)
-        tgt, dec_in, prefix, weights = _decoder_only_rows(inputs, targets)
 
         @jax.jit
         def score(index, dec_in, tgt, prefix, weights):
@@ -119,7 +179,9 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
             picked = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tgt[..., None], axis=-1)[..., 0]
             return jnp.sum(picked * weights, axis=1)
 
-        columns = (dec_in, tgt, prefix, weights)
+        def columns(rows_of, length):
+            tgt, dec_in, prefix, weights = _decoder_only_rows(inputs[rows_of, :length], targets[rows_of])
+            return dec_in, tgt, prefix, weights
     else:
         model = EncoderDecoder(config)
 
@@ -131,14 +193,14 @@ def target_log_likelihoods(config, params, inputs: np.ndarray, targets: np.ndarr
             picked = jnp.take_along_axis(log_probs, tgt[..., None], axis=-1)[..., 0]
             return jnp.sum(picked * (tgt > 0), axis=1)
 
-        columns = (inputs, targets)
-    totals = []
-    for start in range(0, len(inputs), batch_size):
-        n = len(inputs[start:start + batch_size])
-        chunk = [_fill_batch(c[start:start + batch_size], batch_size) for c in columns]
-        index = None if cards is None else _fill_batch(card_index[start:start + batch_size], batch_size)
-        totals.append(np.asarray(score(index, *chunk))[:n])
-    return np.concatenate(totals) if totals else np.zeros((0,)), (targets > 0).sum(axis=1)
+        def columns(rows_of, length):
+            return inputs[rows_of, :length], targets[rows_of]
+    totals = np.zeros((len(inputs),))
+    for rows_of, rows, length in plan:
+        chunk = [_fill_batch(c, rows) for c in columns(rows_of, length)]
+        index = None if cards is None else _fill_batch(card_index[rows_of], rows)
+        totals[rows_of] = np.asarray(score(index, *chunk))[:len(rows_of)]
+    return totals, (targets > 0).sum(axis=1)
 
 
 def decode_task_split(config, params, task, vocab, *, split: str, max_examples: Optional[int], batch_size: int,
@@ -149,7 +211,7 @@ def decode_task_split(config, params, task, vocab, *, split: str, max_examples: 
     examples = task.eval_examples(split, vocab, max_examples=max_examples)
     if not examples:
         raise UserError(f"split {split!r} of task {task.name!r} has no examples to decode")
-    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict)
+    inputs, truncated = pad_inputs([ex["inputs"] for ex in examples], input_length, vocab.eos_id, strict, trim=True)
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(examples), input_length)
@@ -161,7 +223,7 @@ def decode_task_split(config, params, task, vocab, *, split: str, max_examples: 
 def evaluate_task(config, params, task, vocab, *, split: str = "validation", max_examples: Optional[int] = None,
                   batch_size: int = 32, input_length: int = 128, max_decode_length: int = 64,
                   strict: bool = False, decoder_only: bool = False, progress=None, cards=None,
-                  **decode_kwargs) -> (Dict[str, float], List[dict]):
+                  max_batch_tokens: Optional[int] = None, **decode_kwargs) -> (Dict[str, float], List[dict]):
     """Decodes `split` of `task`, scores it with the task's metrics -> (metrics, per-example records).
 
     Besides the task's metrics: `perplexity` of the reference targets under teacher forcing
@@ -171,7 +233,7 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     examples, inputs, tokens, scores = decode_task_split(
         config, params, task, vocab, split=split, max_examples=max_examples, batch_size=batch_size,
         input_length=input_length, max_decode_length=max_decode_length, strict=strict, decoder_only=decoder_only,
-        progress=progress, cards=cards, **decode_kwargs)
+        progress=progress, cards=cards, max_batch_tokens=max_batch_tokens, **decode_kwargs)
     predictions = [task.postprocess(vocab.decode(row)) for row in tokens]
     targets = [ex["targets_pretokenized"] for ex in examples]
     results = metrics_lib.compute(list(task.metrics), targets, predictions)
@@ -179,7 +241,8 @@ def evaluate_task(config, params, task, vocab, *, split: str = "validation", max
     target_tokens = [vocab.encode(t) + [vocab.eos_id] for t in targets]
     target_length = max(max(len(t) for t in target_tokens), 1)
     tgt, _ = pad_inputs(target_tokens, target_length, vocab.eos_id)
-    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size, decoder_only, cards)
+    log_likelihood, counts = target_log_likelihoods(config, params, inputs, tgt, batch_size, decoder_only, cards,
+                                                    max_batch_tokens=max_batch_tokens)
     results["perplexity"] = math.exp(min(-float(log_likelihood.sum()) / max(int(counts.sum()), 1), 50.0))
     results["num_examples"] = len(examples)
     records = [dict(input=ex["inputs_pretokenized"], target=t, prediction=p, score=float(s))
@@ -205,7 +268,7 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
     real = [i for i, t in enumerate(texts) if t.strip()]
     eos = None if _continues_text(config, decoder_only) else vocab.eos_id
     tokens = [vocab.encode(texts[i]) + ([eos] if eos is not None else []) for i in real]
-    inputs, truncated = pad_inputs(tokens, input_length, eos, strict, numbers=[i + 1 for i in real])
+    inputs, truncated = pad_inputs(tokens, input_length, eos, strict, numbers=[i + 1 for i in real], trim=True)
     if truncated:
         logging.warning("%d of %d inputs were longer than input_length %d and were truncated",
                         truncated, len(texts), input_length)
@@ -222,4 +285,4 @@ def decode_texts(config, params, vocab, texts: Iterable[str], *, input_length: i
 
 
 __all__ = ["evaluate_task", "decode_task_split", "decode_texts", "decode_batches", "pad_inputs",
-           "target_log_likelihoods"]
+           "target_log_likelihoods", "token_budget_batches"]

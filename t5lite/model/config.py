@@ -98,6 +98,7 @@ class T5Config:
     moe_router_z_loss_weight: float = 0.0  # ST-MoE's router z-loss (they use 1e-3)
 
     def __post_init__(self):
+        self._check_types()
         # Lists from JSON/gin become tuples so the config stays hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         for act in self.mlp_activations:
@@ -114,6 +115,35 @@ class T5Config:
             raise UserError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}; T5 uses 0.1 "
                             "for fine-tuning and 0 for pre-training")
         self._check_ablation_fields()
+
+    def _check_types(self):
+        """A value of the wrong type (a gin binding like T5Config.num_heads={}) is one line naming the field,
+        not a TypeError deep in the checks below. Integers pass for floats; bools only for bools."""
+        import math
+        import typing
+        for field in dataclasses.fields(self):
+            hint, value = typing.get_type_hints(type(self))[field.name], getattr(self, field.name)
+            args = typing.get_args(hint)
+            if typing.get_origin(hint) is typing.Union and type(None) in args:
+                if value is None:
+                    continue
+                hint = next(a for a in args if a is not type(None))
+            if hint is bool:
+                ok = isinstance(value, bool)
+            elif hint is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif hint is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif hint is str:
+                ok = isinstance(value, str)
+            else:  # tuples of names (mlp_activations) and the like
+                ok = isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value) \
+                    if typing.get_origin(hint) in (tuple, typing.Tuple) else True
+            if not ok:
+                name = getattr(hint, "__name__", str(hint))
+                article = "a finite " if hint is float else ("an " if name[0] in "aeiou" else "a ")
+                raise UserError(f"T5Config.{field.name} must be {article}{name}"
+                                f"{' or None' if type(None) in args else ''}, got {value!r}")
 
     def _check_ablation_fields(self):
         for kind, name in (("positions", self.position_scheme), ("attention", self.attention), ("mlp", self.mlp),

@@ -54,6 +54,7 @@ def run(args) -> None:
         return
     if args.dry_run:
         _print_plan(plans)
+        _raise_if_unplannable(plans)  # the table shows every point; a point that cannot run fails the dry run
         return
     counts = run_sweep(plans, args.root, python=sys.executable, skip_failed=args.skip_failed,
                        task_metrics=args.task_metrics, max_examples=args.eval_examples, verbose=args.verbose)
@@ -66,8 +67,10 @@ def run(args) -> None:
 
 def summary(args) -> None:
     """Re-reads the run directories (e.g. points launched elsewhere from --print_commands) and writes the summary."""
+    if not os.path.isdir(args.root):  # a mistyped root would summarise nothing into a new directory
+        raise UserError(f"sweep root {args.root} is not a directory; pass the --root of an existing sweep "
+                        "(`t5lite sweep run` creates it)")
     sweep, plans = _plans(args)
-    os.makedirs(args.root, exist_ok=True)
     summarize(sweep, plans, args.root)
     if args.fit:
         fit_root(args.root, args)
@@ -76,7 +79,9 @@ def summary(args) -> None:
 def _raise_if_unplannable(plans) -> None:
     bad = [p for p in plans if p.error]
     if bad:
-        raise UserError(f"{len(bad)} of {len(plans)} points cannot run ({bad[0].point.name}: {bad[0].error})")
+        names = ", ".join(p.point.name for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        first = str(bad[0].error).strip().splitlines()[0] if str(bad[0].error).strip() else "invalid"
+        raise UserError(f"{len(bad)} of {len(plans)} points cannot run ({names}); {bad[0].point.name}: {first}")
 
 
 def _raise_if_failed(rows, root: str) -> None:

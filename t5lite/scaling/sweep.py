@@ -111,7 +111,7 @@ def plan_point(sweep: Sweep, point: Point, root: str) -> Plan:
     bindings = [*sweep.bindings, *point.bindings]
     facts, config_text, error = {}, "", None
     try:
-        train = _train_config(sweep.gin_files, bindings, model_dir)
+        train = _train_config(sweep.gin_files, bindings, model_dir)  # its settings checked (TRAIN_STEPS='x': one line)
         if train.eval_period is None and _has_split(train.task, train.eval_split):
             bindings.append(f"train.eval_period={train.train_steps}")
             gin_utils.parse(sweep.gin_files, bindings, model_dir)

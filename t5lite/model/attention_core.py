@@ -135,12 +135,13 @@ def _toeplitz(vec: jax.Array, bq: int, bk: int) -> jax.Array:
 
 
 def _diagonal_sums(block: jax.Array) -> jax.Array:
-    """[H, bq, bk] -> [H, bq + bk - 1]: sums over the diagonals j - i + bq - 1 = c (_toeplitz's transpose)."""
-    h, bq, bk = block.shape
+    """[..., bq, bk] -> [..., bq + bk - 1]: sums over the diagonals j - i + bq - 1 = c (_toeplitz's transpose)."""
+    lead, (bq, bk) = block.shape[:-2], block.shape[-2:]
     n = bq + bk
-    flipped = jnp.pad(block[:, ::-1, :], ((0, 0), (0, 0), (0, bq)))  # [H, bq, n]; row r is row bq - 1 - r
-    skewed = flipped.reshape(h, bq * n)[:, :bq * (n - 1)].reshape(h, bq, n - 1)  # (r, j) lands at (r, r + j)
-    return skewed.sum(axis=1)
+    pad = [(0, 0)] * len(lead) + [(0, 0), (0, bq)]
+    flipped = jnp.pad(block[..., ::-1, :], pad)  # [..., bq, n]; row r is row bq - 1 - r
+    skewed = flipped.reshape(lead + (bq * n,))[..., :bq * (n - 1)].reshape(lead + (bq, n - 1))  # (r, j) -> (r, r + j)
+    return skewed.sum(axis=-2)
 
 
 def block_mask(spec: AttentionSpec, masks: dict, q_idx, k_idx) -> Optional[jax.Array]:
@@ -343,9 +344,10 @@ def _blockwise_bwd(spec, residuals, d_result):
             dp = jnp.einsum("bngqd,bknd->bngqk", do, vb[ki].astype(jnp.float32))
             ds = p * (dp - delta_blk[..., None])  # d loss / d (scores + bias)
             if spec.position == "t5":  # per offset first (diagonal sums), then a small scatter into the buckets
-                per_offset = _diagonal_sums(ds.sum(0).reshape(h, bq, bk))  # [H, bq + bk - 1]
+                # Per example: summing over the (data-sharded) batch here would all-reduce in every block.
+                per_offset = _diagonal_sums(ds.reshape(b, h, bq, bk))  # [B, H, bq + bk - 1]
                 buckets = _offset_buckets_of_block(spec, qi, ki, bq, bk, lq, lk)
-                dtable = dtable.at[:, buckets].add(per_offset)
+                dtable = dtable.at[:, :, buckets].add(per_offset)
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             dq = dq + jnp.einsum("bngqk,bknd->bqngd", ds, kb[ki].astype(jnp.float32))
@@ -357,8 +359,10 @@ def _blockwise_bwd(spec, residuals, d_result):
         (dq, dk, dv, dtable), _ = jax.lax.scan(step, (dq0, dk, dv, dtable), jnp.arange(nk))
         return (dk, dv, dtable), dq
 
-    init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32), jnp.zeros_like(table))
+    dtable0 = jnp.zeros((b,) + table.shape, jnp.float32)  # [B, H, buckets]: summed over the batch once, at the end
+    init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32), dtable0)
     (dk, dv, dtable), dq = jax.lax.scan(one_query_block, init, (jnp.arange(nq), qb, dob, lse, delta))
+    dtable = dtable.sum(0).astype(table.dtype)
 
     def unblock(x, length):  # [n, B, blk, ...] -> [B, length, ...]
         x = jnp.moveaxis(x, 0, 1)

@@ -30,6 +30,7 @@ def run_training(args, finetune: bool = False) -> None:
     if finetune and not init:
         raise UserError("finetune needs a checkpoint to start from: --init_checkpoint DIR or "
                         "--gin.INITIAL_CHECKPOINT_PATH=DIR")
+    from t5lite.train.load import refuse_card_run
     if isinstance(init, str):
         refuse_card_run(init, "--init_checkpoint")
     teacher = _query("train.teacher_checkpoint", "")
@@ -62,50 +63,9 @@ def _query(key: str, fix: str):
     return value
 
 
-def refuse_card_run(path: str, flag: str) -> None:
-    """A LoRA card run's model_dir (or a card directory) holds the card, not a model: say how to use it."""
-    if any(os.path.isfile(os.path.join(path, *parts, "card.json")) for parts in ((), ("card",))):
-        raise UserError(f"{flag} {path} is a LoRA card run, not a model; pass its base checkpoint as {flag} and "
-                        f"this directory as --card (infer/eval), or fold it in first: t5lite cards merge {path} "
-                        "--out DIR")
-
-
-def load_for_inference(checkpoint: str, vocab_path=None, flag: str = "--checkpoint"):
-    """(config, params, vocab, decoder_only) from a training model_dir (its newest readable step) or a
-    params checkpoint. A --vocab other than the one a training checkpoint stored is refused (its ids
-    would mean other pieces)."""
-    from t5lite.data import tasks
-    from t5lite.data.vocab import Vocabulary
-    from t5lite.train.checkpoint import (
-        decoder_only_of,
-        is_params_checkpoint,
-        load_any_params,
-        load_train_checkpoint_params,
-    )
-    from t5lite.train.checks import checkpoint_vocabulary
-    if not os.path.exists(checkpoint):
-        raise UserError(f"checkpoint {checkpoint} does not exist; pass a model_dir or a converted checkpoint")
-    refuse_card_run(checkpoint, flag)
-    given = Vocabulary(vocab_path) if vocab_path else None  # a bad --vocab fails before the model is read
-    if is_params_checkpoint(checkpoint):
-        (config, params), vocab, decoder_only = load_any_params(checkpoint), None, False
-    else:
-        config, params, meta = load_train_checkpoint_params(checkpoint)
-        vocab, decoder_only = checkpoint_vocabulary(meta), decoder_only_of(meta, params)
-    if given is not None:
-        if vocab is not None and given.serialized_model != vocab.serialized_model:
-            raise UserError(f"--vocab {vocab_path} is not the vocabulary {checkpoint} was trained with (its ids would "
-                            "mean other pieces); drop --vocab to use the checkpoint's")
-        vocab = given
-    vocab = vocab or tasks.default_vocabulary()
-    if vocab.vocab_size > config.vocab_size:
-        raise UserError(f"the vocabulary has {vocab.vocab_size} pieces, more than the model's vocab_size "
-                        f"{config.vocab_size}; pass the vocabulary the checkpoint was trained with (--vocab)")
-    return config, params, vocab, decoder_only
-
-
 def _load_decoder(args, flag: str = "--checkpoint"):
     """load_for_inference plus the decoding flags that need the model: --top_k at most the vocabulary."""
+    from t5lite.train.load import load_for_inference
     config, params, vocab, decoder_only = load_for_inference(args.checkpoint, args.vocab, flag)
     if args.top_k > config.vocab_size:
         raise UserError(f"--top_k {args.top_k} is larger than the vocabulary ({config.vocab_size}); use "
@@ -288,6 +248,7 @@ def convert_to_hf(args) -> None:
     if not os.path.exists(args.checkpoint):
         raise UserError(f"checkpoint {args.checkpoint} does not exist; pass a training model_dir or a params "
                         "checkpoint")
+    from t5lite.train.load import refuse_card_run
     refuse_card_run(args.checkpoint, "--checkpoint")
     given = Vocabulary(args.vocab) if args.vocab else None
     if is_params_checkpoint(args.checkpoint):

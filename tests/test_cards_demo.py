@@ -12,7 +12,7 @@ import pytest
 from t5lite import metrics
 from t5lite.demos import cards as cards_demo
 from t5lite.cli import main
-from t5lite.commands import load_for_inference
+from t5lite.train.load import load_for_inference
 from t5lite.data import tasks
 from t5lite.infer.evaluate import evaluate_task
 from t5lite.model import lora

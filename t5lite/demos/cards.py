@@ -162,7 +162,7 @@ def clean(out: str) -> None:
 
 
 def run(args) -> dict:
-    from t5lite.commands import load_for_inference
+    from t5lite.train.load import load_for_inference
     from t5lite.model import count_params, lora
     from t5lite.train.cards import check_base, load_card
     start = time.perf_counter()

@@ -163,7 +163,7 @@ def evaluate(model_dir: str, split: str, max_examples: int, args) -> dict:
             saved = json.load(f)
         if saved["settings"] == settings:
             return saved
-    from t5lite.commands import load_for_inference
+    from t5lite.train.load import load_for_inference
     from t5lite.data import tasks
     from t5lite.infer.evaluate import evaluate_task
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import urllib.request
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 from t5lite.errors import UserError
+from t5lite.fileio import write_text_atomic
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the tree t5lite runs from
 TREE_FILE = ".t5lite_tree.json"   # at the root of a packed tree: how it was packed
@@ -290,10 +291,7 @@ def write(model_dir: str, process_index: Optional[int] = None, process_count: Op
             logging.warning("%s was started with other code (commit %s, diff %s); both are kept in %s",
                             model_dir, previous.get("commit"), previous.get("diff_sha256"), path)
     record["earlier_starts"] = earlier
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2))
     return line
 
 

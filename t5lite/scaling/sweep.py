@@ -24,6 +24,7 @@ import time
 from typing import List, Optional, Tuple
 
 from t5lite.errors import UserError
+from t5lite.fileio import write_text_atomic
 from t5lite.scaling.spec import Point, Sweep
 
 EMBEDDING_AXES = {"vocab", "abs_positions"}  # logical axes of the parameters N leaves out
@@ -165,10 +166,7 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def _write_json(path: str, record: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2))
 
 
 def write_status(plan: Plan, status: str, error: Optional[str] = None, wall_s: Optional[float] = None,

@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from t5lite.errors import UserError
+from t5lite.fileio import write_text_atomic
 
 LOCK_NAME = ".t5lite.lock"
 log = logging.getLogger(__name__)
@@ -85,10 +86,7 @@ class ModelDirLock:
         return True
 
     def _write(self) -> None:
-        tmp = f"{self.path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self._record, f)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self._record))
 
     def _holder(self) -> dict:
         try:

@@ -233,6 +233,7 @@ def test_ctrl_c_saves_the_current_step_and_exits_130_with_one_line(tmp_path):
 def test_a_second_ctrl_c_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(preemption_lib, "fail", lambda message, code=1, label="error": exits.append((code, message)))
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     preemption = preemption_lib.Preemption()
     try:
         preemption._handler(signal.SIGINT, None)
@@ -241,7 +242,7 @@ def test_a_second_ctrl_c_exits_at_once(monkeypatch):
         assert exits and exits[0][0] == 130 and "without saving" in exits[0][1]
     finally:
         preemption.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler the process had is back
 
 
 def test_a_failed_save_stops_at_that_step_with_one_line_keeping_earlier_checkpoints(run_copy, capsys, monkeypatch):

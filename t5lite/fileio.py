@@ -23,11 +23,17 @@ def set_default_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def nearest_existing(path: str) -> str:
+    """`path` if it exists, else its nearest existing ancestor (what creating it would write into)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def _check_parent(path: str, flag: str) -> None:
     """The nearest existing ancestor of `path` is a writable directory (so the parents can be created)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise UserError(f"{flag} {path}: {parent} is a file, not a directory; choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -64,19 +70,11 @@ def check_output_dir(path: str, flag: str) -> None:
 
 
 def write_lines(path: str, lines: Iterable[str]) -> None:
-    """Writes `lines` (each ending in a newline) to `path` atomically: a failure leaves any old file intact
-    and no partial one."""
+    """Writes `lines` (each ending in a newline) to `path` atomically, creating its parents: a failure
+    leaves any old file intact and no partial one."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _replace(path, lambda f: f.writelines(lines))
 
 
 @contextlib.contextmanager
@@ -102,11 +100,16 @@ def new_directory(path: str):
 def write_text_atomic(path: str, text: str) -> None:
     """Replaces the file `path` with `text` at once: readers see the old or the new content, never a
     mix, and a crash mid-write leaves the old file."""
-    path = os.path.abspath(path)
+    _replace(os.path.abspath(path), lambda f: f.write(text))
+
+
+def _replace(path: str, write) -> None:
+    """write(f) fills a temporary sibling of `path`, which is synced and then renamed over `path`; on any
+    error the sibling is removed and `path` is left as it was."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

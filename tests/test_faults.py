@@ -29,6 +29,7 @@ from t5lite.train import run as run_lib
 from t5lite.train import preemption as preemption_lib
 from t5lite.train.checkpoint import read_meta
 from t5lite.train.monitor import Monitor
+from tests.test_safety import _one_line_error
 
 
 @contextlib.contextmanager
@@ -76,16 +77,6 @@ QUICK = ["--gin_file=experiments/demo/pretrain.gin", "--gin_file=experiments/mod
 def _train(model_dir, *flags, steps=4, period=2):
     return main(["train", *QUICK, f"--model_dir={model_dir}", f"--gin.TRAIN_STEPS={steps}",
                  f"--gin.CHECKPOINT_PERIOD={period}", *flags])
-
-
-def _one_line_error(argv, capsys, *needles, code=2):
-    capsys.readouterr()
-    assert main(argv) == code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err and err[-1].startswith("t5lite: error: "), err
-    for needle in needles:
-        assert needle in err[-1], err[-1]
-    return err[-1]
 
 
 def _snapshot(directory):

@@ -27,9 +27,10 @@ def _train(model_dir, *flags, steps=4, period=2):
                  f"--gin.CHECKPOINT_PERIOD={period}", *flags])
 
 
-def _one_line_error(argv, capsys, *needles):
+def _one_line_error(argv, capsys, *needles, code=2):
+    """Runs the CLI in process: exit `code`, and the last stderr line is the error naming every needle."""
     capsys.readouterr()
-    assert main(argv) == 2
+    assert main(argv) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("t5lite: error: "), err
     for needle in needles:

@@ -23,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from t5lite.errors import UserError
-from t5lite.fileio import new_directory
+from t5lite.fileio import nearest_existing, new_directory
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
 from t5lite.train.data_checkpoint import (DataPositionMismatch, DataPositionRestore, DataPositionSave, data_changes,
                                           data_mismatch)
@@ -302,16 +302,22 @@ def _raise_if_denied(step_dir: str, error: BaseException) -> None:
 def permission_error(error: BaseException) -> Optional[str]:
     """The path (or message) of a permission error anywhere in `error`'s chain, else None. orbax and
     tensorstore wrap the OSError, or only keep its text."""
+    for cause in _chain(error):
+        if isinstance(cause, PermissionError):
+            return cause.filename or str(cause)
+        text = str(cause)
+        if "Permission denied" in text or "PERMISSION_DENIED" in text:
+            return text.strip().splitlines()[0][:200]
+    return None
+
+
+def _chain(error: BaseException):
+    """`error`, then its causes (explicit or implicit), each once."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, PermissionError):
-            return error.filename or str(error)
-        text = str(error)
-        if "Permission denied" in text or "PERMISSION_DENIED" in text:
-            return text.strip().splitlines()[0][:200]
+        yield error
         error = error.__cause__ or error.__context__
-    return None
 
 
 class TrainCheckpointer:
@@ -484,23 +490,12 @@ class SaveFailed(UserError):
 
 def _root(error: BaseException) -> BaseException:
     """The OSError behind orbax's wrappers, if there is one (its text names errno and path)."""
-    seen, current = set(), error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError):
-            return current
-        current = current.__cause__ or current.__context__
-    return error
+    return next((cause for cause in _chain(error) if isinstance(cause, OSError)), error)
 
 
 def _free_space(directory: str) -> str:
     """'1.2 GiB free of 50 GiB on <the disk holding directory>' (or why it is unknown)."""
-    path = directory
-    while path and not os.path.exists(path):
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
+    path = nearest_existing(directory)
     try:
         usage = shutil.disk_usage(path)
     except OSError as e:

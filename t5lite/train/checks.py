@@ -14,6 +14,7 @@ from typing import Optional
 
 from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
+from t5lite.fileio import nearest_existing
 from t5lite.model import T5Config, abstract_params
 from t5lite.train.checkpoint import check_fits, flat_shapes, stored_model
 
@@ -22,9 +23,7 @@ def check_model_dir(model_dir: str) -> None:
     path = os.path.abspath(model_dir)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UserError(f"--model_dir {path} is a file, not a directory; choose another --model_dir")
-    existing = path
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         raise UserError(f"--model_dir {path} cannot be created: {existing} is a file; choose another --model_dir")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -16,6 +16,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from t5lite.errors import UserError
+from t5lite.fileio import nearest_existing
 
 CORPORA_DIR = os.path.dirname(os.path.abspath(__file__))
 SPLITS = ('train', 'validation', 'test')
@@ -31,9 +32,7 @@ def _check_data_dir(data_dir: str, building: bool) -> None:
     """The data directory is a directory (or can be made one) and, when a corpus must be built
     there, writable: one line naming T5LITE_DATA_DIR instead of a TFDS traceback."""
     path = os.path.abspath(data_dir)
-    existing = path
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path)
     if not os.path.isdir(existing):
         raise UserError(f'the data directory {path} (T5LITE_DATA_DIR) cannot be used: {existing} is a file, not a '
                         'directory; set T5LITE_DATA_DIR to a directory')

@@ -4,6 +4,7 @@ User mistakes (UserError) print one line `t5lite: error: ...` and exit with code
 """
 
 import argparse
+import functools
 import math
 import sys
 
@@ -66,7 +67,7 @@ def _add_training(commands, name: str, help_text: str, finetune: bool, distill: 
         p.add_argument("--teacher", required=True, help="the teacher: a training model_dir or a params checkpoint "
                        "(e.g. from `convert from-hf`) with the student's vocab_size (sets train.teacher_checkpoint; "
                        "train.loss defaults to 'distillation')")
-    p.set_defaults(run=lambda args: run.run_training(args, finetune=finetune), init_checkpoint=None, teacher=None,
+    p.set_defaults(run=functools.partial(run.run_training, finetune=finetune), init_checkpoint=None, teacher=None,
                    takes_gin=True)
 
 

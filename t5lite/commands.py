@@ -13,6 +13,7 @@ def run_training(args, finetune: bool = False) -> None:
     """Parses the gin files and --gin.* bindings and trains; the run validates everything before it
     writes into model_dir, then saves the config there (t5lite/train/trainer.py)."""
     from t5lite import gin_utils
+    from t5lite.train import trainer
     if not args.gin_file:
         raise UserError("give at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
     bindings = list(args.gin)
@@ -36,7 +37,8 @@ def run_training(args, finetune: bool = False) -> None:
     teacher = _query("train.teacher_checkpoint", "")
     if isinstance(teacher, str):
         refuse_card_run(teacher, "--teacher")
-    metrics = gin_utils.train_into(model_dir, config_text)
+    metrics = trainer.train(gin_utils.train_config(), operative_gin=config_text,
+                            write_configs=gin_utils.config_writer(config_text))
     print(json.dumps({"model_dir": model_dir, **(metrics or {})}))
 
 

@@ -336,18 +336,17 @@ _REQUIRED_MACROS = {"model_dir": "MODEL_DIR (--model_dir)", "task": "MIXTURE_OR_
                     "train_steps": "TRAIN_STEPS", "batch_size": "BATCH_SIZE", "feature_lengths": "TASK_FEATURE_LENGTHS"}
 
 
-def train_into(model_dir: str, config_text: str):
-    """Trains the gin-configured run. Once the run holds model_dir (everything validated, the lock
-    taken), config.gin (the bindings) and operative_config.gin (every value used) are written there."""
+def config_writer(config_text: str):
+    """What the trainer calls once the run holds model_dir (everything validated, the lock taken):
+    writes config.gin (the bindings), operative_config.gin (every value used) and provenance.json there."""
     from t5lite.fileio import write_text_atomic
-    from t5lite.train import trainer
 
     def write_configs(directory: str) -> None:  # process 0 only
         code_line = provenance.write(directory, process_index=0)  # provenance.json: the code and the hosts
         write_text_atomic(os.path.join(directory, "config.gin"), config_text)
         write_text_atomic(os.path.join(directory, "operative_config.gin"), code_line + gin.operative_config_str())
 
-    return trainer.train(train_config(), operative_gin=config_text, write_configs=write_configs)
+    return write_configs
 
 
 def config_text() -> str:

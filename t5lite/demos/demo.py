@@ -110,6 +110,7 @@ def run_stage(name: str, gin_file: str, bindings: Sequence[str], out: str, quick
     import gin
 
     from t5lite import gin_utils
+    from t5lite.train import trainer
     files = [os.path.join(gin_utils.EXPERIMENTS_DIR, gin_file)]
     if quick:
         files.append(os.path.join(gin_utils.EXPERIMENTS_DIR, "models/tiny.gin"))
@@ -132,7 +133,8 @@ def run_stage(name: str, gin_file: str, bindings: Sequence[str], out: str, quick
     print(f"== {name}: {steps} steps ({' + '.join(os.path.relpath(f) for f in files)}"
           f"{''.join(' --gin.' + b for b in bindings)})", flush=True)
     start = time.perf_counter()
-    metrics = gin_utils.train_into(model_dir, config_text)
+    metrics = trainer.train(gin_utils.train_config(), operative_gin=config_text,
+                            write_configs=gin_utils.config_writer(config_text))
     wall = time.perf_counter() - start
     record = {"stage": name, "gin_file": gin_file, "bindings": list(bindings), "model_dir": model_dir,
               "steps": steps, "wall_s": wall, "final_loss": (metrics or {}).get("loss")}

@@ -151,7 +151,9 @@ def _train(run: Run, preemption: Preemption, operative_gin: str,
             return {}
         monitor = run.monitor(start_step)
         watchdog = Watchdog(settings.peer_timeout_s if jax.process_count() > 1 else None)
-        metrics = _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta)
+        progress = {"step": start_step}
+        with _peer_failure_in_one_line(progress):
+            metrics = _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta, progress)
         checkpointer.wait()  # the last save's failure is this run's error
         return metrics
     except BaseException:
@@ -169,10 +171,12 @@ def _train(run: Run, preemption: Preemption, operative_gin: str,
             watchdog.close()
 
 
-def _loop(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta) -> Dict[str, float]:
-    progress = {"step": start_step}
+@contextlib.contextmanager
+def _peer_failure_in_one_line(progress: Dict[str, int]):
+    """In a multi-process run, an error out of the step loop (a dead peer surfaces anywhere) becomes one line
+    naming the last finished step; `progress["step"]` is kept current by the loop."""
     try:
-        return _steps(run, state, start_step, checkpointer, monitor, watchdog, preemption, meta, progress)
+        yield
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001

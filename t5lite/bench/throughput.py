@@ -113,24 +113,28 @@ def _matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 
 def _train_t5lite(spec: dict) -> dict:
+    """The train step exactly as `t5lite train` builds it (a TrainConfig -> run.build_steps), on random batches."""
     import jax
 
-    from t5lite.model import EncoderDecoder
     from t5lite.train import partitioning
     from t5lite.train.checkpoint import load_params
-    from t5lite.train.optimizers import make_optimizer
+    from t5lite.train.config import TrainConfig
+    from t5lite.train.run import build_steps
     from t5lite.train.state import TrainState
-    from t5lite.train.step import make_train_step
     config, params = load_params(spec["weights"]["t5lite"])
     config = config.replace(dropout_rate=spec["dropout"])
-    opt = make_optimizer(spec["optimizer"], "constant", 1e-3, 0, **(
-        {"weight_decay": 0.01, "decay_vectors": True} if spec["optimizer"] == "adamw" else {}))
-    mesh = partitioning.make_mesh()
-    rules = partitioning.rules_for(mesh)
-    shardings = partitioning.state_shardings(config, opt, mesh, rules)
-    state = jax.jit(lambda p: TrainState.create(p, opt), out_shardings=shardings)(
-        jax.device_put(params, shardings.params))
-    step = make_train_step(EncoderDecoder(config), opt, mesh, rules, shardings)
+    train = TrainConfig(
+        model_dir="(bench: no model_dir)", task="(random batches)", train_steps=spec["steps"] + 1,
+        batch_size=spec["batch_size"], feature_lengths={"inputs": spec["input_length"],
+                                                        "targets": spec["target_length"]},
+        model=config, optimizer=spec["optimizer"], schedule="constant", learning_rate=1e-3, warmup_steps=0,
+        optimizer_kwargs={"weight_decay": 0.01, "decay_vectors": True} if spec["optimizer"] == "adamw" else None,
+        z_loss=0.0)  # HF's loss has no z-loss: the two sides compute the same thing
+    steps = build_steps(train, config, train.make_loss())
+    mesh, rules, opt = steps.mesh, steps.rules, steps.optimizer
+    state = jax.jit(lambda p: TrainState.create(p, opt), out_shardings=steps.shardings)(
+        jax.device_put(params, steps.shardings.params))
+    step = steps.train_step
     batch = partitioning.global_batch_from_local(
         _random_batch(config.vocab_size, spec["batch_size"], spec["input_length"], spec["target_length"]), mesh, rules)
     start = time.perf_counter()

@@ -135,8 +135,8 @@ def _sgd_step(model, teacher_model=None, **kwargs):
     optimizer = optax.sgd(1.0)
 
     def train(state, batch, *teacher_params):
-        teacher = (teacher_model, teacher_params[0]) if teacher_params else None
-        return step.train_step(state, batch, model=model, optimizer=optimizer, teacher=teacher, **kwargs)
+        return step.train_step(state, batch, *teacher_params, model=model, optimizer=optimizer,
+                               teacher_module=teacher_model if teacher_params else None, **kwargs)
 
     return optimizer, jax.jit(train)
 

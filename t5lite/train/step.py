@@ -12,6 +12,7 @@ jits the step with the state / batch shardings of t5lite/train/partitioning.py; 
 sums run over the global (sharded) batch, so every metric is global.
 """
 
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -92,19 +93,20 @@ def compute_grads(params, batch: Batch, dropout_rng: jax.Array, *, model: nn.Mod
     return jax.grad(objective, has_aux=True)(params)
 
 
-def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microbatches: int = 1,
+def _constrain(grads, grad_shardings):
+    """Pins a gradient tree to the params' shardings (None: one device, nothing to pin)."""
+    return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+
+def accumulate_grads(params, batch: Batch, dropout_rng: jax.Array, *, num_microbatches: int,
                      grad_shardings=None, **grad_kwargs):
-    """Sums `compute_grads` over `num_microbatches` slices of the batch with `lax.scan`.
+    """Sums `compute_grads` over `num_microbatches` (> 1) slices of the batch with `lax.scan`.
 
     Microbatch i holds rows i, i + M, i + 2M, ... : reshaping [B] -> [B/M, M] keeps every
     device's rows on that device when the batch axis is sharded. Microbatch i uses dropout key
     fold_in(dropout_rng, i). `grad_shardings` (the params' shardings) pins the accumulator's layout.
     """
-    constrain = (lambda g: g) if grad_shardings is None else (
-        lambda g: jax.lax.with_sharding_constraint(g, grad_shardings))
-    if num_microbatches <= 1:
-        grads, sums = compute_grads(params, batch, dropout_rng, **grad_kwargs)
-        return constrain(grads), sums
+    constrain = functools.partial(_constrain, grad_shardings=grad_shardings)
     batch_size = batch["decoder_target_tokens"].shape[0]
     if batch_size % num_microbatches:
         raise UserError(f"batch size {batch_size} is not divisible by num_microbatches={num_microbatches}; "
@@ -137,14 +139,15 @@ def apply_grads(state: TrainState, grads, optimizer: optax.GradientTransformatio
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: optax.GradientTransformation,
-               loss=None, teacher: Optional[Tuple[nn.Module, Any]] = None, dropout_seed: int = 0,
-               num_microbatches: int = 1, loss_normalizing_factor: Optional[float] = None,
+def train_step(state: TrainState, batch: Batch, teacher_params=None, *, model: nn.Module,
+               optimizer: optax.GradientTransformation, loss=None, teacher_module: Optional[nn.Module] = None,
+               dropout_seed: int = 0, num_microbatches: int = 1, loss_normalizing_factor: Optional[float] = None,
                grad_shardings=None) -> Tuple[TrainState, Metrics]:
     """One update on `batch` -> (new_state, metrics).
 
     `loss` is a loss object of t5lite/train/losses.py, built once by the run (TrainConfig.make_loss;
-    default: plain cross-entropy); `teacher` = (module, params) for a loss that needs one.
+    default: plain cross-entropy); `teacher_module` and `teacher_params` for a loss that needs a teacher
+    (its params are an input of the jitted step, not constants baked into the program).
     metrics: loss (incl. z-loss and auxiliary losses) and z_loss per weighted token (or /
     loss_normalizing_factor), accuracy (argmax == target over weighted tokens), weight_sum,
     grad_norm (global, before any clipping), learning_rate (of this update; NaN for an optimizer
@@ -152,12 +155,18 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module, optimizer: 
     aux_loss and aux_loss/<name>, all normalised like the loss.
     """
     loss_fn = losses.CrossEntropy() if loss is None else loss
+    teacher = None if teacher_module is None else (teacher_module, teacher_params)
     if loss_fn.needs_teacher != (teacher is not None):
         raise UserError(f"the loss {type(loss_fn).__name__} {'needs' if loss_fn.needs_teacher else 'takes no'} "
                         "teacher; set train.teacher_checkpoint together with a loss that uses it (e.g. 'distillation')")
     dropout_rng = jax.random.fold_in(jax.random.key(dropout_seed), state.step)
-    grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
-                                   grad_shardings=grad_shardings, model=model, loss_fn=loss_fn, teacher=teacher)
+    grad_kwargs = dict(model=model, loss_fn=loss_fn, teacher=teacher)
+    if num_microbatches > 1:
+        grads, sums = accumulate_grads(state.params, batch, dropout_rng, num_microbatches=num_microbatches,
+                                       grad_shardings=grad_shardings, **grad_kwargs)
+    else:
+        grads, sums = compute_grads(state.params, batch, dropout_rng, **grad_kwargs)
+        grads = _constrain(grads, grad_shardings)
     norm = losses.normaliser(sums["weight_sum"], loss_normalizing_factor)
     grads = jax.tree.map(lambda g: g / norm, grads)
     new_state = apply_grads(state, grads, optimizer)
@@ -226,12 +235,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, m
     """
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     teacher_args = () if teacher is None else (teacher.params,)
-
-    def step(state, batch, *teacher_params):  # teacher_params: () or (params,)
-        pair = (teacher.module, teacher_params[0]) if teacher_params else None
-        return train_step(state, batch, model=model, optimizer=optimizer, teacher=pair,
-                          grad_shardings=state_shardings.params, **step_kwargs)
-
+    step = functools.partial(train_step, model=model, optimizer=optimizer, grad_shardings=state_shardings.params,
+                             teacher_module=None if teacher is None else teacher.module, **step_kwargs)
     in_shardings = (state_shardings, batch_sharding(mesh, rules)) + (() if teacher is None else (teacher.shardings,))
     jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, replicated),
                      donate_argnums=(0,) if donate else ())

@@ -79,6 +79,12 @@ class T5Config:
     attention_block_q: int = 512  # query rows per block (blockwise / pallas_tpu)
     attention_block_k: int = 512  # key rows per block
     attention_auto_min_length: int = 2048
+    # The encoder's self-attention, a registered attention name; None: `attention`. LongT5 (t5lite/model/longt5.py):
+    # longt5_local sees the keys within local_radius tokens; longt5_transient_global adds one aggregated global
+    # token per global_block_size-token block. The decoder always uses `attention`.
+    encoder_attention: Optional[str] = None
+    local_radius: int = 127
+    global_block_size: int = 16
     norm: str = "rms_norm"  # rms_norm | layer_norm
     norm_layout: str = "pre"  # one of NORM_LAYOUTS: pre (T5), post (Vaswani et al.), sandwich (pre + post)
     mlp: str = "dense"  # dense | moe: the MLP of every `moe_every`-th layer (the others are dense)
@@ -149,6 +155,15 @@ class T5Config:
         for kind, name in (("positions", self.position_scheme), ("attention", self.attention), ("mlp", self.mlp),
                            ("norm", self.norm)):
             registry.get(kind, name)  # a one-line error with the valid names
+        if self.encoder_attention is not None:
+            registry.get("attention", self.encoder_attention)
+        if self.local_radius < 0 or self.global_block_size <= 0:
+            raise UserError(f"local_radius={self.local_radius} must be >= 0 and global_block_size="
+                            f"{self.global_block_size} positive")
+        if self.encoder_attention == "longt5_transient_global" and (
+                self.position_scheme != "t5_relative_bias" or self.relative_attention_per_layer):
+            raise UserError("encoder_attention='longt5_transient_global' needs position_scheme='t5_relative_bias' "
+                            "with one bias table per stack (relative_attention_per_layer=False)")
         if self.norm_layout not in NORM_LAYOUTS:
             raise UserError(f"unknown norm_layout {self.norm_layout!r}; choose from {', '.join(NORM_LAYOUTS)}")
         if self.num_kv_heads is not None and not (0 < self.num_kv_heads <= self.num_heads

@@ -15,7 +15,8 @@ longt5_transient_global: local attention plus, for every query, one "global toke
 again by the layer's own `global_input_layer_norm`, projected by the same key / value weights, under a
 second relative-bias table over block offsets (global block - the query's block), shared by the stack
 like T5's. Tokens of an incomplete last block join the block before it; a row with fewer tokens than
-one block has no global tokens. Dense path only (its keys are the row plus the globals).
+one block has no global tokens. Packed rows: every segment has its own blocks and global tokens, as if
+it were alone in its row. Dense path only (its keys are the row plus the globals).
 """
 
 import flax
@@ -31,7 +32,7 @@ from t5lite.model.attention_core import MASK_VALUE, AttentionSpec
 from t5lite.model.positions import relative_position_bucket
 from t5lite.registry import register
 
-__all__ = ["LocalAttention", "TransientGlobalAttention", "TransientGlobalBias", "global_block_ids"]
+__all__ = ["LocalAttention", "TransientGlobalAttention", "TransientGlobalBias", "global_blocks"]
 
 
 def _band(cfg, length: int) -> jax.Array:
@@ -60,19 +61,31 @@ class TransientGlobalBias:
 
     local: jax.Array  # [B or 1, H, L, L] float32: mask, band and T5 bias of the local keys
     side: jax.Array  # [B, H, L, G] float32: mask and global relative bias of the G global tokens
-    block_ids: jax.Array  # [B, L] int32: each token's global block, -1 for padding / no block
+    block_ids: jax.Array  # [B, L] int32: the global token each token is summed into, -1 for none
 
 
-def global_block_ids(valid: jax.Array, block_size: int):
-    """[B, L] bool -> (block id of each token [B, L], -1 where none; which of the G = L // block_size global
-    blocks exist [B, G]). A valid prefix is assumed (right padding), as HF does."""
+def global_blocks(valid: jax.Array, segment_ids, block_size: int):
+    """Each token's global block. [B, L] bool (and segment ids, packed rows) -> (slot [B, L]: the global token
+    the token is summed into, -1 for none; first [B, L]: its segment's first slot; count [B, L]: its segment's
+    number of slots; block [B, L]: its block within its segment, -1 if the segment has none).
+
+    Each segment (the whole row when unpacked, as in HF) has one global token per complete block of
+    block_size tokens; tokens of an incomplete last block join the block before. Slots are numbered across
+    the row, segment after segment: they add up to at most G = L // block_size.
+    """
     length = valid.shape[1]
-    n = valid.sum(-1, keepdims=True)  # [B, 1] tokens
-    full_blocks = n // block_size  # complete blocks; the tokens of an incomplete one join the block before
-    ids = jnp.minimum(jnp.arange(length)[None] // block_size, full_blocks - 1)
-    ids = jnp.where(valid, ids, -1).astype(jnp.int32)  # rows with no full block: all -1
-    exists = jnp.arange(length // block_size)[None] < full_blocks  # [B, G]
-    return ids, exists
+    idx = jnp.arange(length)
+    seg = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids, 0)
+    same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, L, L]
+    tokens = same.sum(-1)  # [B, L]: length of each token's segment
+    start = jnp.argmax(same, axis=-1)  # [B, L]: the segment's first token
+    count = tokens // block_size
+    is_start = valid & (start == idx)
+    before = jnp.cumsum(jnp.where(is_start, count, 0), axis=-1) - jnp.where(is_start, count, 0)  # exclusive
+    first = jnp.take_along_axis(before, start, axis=-1)
+    block = jnp.minimum((idx - start) // block_size, count - 1)
+    slot = jnp.where(valid & (count > 0), first + block, -1)
+    return slot.astype(jnp.int32), first, count, block
 
 
 @register("attention", "longt5_transient_global")
@@ -87,24 +100,23 @@ class TransientGlobalAttention(MultiHeadAttention):
         if isinstance(bias, AttentionSpec):
             raise UserError(f"encoder_attention='longt5_transient_global' runs in the dense path only; set "
                             f"T5Config.attention_impl='dense' (or 'auto'), not {cfg.attention_impl!r}")
-        if segment_ids is not None:
-            raise UserError("encoder_attention='longt5_transient_global' cannot attend within packed segments; "
-                            "train without packing (train.pack=False)")
         valid = tokens > 0  # [B, L]
-        block_ids, exists = global_block_ids(valid, cfg.global_block_size)  # [B, L], [B, G]
-        num_globals = exists.shape[1]
+        num_globals = tokens.shape[1] // cfg.global_block_size
+        slot, first, count, block = global_blocks(valid, segment_ids, cfg.global_block_size)
         position_cls = registry.get("positions", "t5_relative_bias")
         _, fields, _ = position_cls(cfg, True, name="global_relpos_bias", parent=stack)(
             tokens[..., None], None, tokens.shape[1], per_block=True)
-        # Offsets global block - query's block lie in [-(G - 1), G] (block id -1 for tokens in none).
+        # Offset of each global token from the query's block, both counted within the query's segment.
+        side_offsets = jnp.arange(num_globals)[None, None] - (first + block)[..., None]  # [B, L, G], in [-G, G]
         offsets = np.arange(-num_globals, num_globals + 1)
         buckets = jnp.asarray(relative_position_bucket(offsets, True, cfg.relative_attention_num_buckets,
                                                        cfg.relative_attention_max_distance).astype(np.int32))
-        side_offsets = jnp.arange(num_globals)[None, None] - block_ids[..., None]  # [B, L, G]
-        side = jnp.take(fields["table"], buckets[side_offsets + num_globals], axis=1)  # [H, B, L, G]
-        side_mask = valid[:, :, None] & exists[:, None, :]  # [B, L, G]
+        side = jnp.take(fields["table"], buckets[jnp.clip(side_offsets, -num_globals, num_globals) + num_globals],
+                        axis=1)  # [H, B, L, G]
+        k = jnp.arange(num_globals)[None, None]
+        side_mask = valid[..., None] & (k >= first[..., None]) & (k < (first + count)[..., None])  # [B, L, G]
         side = jnp.moveaxis(side, 0, 1) + jnp.where(side_mask, 0.0, MASK_VALUE)[:, None]  # [B, H, L, G]
-        return TransientGlobalBias(local=bias + _band(cfg, tokens.shape[1]), side=side, block_ids=block_ids)
+        return TransientGlobalBias(local=bias + _band(cfg, tokens.shape[1]), side=side, block_ids=slot)
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, bias, deterministic, rotary=None, decode_position=None):

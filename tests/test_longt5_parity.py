@@ -18,7 +18,7 @@ from t5lite.convert.hf import config_to_hf, from_hf, to_hf
 from t5lite.convert.safetensors_io import read_safetensors
 from t5lite.errors import UserError
 from t5lite.infer import generate
-from t5lite.model import EncoderDecoder, abstract_params, count_params, get_config, init_params
+from t5lite.model import EncoderDecoder, abstract_params, count_params, get_config, init_params, scan_params
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
@@ -135,7 +135,8 @@ def _encode(cfg, params, tokens, segment_ids=None):
 @pytest.mark.parametrize("attention", ["longt5_local", "longt5_transient_global"])
 def test_packed_segments_encode_as_if_alone(attention):
     """Two segments packed in one row (19 + 10 tokens) give each segment's unpacked encoding: local windows,
-    global blocks and their relative offsets restart in every segment."""
+    global blocks and their relative offsets restart in every segment. The unpacked side runs scanned and
+    rematerialised (the stack's bias goes through nn.scan as a broadcast pytree)."""
     cfg = get_config("tiny", encoder_attention=attention, local_radius=3, global_block_size=4, num_encoder_layers=2)
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -146,7 +147,8 @@ def test_packed_segments_encode_as_if_alone(attention):
     segments[0, :19], segments[0, 19:29] = 1, 2
     alone = np.zeros((2, 32), np.int32)
     alone[0, :19], alone[1, :10] = a, b
-    out, ref = _encode(cfg, params, packed, segments), _encode(cfg, params, alone)
+    scanned = cfg.replace(scan_layers=True, remat_policy="full")
+    out, ref = _encode(cfg, params, packed, segments), _encode(scanned, scan_params(params), alone)
     np.testing.assert_allclose(out[0, :19], ref[0, :19], atol=2e-5)
     np.testing.assert_allclose(out[0, 19:29], ref[1, :10], atol=2e-5)
 

@@ -124,6 +124,35 @@ def test_to_hf_and_the_config_refuse_what_they_cannot_hold():
     assert all("\n" not in str(x.value) for x in (e, e2, e3))
 
 
+@pytest.mark.extended  # ~25 s; the PEFT export itself is checked on UMT5 / Switch in make test (test_family_parity)
+def test_peft_export_of_a_card_gives_hf_peft_the_same_logits(tmp_path):
+    """A LoRA card on a converted transient-global base (its value projection also reads the global tokens)
+    exports to PEFT under HF's TransientGlobalSelfAttention names; PEFT on HF's model gives t5lite's logits."""
+    peft = pytest.importorskip("peft")
+    from t5lite.convert.peft import export_peft
+    from t5lite.model import lora
+    from t5lite.train.cards import Card
+
+    load, _ = _case("tglobal_untied_gated", tmp_path)
+    cfg, params = from_hf(str(tmp_path / "hf"))
+    spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "o", "wi", "wo"))
+    card = jax.jit(lambda k: lora.init_card(cfg, spec, k))(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    card = jax.tree_util.tree_map_with_path(
+        lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
+    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
+
+    enc, dec_in, targets = random_batch(np.random.default_rng(0), cfg.vocab_size, [19, 6], [7, 2], 19, 7)
+    reference = hf_logits(peft.PeftModel.from_pretrained(load(torch.float32), str(tmp_path / "peft")).eval(),
+                          enc, dec_in)
+    with lora.adapted(spec):
+        ours = np.asarray(EncoderDecoder(cfg).apply({"params": params, "lora": card}, enc, dec_in,
+                                                    decoder_target_tokens=targets))
+    mask = targets > 0
+    assert np.abs(reference[mask] - hf_logits(load(torch.float32), enc, dec_in)[mask]).max() > 0.01  # PEFT applied it
+    np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-4 * np.abs(reference).max(), rtol=1e-4)
+
+
 # --- t5lite against itself: packing and the blockwise path -------------------------------------------
 
 

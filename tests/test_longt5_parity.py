@@ -1,5 +1,5 @@
 """LongT5 (local and transient-global encoder attention) against HF transformers: logits, `to-hf` round trips,
-greedy generate, preset parameter counts; packing and the blockwise path against t5lite's own dense path;
+greedy and beam generate, preset parameter counts; packing and the blockwise path against t5lite's own dense path;
 a 2-step `t5lite train` through a models/longt5 gin file.
 
 The reference is HF's PyTorch LongT5 built from a random config, saved and converted, run in float64;
@@ -200,7 +200,7 @@ def test_local_attention_blockwise_equals_dense_and_tglobal_refuses_it():
 # --- generate ---------------------------------------------------------------------------------------
 
 
-def test_greedy_matches_hf_generate(tmp_path):
+def test_greedy_and_beam_match_hf_generate(tmp_path):
     """Transient-global (its encoder holds local attention too); the decoder on its KV cache is T5's."""
     spec = dict(vocab_size=24, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=3, num_decoder_layers=3,
                 feed_forward_proj="gated-gelu", initializer_factor=2.0, local_radius=2, global_block_size=2,
@@ -214,17 +214,24 @@ def test_greedy_matches_hf_generate(tmp_path):
     for i, n in enumerate(lengths):
         enc[i, :n - 1] = rng.integers(2, 24, n - 1)
         enc[i, n - 1] = 1
-    with torch.no_grad():
-        ref = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0).long(),
-                          max_new_tokens=12, do_sample=False, num_beams=1).numpy()[:, 1:]
-    ours = np.asarray(generate(cfg, params, enc, max_decode_length=12)[0])
-    assert (ours > 1).sum() > 15  # not trivially empty outputs
+    def hf_generate(**kwargs):
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long),
+                              attention_mask=torch.tensor(enc > 0).long(), max_new_tokens=12, do_sample=False,
+                              return_dict_in_generate=True, output_scores=True, **kwargs)
+        return out.sequences.numpy()[:, 1:], out  # without the start token
 
     def normalise(tokens):  # pad to 12 and zero everything after the first EOS (HF fills with EOS or pad)
-        tokens = np.pad(tokens, ((0, 0), (0, 12 - tokens.shape[1])))
+        tokens = np.pad(np.asarray(tokens), ((0, 0), (0, 12 - tokens.shape[1])))
         return np.where(np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1, 0, tokens)
 
+    ours = np.asarray(generate(cfg, params, enc, max_decode_length=12)[0])
+    assert (ours > 1).sum() > 15  # not trivially empty outputs
+    np.testing.assert_array_equal(normalise(ours), normalise(hf_generate(num_beams=1)[0]))
+    ref, out = hf_generate(num_beams=3, length_penalty=0.6, early_stopping=True)
+    ours, scores = generate(cfg, params, enc, max_decode_length=12, method="beam", num_beams=3, length_penalty=0.6)
     np.testing.assert_array_equal(normalise(ours), normalise(ref))
+    np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-4)
 
 
 # --- presets ----------------------------------------------------------------------------------------

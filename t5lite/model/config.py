@@ -302,7 +302,8 @@ PRESETS = {
     # as its model card says.
     **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_size(768, 12, 64, 3072, 12)) for e in (8, 16, 32, 64, 128)},
     "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 4096, 24)),
-    # google/long-t5-{local,tglobal}-{base,large,xl} config.json: T5 v1.1's base / large / xl shapes.
+    # google/long-t5-{local,tglobal}-{base,large,xl}: T5 v1.1's base / large / xl shapes (their published
+    # configuration; parameter counts equal HF's LongT5 built from the config.json to-hf writes).
     **{f"longt5_{a}_{k}": dict(_LONGT5, encoder_attention=name, **_V1_1_SIZES[k])
        for a, name in _LONGT5_ATTENTION.items() for k in ("base", "large", "xl")},
 }

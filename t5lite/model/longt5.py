@@ -2,8 +2,8 @@
 
 Chosen by `T5Config.encoder_attention`; the decoder stays T5's. Each class keeps MultiHeadAttention's
 projections (so parameter paths and the HF mapping are T5's) and adds a class hook, `encoder_bias`,
-that the Encoder calls once per stack to turn its usual bias (mask + T5 relative bias) into this
-attention's.
+that the Encoder calls once per stack to turn its usual bias (mask + T5 relative bias, or the
+AttentionSpec of the other cores) into this attention's; `dense_only` keeps attention_impl='auto' dense.
 
 longt5_local: every query sees the keys within `local_radius` tokens of it, |i - j| <= r, under the
 stack's T5 relative bias. HF computes this in blocks of r + 1 queries against 3 blocks of keys with the
@@ -77,9 +77,9 @@ def global_blocks(valid: jax.Array, segment_ids, block_size: int):
     idx = jnp.arange(length)
     seg = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids, 0)
     same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # [B, L, L]
-    tokens = same.sum(-1)  # [B, L]: length of each token's segment
+    segment_length = same.sum(-1)  # [B, L]: of each token's segment
     start = jnp.argmax(same, axis=-1)  # [B, L]: the segment's first token
-    count = tokens // block_size
+    count = segment_length // block_size
     is_start = valid & (start == idx)
     before = jnp.cumsum(jnp.where(is_start, count, 0), axis=-1) - jnp.where(is_start, count, 0)  # exclusive
     first = jnp.take_along_axis(before, start, axis=-1)

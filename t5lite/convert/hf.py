@@ -14,7 +14,8 @@ untied and were trained unscaled (T5X, transformers 4), so a distinct lm_head.we
 untied and unscaled here. Switch Transformers: T5 v1.0 blocks whose MLP in every
 `sparse_step`-th layer (i % step == 1) is a top-1 MoE, `layer.N.mlp.router.classifier` and
 `layer.N.mlp.experts.expert_e.{wi,wo}` (dense layers: `layer.N.mlp.{wi,wo}`), with a fixed
-`expert_capacity` per row (t5lite/model/moe.py).
+`expert_capacity` per row (t5lite/model/moe.py). LongT5: T5 v1.1 with a local or transient-global
+encoder self-attention, mapped in t5lite/convert/longt5.py.
 """
 
 import json
@@ -23,6 +24,7 @@ from typing import Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
+from t5lite.convert import longt5
 from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
 from t5lite.errors import UserError
 from t5lite.fileio import new_directory
@@ -46,12 +48,16 @@ _ACTIVATIONS_TO_HF = {
 Mapping = Tuple[str, Union[str, Tuple[str, ...]], Callable[[np.ndarray], np.ndarray],
                 Callable[[np.ndarray], np.ndarray]]
 MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "umt5": "UMT5ForConditionalGeneration",
-                  "switch_transformers": "SwitchTransformersForConditionalGeneration"}
-_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers"}
+                  "switch_transformers": "SwitchTransformersForConditionalGeneration",
+                  longt5.MODEL_TYPE: longt5.MODEL_CLASS}
+_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers", "longt5": "LongT5"}
 
 
 def family(cfg: T5Config) -> str:
-    """The HF model_type that holds `cfg`: switch_transformers (MoE MLPs), umt5 (bias per layer) or t5."""
+    """The HF model_type that holds `cfg`: longt5 (LongT5 encoder attention), switch_transformers (MoE MLPs),
+    umt5 (bias per layer) or t5."""
+    if longt5.is_longt5(cfg):
+        return longt5.MODEL_TYPE
     return "switch_transformers" if cfg.mlp == "moe" else "umt5" if cfg.relative_attention_per_layer else "t5"
 
 
@@ -112,7 +118,7 @@ def parameter_map(cfg: T5Config) -> List[Mapping]:
         maps.append((f"{stack}/{stack}_norm/scale", f"{stack}.final_layer_norm.weight", _same, _same))
     if not cfg.logits_via_embedding:
         maps.append(("decoder/logits_dense/kernel", "lm_head.weight", np.transpose, np.transpose))
-    return maps
+    return longt5.adapt_map(maps, cfg) if longt5.is_longt5(cfg) else maps
 
 
 def _read_json(path: str) -> dict:
@@ -124,11 +130,12 @@ def _read_json(path: str) -> dict:
 
 
 def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
-    """T5Config from an HF config.json dict (transformers 4 or 5) of a t5, mt5, umt5 or switch_transformers model."""
+    """T5Config from an HF config.json dict (transformers 4 or 5) of a t5, mt5, umt5, switch_transformers or
+    longt5 model."""
     model_type = hf.get("model_type") if isinstance(hf, dict) else None
-    if model_type not in ("t5", "mt5", "umt5", "switch_transformers"):
-        raise UserError(f"config.json has model_type {model_type!r}, expected 't5', 'mt5', 'umt5' or "
-                        "'switch_transformers'")
+    if model_type not in ("t5", "mt5", "umt5", "switch_transformers", longt5.MODEL_TYPE):
+        raise UserError(f"config.json has model_type {model_type!r}, expected 't5', 'mt5', 'umt5', "
+                        "'switch_transformers' or 'longt5'")
     missing = [k for k in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_layers") if k not in hf]
     if missing:
         raise UserError(f"config.json lacks {', '.join(missing)}; it is not a complete HF {model_type} config")
@@ -157,6 +164,8 @@ def config_from_hf(hf: dict, has_separate_lm_head: bool) -> T5Config:
         dropout_rate=hf.get("dropout_rate", 0.0), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6))
     if model_type == "switch_transformers":
         fields.update(_switch_fields(hf, fields["num_encoder_layers"], fields["num_decoder_layers"]))
+    if model_type == longt5.MODEL_TYPE:
+        fields.update(longt5.config_fields(hf))
     return T5Config(**fields)
 
 
@@ -187,7 +196,7 @@ def _flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
 
 
 def from_hf(path: str) -> Tuple[T5Config, dict]:
-    """Reads an HF T5 / mT5 / UMT5 / Switch directory (config.json + model.safetensors, or a sharded index)
+    """Reads an HF T5 / mT5 / UMT5 / Switch / LongT5 directory (config.json + model.safetensors, or a sharded index)
     -> (config, params)."""
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{path} is not an HF T5 checkpoint directory (expected config.json and model.safetensors)")
@@ -234,12 +243,16 @@ def check_hf_representable(cfg: T5Config) -> None:
         unsupported.append(f"mlp_activations={cfg.mlp_activations}")
     if cfg.mlp not in ("dense", "moe"):
         unsupported.append(f"mlp={cfg.mlp!r}")
-    if cfg.mlp == "moe":
+    if longt5.is_longt5(cfg):
+        unsupported += longt5.unsupported(cfg)
+    elif cfg.encoder_attention not in (None, "multi_head"):
+        unsupported.append(f"encoder_attention={cfg.encoder_attention!r}")
+    if cfg.mlp == "moe" and not longt5.is_longt5(cfg):
         unsupported += _switch_unsupported(cfg)
     if unsupported:
         raise UserError(f"HF transformers' {_FAMILY_NAMES[family(cfg)]} cannot represent {', '.join(unsupported)}; "
                         "only T5's architecture (relative position bias, multi-head attention, pre-RMSNorm), with "
-                        "Switch's top-1 MoE or UMT5's per-layer bias, converts")
+                        "Switch's top-1 MoE, UMT5's per-layer bias or LongT5's encoder attention, converts")
 
 
 def _switch_unsupported(cfg: T5Config) -> List[str]:
@@ -284,6 +297,8 @@ def config_to_hf(cfg: T5Config) -> dict:
                    expert_capacity=cfg.expert_capacity, router_bias=False, router_dtype="float32",
                    router_jitter_noise=cfg.router_jitter_noise, router_aux_loss_coef=cfg.moe_load_balancing_weight,
                    router_z_loss_coef=cfg.moe_router_z_loss_weight)
+    if model_type == longt5.MODEL_TYPE:
+        out.update(longt5.hf_config_fields(cfg))
     return out
 
 

@@ -1,7 +1,7 @@
 """The T5 model: config and presets, linen modules (registered in t5lite/registry.py), parameter utilities."""
 
 # The built-in attention / MLP / norm / position modules register themselves on import.
-from t5lite.model import attention, layers, moe, positions  # noqa: F401
+from t5lite.model import attention, layers, longt5, moe, positions  # noqa: F401
 from t5lite.model.config import PRESETS, T5Config, get_config
 from t5lite.model.params import (abstract_params, count_params, init_params, logical_axes, param_shapes,
                                  scan_params, unscan_params)

@@ -79,6 +79,12 @@ class T5Config:
     attention_block_q: int = 512  # query rows per block (blockwise / pallas_tpu)
     attention_block_k: int = 512  # key rows per block
     attention_auto_min_length: int = 2048
+    # The encoder's self-attention, a registered attention name; None: `attention`. LongT5 (t5lite/model/longt5.py):
+    # longt5_local sees the keys within local_radius tokens; longt5_transient_global adds one aggregated global
+    # token per global_block_size-token block. The decoder always uses `attention`.
+    encoder_attention: Optional[str] = None
+    local_radius: int = 127
+    global_block_size: int = 16
     norm: str = "rms_norm"  # rms_norm | layer_norm
     norm_layout: str = "pre"  # one of NORM_LAYOUTS: pre (T5), post (Vaswani et al.), sandwich (pre + post)
     mlp: str = "dense"  # dense | moe: the MLP of every `moe_every`-th layer (the others are dense)
@@ -149,6 +155,18 @@ class T5Config:
         for kind, name in (("positions", self.position_scheme), ("attention", self.attention), ("mlp", self.mlp),
                            ("norm", self.norm)):
             registry.get(kind, name)  # a one-line error with the valid names
+        if self.encoder_attention is not None:
+            registry.get("attention", self.encoder_attention)
+        if hasattr(registry.get("attention", self.attention), "encoder_bias"):  # e.g. LongT5's: shapes the encoder
+            raise UserError(f"attention {self.attention!r} is an encoder self-attention; set T5Config.encoder_attention="
+                            f"{self.attention!r} and keep T5Config.attention for the decoder (e.g. 'multi_head')")
+        if self.local_radius < 0 or self.global_block_size <= 0:
+            raise UserError(f"local_radius={self.local_radius} must be >= 0 and global_block_size="
+                            f"{self.global_block_size} positive")
+        if self.encoder_attention == "longt5_transient_global" and (
+                self.position_scheme != "t5_relative_bias" or self.relative_attention_per_layer):
+            raise UserError("encoder_attention='longt5_transient_global' needs position_scheme='t5_relative_bias' "
+                            "with one bias table per stack (relative_attention_per_layer=False)")
         if self.norm_layout not in NORM_LAYOUTS:
             raise UserError(f"unknown norm_layout {self.norm_layout!r}; choose from {', '.join(NORM_LAYOUTS)}")
         if self.num_kv_heads is not None and not (0 < self.num_kv_heads <= self.num_heads
@@ -247,6 +265,11 @@ _UMT5 = dict(_V1_1, vocab_size=256384, relative_attention_per_layer=True)
 _SWITCH = dict(_V1_0, mlp="moe", moe_every=2, moe_first_layer=1, experts_per_token=1, expert_capacity=64,
                router_jitter_noise=0.01, moe_load_balancing_weight=0.001, moe_router_z_loss_weight=0.001)
 
+# LongT5 (Guo et al., 2022): T5 v1.1 whose encoder self-attention is local (radius 127) or transient-global
+# (local + one global token per 16-token block); the decoder is T5's (t5lite/model/longt5.py).
+_LONGT5 = dict(_V1_1, local_radius=127, global_block_size=16)
+_LONGT5_ATTENTION = {"local": "longt5_local", "tglobal": "longt5_transient_global"}
+
 
 def _size(emb, heads, head_dim, mlp, layers):
     return dict(emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp,
@@ -279,6 +302,10 @@ PRESETS = {
     # as its model card says.
     **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_size(768, 12, 64, 3072, 12)) for e in (8, 16, 32, 64, 128)},
     "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 4096, 24)),
+    # google/long-t5-{local,tglobal}-{base,large,xl}: T5 v1.1's base / large / xl shapes (their published
+    # configuration; parameter counts equal HF's LongT5 built from the config.json to-hf writes).
+    **{f"longt5_{a}_{k}": dict(_LONGT5, encoder_attention=name, **_V1_1_SIZES[k])
+       for a, name in _LONGT5_ATTENTION.items() for k in ("base", "large", "xl")},
 }
 
 

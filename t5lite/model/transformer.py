@@ -60,7 +60,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         if cfg.relative_attention_per_layer:
             bias = bias + _layer_relative_bias(cfg, True, x.shape[1], bias.shape[-1], None)  # [B, H, L, L]
-        attention = registry.get("attention", cfg.attention)(cfg, name="attention")
+        attention = registry.get("attention", cfg.encoder_attention or cfg.attention)(cfg, name="attention")
         x = _residual(self, x, "attention", lambda h: attention(h, h, bias, self.deterministic, rotary))
         mlp = registry.get("mlp", self.mlp_name)(cfg, name="mlp")
         x = nn.with_logical_constraint(_residual(self, x, "mlp", lambda h: mlp(h, self.deterministic)),
@@ -194,7 +194,10 @@ class Encoder(nn.Module):
         cfg = self.config
         length = tokens.shape[-1]
         x = self.token_embedder(tokens)
+        attention_cls = registry.get("attention", cfg.encoder_attention or cfg.attention)
         impl = _attention_impl(cfg, length, deterministic)
+        if cfg.attention_impl == "auto" and getattr(attention_cls, "dense_only", False):
+            impl = "dense"
         if impl != "dense":  # masks and position bias computed per block by the attention core
             x, position_fields, rotary = _per_block_positions(cfg, True, x, positions, length)
             bias = _spec(cfg, impl, q_valid=tokens > 0, k_valid=tokens > 0, q_segments=segment_ids,
@@ -205,6 +208,8 @@ class Encoder(nn.Module):
                 mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
             x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
             bias = mask_to_bias(mask) if position_bias is None else mask_to_bias(mask) + position_bias  # [B, H, L, L]
+        if hasattr(attention_cls, "encoder_bias"):  # e.g. LongT5's local / transient-global (model/longt5.py)
+            bias = attention_cls.encoder_bias(self, bias, tokens, segment_ids)
 
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = _run_layers(self, EncoderLayer, cfg.num_encoder_layers, x, bias, rotary,

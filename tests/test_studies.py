@@ -28,7 +28,7 @@ TOY = {
     "instruct": ["--seeds", "2"],
     "distill": ["--seeds", "2"],
     "lora": ["--grid", "method=[full, lora_r4]", "--seeds", "2"],
-    "scaling": ["--grid", "size=[s1, s2, s3]", "--grid", "TRAIN_STEPS=[2, 3]", "--fit", "--bootstrap", "5"],
+    "scaling": ["--grid", "size=[s1, s2, s3]", "--grid", "TRAIN_STEPS=[2, 3]", "--fit", "--bootstrap", "2"],
 }
 
 STAND_IN = '''#!{python}
@@ -87,7 +87,11 @@ def _toy_run(name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_each_study_runs_from_its_command_to_its_results_page(name, tmp_path, capsys, stand_in):
+def test_each_study_runs_from_its_command_to_its_results_page(name, tmp_path, capsys, stand_in, monkeypatch):
+    from t5lite.scaling import fit
+    monkeypatch.setattr(fit, "SCALE_GRID", (0.0, 5.0, 10.0))  # fewer L-BFGS starts (as test_scaling_fit.py does)
+    monkeypatch.setattr(fit, "E_GRID", (0.0, 1.0))
+    monkeypatch.setattr(fit, "EXPONENT_GRID", (0.25, 0.75))
     root, page, args = _toy_run(name, tmp_path, capsys)
     with open(page) as f:
         text = f.read()
@@ -104,6 +108,7 @@ def test_each_study_runs_from_its_command_to_its_results_page(name, tmp_path, ca
         assert re.search(rf"^\| {re.escape(r['name'])} \| done \|", text, re.M)
     if name == "scaling":  # the fit, its intervals and the held-out point's error instead of Welch
         assert "L(N, D) = E + A/N^alpha + B/D^beta on 6 points" in text and "held out size-s6" in text
+        assert "bootstrap intervals over 2 resamples" in text
     else:
         _check_welch_table(text, rows, s)
     # The same command again: nothing trains or decodes, the page is rebuilt from the run directories.

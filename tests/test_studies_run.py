@@ -38,8 +38,8 @@ def test_lora_study_trains_one_base_two_fine_tunings_scores_them_and_writes_the_
     rows = {r["method"]: r for r in summary.read_rows(root)}
     for method, row in rows.items():
         assert row["status"] == "done" and row["model_dir"] == os.path.join(root, "finetune", f"method-{method}_seed-0")
-        with open(os.path.join(row["model_dir"], "config.gin")) as f:
-            assert f"INITIAL_CHECKPOINT_PATH = '{base}'" in f.read()  # the fine-tuning starts from the shared base
+        with open(os.path.join(row["model_dir"], "config.gin")) as f:  # gin wraps long lines: join them
+            assert f"INITIAL_CHECKPOINT_PATH = '{base}'" in re.sub(r"\\\n\s*", "", f.read())  # the shared base
         with open(os.path.join(row["model_dir"], "score.json")) as f:
             chrf = json.load(f)["bible_modernize_kjv_web"]["chrf"]
         assert row["score"] == chrf and 0 <= chrf <= 100

@@ -281,3 +281,16 @@ def test_noise_needs_a_small_p_and_a_difference_above_both_spreads():
     assert results.beyond_noise({**group, "p_value": 0.2}, {"score_std": 0.1}) is False
     assert results.beyond_noise({**group, "p_value": None}, {"score_std": 0.1}) is None
 
+
+
+def test_the_instruction_stage_evaluates_on_its_mixtures_validation_split(tmp_path):
+    # The sweep gives every run a final evaluation; a mixture's validation split is its tasks' (run.py once read a
+    # mixture's `source`, which only a task has).
+    from t5lite import gin_utils
+    from t5lite.train.run import Run
+    gin_utils.parse([os.path.join(STUDIES, "instruct.gin")],
+                    ["TRAIN_STEPS=2", "BATCH_SIZE=2", "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}",
+                     "EVAL_PERIOD=2", "train.eval_batches=1"], str(tmp_path / "m"))
+    run = Run.build(gin_utils.train_config())
+    metrics = run.evaluate(run.initial_state().params)
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, metrics

@@ -36,20 +36,20 @@ entry is a run of the point; later stages start from earlier ones:
     teacher_from = "..."                    # (or) train.teacher_checkpoint = that stage's run directory
     bindings = {TRAIN_STEPS = 100}          # this stage only
 
-    [score]                                 # decode the last stage's checkpoint (`t5lite eval`) and compare on
+    [score]                                 # decode the last stage's checkpoint (`t5lite eval`) and compare
     tasks = ["bible_modernize_kjv_web"]     # the mean of `metric` over `tasks` instead of the eval loss
-    metric = "chrf"                         # or {task = "accuracy", ...} (optional: split, max_examples, input_length, max_decode_length,
-                                            #  higher_is_better = true)
+    metric = "chrf"                         # or a table {task = "accuracy", ...}; optional: split,
+                                            # max_examples, input_length, max_decode_length, higher_is_better
 
-A stage's bindings apply in this order, later ones winning: the stage's own, the file's `bindings`, the axes'
-values, RANDOM_SEED, then --gin.NAME=VALUE flags (a single-stage sweep keeps its order: file, flags, axes). A --grid flag naming an axis of the file runs only the values it
-lists (`--grid 'objective=[span_corruption,ul2]'`). A binding applies to every stage unless its name starts
-with a stage, `"finetune:LoraConfig.rank" = 4`
-(in `bindings`, a grid axis, a named value or --gin.finetune:NAME=VALUE). A stage's run directory is
-ROOT/<stage>/<values of the axes that bind it or a stage it starts from>_seed-<seed>: points that agree on
-those share the run, trained once (e.g. one pre-trained base for every LoRA rank). A named value may set
-`last_stage = "pretrain"`: its points stop there (and are scored there), e.g. the base a tuned model is
-compared with. `[study]` (name, question, paper) titles the results page `t5lite sweep run --results` writes.
+A binding applies to every stage unless its name starts with a stage: `"finetune:LoraConfig.rank" = 4` (in
+`bindings`, an axis, a named value or --gin.finetune:NAME=VALUE). A stage's bindings apply in this order, later
+ones winning: the stage's own, the file's `bindings`, the axes' values, RANDOM_SEED, then the --gin flags (a
+single-stage sweep keeps its order: file, flags, axes). A stage's run directory is ROOT/<stage>/<values of the
+axes that bind it or a stage it starts from>_seed-<seed>: points that agree on those share the run, trained once
+(one pre-trained base for every LoRA rank). A named value may set `last_stage = "pretrain"`: its points stop
+(and are scored) there, e.g. the base a tuned model is compared with. A --grid flag naming an axis of the file
+runs only the values it lists (`--grid 'objective=[span_corruption,ul2]'`). `[study]` (name, question, paper)
+titles the results page `t5lite sweep run --results` writes (a study file's default: docs/results/<name>.md).
 
 TOML values become gin literals (strings quoted, lists, tables as dicts); a string starting with
 `@` or `%` is passed as a gin reference. Each point is named from its values and seed, e.g.

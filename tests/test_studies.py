@@ -48,6 +48,9 @@ if args[2] == "train":
     loss = 2.0 + 30.0 / width ** 0.5 + 5.0 / steps ** 0.5 + 0.01 * noise(model_dir)
     with open(os.path.join(model_dir, "metrics.jsonl"), "w") as f:
         f.write(json.dumps({{"step": steps, "loss": loss + 0.1, "eval/loss": loss}}) + "\\n")
+elif os.environ.get("STAND_IN_EVAL_ERROR"):
+    print("t5lite: error: " + os.environ["STAND_IN_EVAL_ERROR"])
+    sys.exit(2)
 else:  # eval: a metric value that differs per checkpoint and task
     where = args[args.index("--card" if "--card" in args else "--checkpoint") + 1]
     task = args[args.index("--task") + 1]
@@ -294,3 +297,13 @@ def test_the_instruction_stage_evaluates_on_its_mixtures_validation_split(tmp_pa
     run = Run.build(gin_utils.train_config())
     metrics = run.evaluate(run.initial_state().params)
     assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0, metrics
+
+
+def test_a_point_whose_scoring_fails_fails_the_command_in_one_line(tmp_path, capsys, stand_in, monkeypatch):
+    monkeypatch.setenv("STAND_IN_EVAL_ERROR", "no such split")
+    args = ["sweep", "run", _study("lora"), f"--root={tmp_path / 'root'}", f"--results={tmp_path / 'p.md'}",
+            "--gin.TRAIN_STEPS=3", "--gin.train.warmup_steps=1", "--grid", "method=[full]", "--seeds", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("t5lite: error: 1 of 1 points did not finish or were not scored (method-full_seed-0: "
+                          "done, not scored: no such split)") and "\n" not in err

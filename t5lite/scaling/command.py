@@ -112,7 +112,7 @@ def run(args) -> None:
     rows = summarize(sweep, plans, args.root, results_path(sweep, args.results),
                      shell_line(getattr(args, "argv", ["t5lite", "sweep", "run"])), args.fit, args)
     print(", ".join(f"{n} {what}" for what, n in sorted(counts.items())))
-    _raise_if_failed(rows, args.root)
+    _raise_if_failed(rows, args.root, scored=sweep.score is not None)
 
 
 def summary(args) -> None:
@@ -139,11 +139,14 @@ def _raise_if_unplannable(plans) -> None:
         raise UserError(f"{len(bad)} of {len(plans)} points cannot run ({names}); {bad[0].point.name}: {first}")
 
 
-def _raise_if_failed(rows, root: str) -> None:
-    failed = [r for r in rows if r["status"] not in ("done",)]
+def _raise_if_failed(rows, root: str, scored: bool = False) -> None:
+    """Exit 2 naming the first point that did not finish (or, in a study with a [score], was not scored)."""
+    failed = [r for r in rows if r["status"] not in ("done",) or scored and r.get("score") is None]
     if failed:
         first = failed[0]
-        raise UserError(f"{len(failed)} of {len(rows)} points did not finish ({first['name']}: {first['status']}"
+        state = "done, not scored" if first["status"] == "done" else first["status"]
+        what = "did not finish or were not scored" if scored else "did not finish"
+        raise UserError(f"{len(failed)} of {len(rows)} points {what} ({first['name']}: {state}"
                         f"{': ' + first['error'] if first.get('error') else ''}); see {os.path.join(root, 'summary.md')}")
 
 

@@ -114,6 +114,9 @@ def test_each_study_runs_from_its_command_to_its_results_page(name, tmp_path, ca
         assert "bootstrap intervals over 2 resamples" in text
     else:
         _check_welch_table(text, rows, s)
+    if name == "instruct":  # two held-out tasks, each in its own metric: the compared value is their mean
+        assert ("| mean of accuracy on instruct_identify_language_zero_shot, chrf on "
+                "instruct_archaize_web_kjv_zero_shot (mean ± std) |") in text
     # The same command again: nothing trains or decodes, the page is rebuilt from the run directories.
     trained, decoded = len(stand_in("train")), len(stand_in("eval"))
     os.remove(page)
@@ -147,7 +150,11 @@ def _check_welch_table(text, rows, s):
     assert float(cells[4]) == pytest.approx(p, rel=1e-3)
     noise = p < results.NOISE_P and abs(np.mean(a) - np.mean(b)) > max(np.std(a, ddof=1), np.std(b, ddof=1))
     assert cells[5] == ("yes" if noise else "no")
-    assert f"- {axis}={other}: {compared} " in text  # the finding, in words
+    higher_is_better = compared == "score"
+    direction = "better" if (np.mean(a) > np.mean(b)) == higher_is_better else "worse"
+    finding = (rf"^- {re.escape(axis)}={other}: .*\(.*, Welch p = {re.escape(summary.fmt(p, 2))}\): {direction} than "
+               rf"{re.escape(axis)}={base_label}, (beyond|within) the seeds' noise\.$")
+    assert re.search(finding, text, re.M), text  # the finding, in words
 
 
 # ---------------------------------------------------------------------------------------------

@@ -87,9 +87,13 @@ def _results_page(sweep, path, command, rows, groups, axis_names, root, fit_text
         ablation_bars(groups, axis_names, figure)
     else:
         figure = None
-    higher = bool((sweep.score or {}).get("higher_is_better", True)) if sweep.score else False
+    score = sweep.score or {}
+    higher = bool(score.get("higher_is_better", True)) if score else False
+    metric = score.get("metric")
+    label = (None if not score else f"{metric} on {', '.join(score['tasks'])}" if isinstance(metric, str) else
+             "mean of " + ", ".join(f"{m} on {t}" for t, m in metric.items()))
     results.write_page(path, study=sweep.study or {}, command=command, rows=rows, groups=groups,
-                       axis_names=axis_names, higher_is_better=higher, figure=figure, fit_text=fit_text)
+                       axis_names=axis_names, higher_is_better=higher, figure=figure, fit_text=fit_text, label=label)
     print(f"wrote the results page {path}" + (f" and {figure}" if figure else ""))
 
 

@@ -58,7 +58,8 @@ def _cell(mean, std) -> str:
     return "" if mean is None else fmt(mean) + (f" ± {fmt(std, 2)}" if std is not None else "")
 
 
-def findings(groups: List[dict], axis_names: Sequence[str], higher_is_better: bool) -> List[str]:
+def findings(groups: List[dict], axis_names: Sequence[str], higher_is_better: bool,
+             label: Optional[str] = None) -> List[str]:
     """One sentence per variant against the baseline, whichever way it goes."""
     base = next((g for g in groups if g["baseline"]), None)
     if base is None:
@@ -69,19 +70,19 @@ def findings(groups: List[dict], axis_names: Sequence[str], higher_is_better: bo
         if g is base or g.get(f"delta_{compared}") is None:
             continue
         delta = g[f"delta_{compared}"]
-        better = (delta > 0) == higher_is_better and delta != 0
+        better = (delta > 0) == higher_is_better
+        direction = "as good as" if delta == 0 else "better than" if better else "worse than"
         noise = beyond_noise(g, base)
         verdict = {True: "beyond the seeds' noise", False: "within the seeds' noise",
                    None: "too few seeds to tell it from noise"}[noise]
         p = g.get("p_value")
-        out.append(f"{_variant(g, axis_names)}: {compared} {fmt(g[f'{compared}_mean'])} vs "
+        out.append(f"{_variant(g, axis_names)}: {label or compared} {fmt(g[f'{compared}_mean'])} vs "
                    f"{fmt(base[f'{compared}_mean'])} for the baseline ({'+' if delta >= 0 else ''}{fmt(delta)}, "
-                   f"Welch p = {fmt(p, 2) or 'n/a'}): {'better' if better else 'not better'} than "
-                   f"{_variant(base, axis_names)}, {verdict}.")
+                   f"Welch p = {fmt(p, 2) or 'n/a'}): {direction} {_variant(base, axis_names)}, {verdict}.")
     return out
 
 
-def group_table(groups: List[dict], axis_names: Sequence[str]) -> str:
+def group_table(groups: List[dict], axis_names: Sequence[str], label: Optional[str] = None) -> str:
     base = next((g for g in groups if g["baseline"]), None)
     compared = groups[0]["compared"]
     fact = "params_trainable" if any(g.get("params_trainable") != g.get("params") for g in groups) else "flops_total"
@@ -96,15 +97,16 @@ def group_table(groups: List[dict], axis_names: Sequence[str]) -> str:
                      _cell(g.get("train_loss_mean"), g.get("train_loss_std")), "fact": g.get(fact)})
     other = "eval loss" if compared != "eval_loss" else "train loss"
     fact_header = "trainable params" if fact == "params_trainable" else "training FLOPs (all stages)"
-    return markdown(rows, [("variant", "variant"), ("n", "seeds"), ("value", f"{compared} (mean ± std)"),
+    return markdown(rows, [("variant", "variant"), ("n", "seeds"), ("value", f"{label or compared} (mean ± std)"),
                            ("delta", "Δ vs baseline"), ("p", "Welch p"), ("noise", "beyond noise"),
                            ("loss", f"{other} (mean ± std)"), ("fact", fact_header)])
 
 
 def write_page(path: str, *, study: dict, command: str, rows: List[dict], groups: List[dict],
                axis_names: Sequence[str], higher_is_better: bool = False, figure: Optional[str] = None,
-               fit_text: Optional[str] = None) -> str:
-    """Writes the Markdown page to `path` (atomically); returns its text."""
+               fit_text: Optional[str] = None, label: Optional[str] = None) -> str:
+    """Writes the Markdown page to `path` (atomically); returns its text. `label` names the compared value (a
+    study's score: its metric and tasks)."""
     name = study.get("name") or os.path.splitext(os.path.basename(path))[0]
     lines = [f"# Study: {name}", ""]
     if study.get("question"):
@@ -116,8 +118,8 @@ def write_page(path: str, *, study: dict, command: str, rows: List[dict], groups
     if fit_text:
         lines += ["", "```", fit_text, "```"]
     elif groups:
-        lines += [""] + [f"- {s}" for s in findings(groups, axis_names, higher_is_better)]
-        lines += ["", "## Over seeds", "", group_table(groups, axis_names), "",
+        lines += [""] + [f"- {s}" for s in findings(groups, axis_names, higher_is_better, label)]
+        lines += ["", "## Over seeds", "", group_table(groups, axis_names, label), "",
                   f"A difference is *beyond noise* when Welch's p < {NOISE_P} and it is larger than both variants' "
                   "standard deviation over seeds."]
     if figure:

@@ -2,8 +2,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+STUDIES := positions objectives instruct distill lora scaling   # experiments/studies/<name>.toml
 
-.PHONY: install demo demo-curve cards test test-fast test-all clean
+.PHONY: install demo demo-curve cards studies $(addprefix study-,$(STUDIES)) test test-fast test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +31,29 @@ demo-curve: $(STAMP)
 # Finished stages are skipped on a re-run; `make cards CARDS_ARGS=--fresh` starts the cards over.
 cards: $(STAMP)
 	$(PY) -m t5lite.demos.cards $(CARDS_ARGS)
+
+# The studies (experiments/studies/*.toml; each header: the question, the paper's answer, the budget): each trains
+# its points under runs/studies/<name> (a re-run skips finished points and only rebuilds the page) and writes
+# docs/results/<name>.md + .png. Each is designed for <= 20 min on 2 idle CPU cores (estimates, not yet timed).
+studies: $(addprefix study-,$(STUDIES))
+
+study-positions: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/positions.toml --root runs/studies/positions $(STUDY_ARGS)
+
+study-objectives: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/objectives.toml --root runs/studies/objectives $(STUDY_ARGS)
+
+study-instruct: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/instruct.toml --root runs/studies/instruct $(STUDY_ARGS)
+
+study-distill: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/distill.toml --root runs/studies/distill $(STUDY_ARGS)
+
+study-lora: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/lora.toml --root runs/studies/lora $(STUDY_ARGS)
+
+study-scaling: $(STAMP)
+	$(PY) -m t5lite.cli sweep run experiments/studies/scaling.toml --root runs/studies/scaling --fit $(STUDY_ARGS)
 
 # Lint first (ruff: [tool.ruff] in pyproject.toml), then the suite on 2 pytest-xdist workers: XLA's
 # compiles are single-threaded, so two test processes keep both cores busy. `make test` leaves out only

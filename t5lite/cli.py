@@ -131,8 +131,12 @@ def _add_sweep(commands):
     p.add_argument("--skip_failed", action="store_true", help="do not retry points that failed before")
     p.add_argument("--task_metrics", action="store_true", help="also decode the validation split of tasks with "
                    "metrics (BLEU, ...) with each final checkpoint (slow)")
-    p.add_argument("--eval_examples", type=POSITIVE, default=200, help="examples decoded for --task_metrics")
+    p.add_argument("--eval_examples", type=POSITIVE, help="examples decoded for --task_metrics (default 200) and for "
+                   "a [score] (default: its max_examples)")
     p.add_argument("--verbose", action="store_true", help="echo each run's output (always in ROOT/<point>/train.log)")
+    p.add_argument("--results", metavar="PAGE.md", help="also write a results page (+ PAGE.png): question, table "
+                   "over seeds, finding, machine, date, commit, command (a study file's default: "
+                   "docs/results/<study>.md)")
     p.set_defaults(run=sweep_command.run, takes_gin=True)
     p = actions.add_parser("summary", help="re-read the run directories (e.g. points launched elsewhere) and "
                            "write the summary")
@@ -337,6 +341,7 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help (0) or a flag error, already printed in one line (2)
         return e.code if isinstance(e.code, int) else 2
     args.gin = gin_flags
+    args.argv = ["t5lite", *(sys.argv[1:] if argv is None else argv)]  # a results page cites the command
     if gin_flags and not getattr(args, "takes_gin", False):
         print(f"t5lite: error: --gin.* flags apply to train, finetune, distill train, compile and sweep run|summary, "
               f"not {args.command}",

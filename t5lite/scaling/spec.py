@@ -22,6 +22,35 @@ From the command line: `--gin_file F` (repeatable), `--grid 'T5Config.emb_dim=[6
     "T5Config.position_scheme" = "rope"
     held_out = true                         # kept out of scaling-law fits, predicted by them
 
+Multi-stage points (a study: pre-train, then fine-tune from it, score downstream). Each `[[stages]]`
+entry is a run of the point; later stages start from earlier ones:
+
+    [[stages]]
+    name = "pretrain"
+    gin_files = ["ablations/positions.gin"]
+    seed = 0                                # optional: this stage always runs with this seed (shared by seeds)
+    [[stages]]
+    name = "finetune"
+    gin_files = ["finetune/kjv_web.gin"]
+    init_from = "pretrain"                  # INITIAL_CHECKPOINT_PATH = that stage's run directory
+    teacher_from = "..."                    # (or) train.teacher_checkpoint = that stage's run directory
+    bindings = {TRAIN_STEPS = 100}          # this stage only
+
+    [score]                                 # decode the last stage's checkpoint (`t5lite eval`) and compare
+    tasks = ["bible_modernize_kjv_web"]     # the mean of `metric` over `tasks` instead of the eval loss
+    metric = "chrf"                         # or a table {task = "accuracy", ...}; optional: split,
+                                            # max_examples, input_length, max_decode_length, higher_is_better
+
+A binding applies to every stage unless its name starts with a stage: `"finetune:LoraConfig.rank" = 4` (in
+`bindings`, an axis, a named value or --gin.finetune:NAME=VALUE). A stage's bindings apply in this order, later
+ones winning: the stage's own, the file's `bindings`, the axes' values, RANDOM_SEED, then the --gin flags (a
+single-stage sweep keeps its order: file, flags, axes). A stage's run directory is ROOT/<stage>/<values of the
+axes that bind it or a stage it starts from>_seed-<seed>: points that agree on those share the run, trained once
+(one pre-trained base for every LoRA rank). A named value may set `last_stage = "pretrain"`: its points stop
+(and are scored) there, e.g. the base a tuned model is compared with. A --grid flag naming an axis of the file
+runs only the values it lists (`--grid 'objective=[span_corruption,ul2]'`). `[study]` (name, question, paper)
+titles the results page `t5lite sweep run --results` writes (a study file's default: docs/results/<name>.md).
+
 TOML values become gin literals (strings quoted, lists, tables as dicts); a string starting with
 `@` or `%` is passed as a gin reference. Each point is named from its values and seed, e.g.
 `emb_dim-128_TRAIN_STEPS-400_seed-0`, stable across re-runs.
@@ -46,6 +75,7 @@ class Axis:
     labels: Tuple[str, ...]  # the grid's values, in order
     choices: Dict[str, Bindings]  # every known label (a named axis may define more than the grid uses)
     named: bool = False
+    last_stage: Dict[str, str] = dataclasses.field(default_factory=dict)  # label -> the stage its points stop at
 
     def bindings(self, label: str) -> Bindings:
         return self.choices[label]
@@ -71,6 +101,34 @@ class Point:
     seed: int
     bindings: Bindings  # the axes' bindings, then RANDOM_SEED
     held_out: bool = False
+    runs: Tuple["StageRun", ...] = ()  # a multi-stage point: the stage runs it needs, in stage order
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One `[[stages]]` entry: a run every point makes, maybe starting from (or taught by) an earlier stage."""
+
+    name: str
+    gin_files: Tuple[str, ...]
+    bindings: Bindings = ()  # this stage's own (unprefixed)
+    init_from: Optional[str] = None  # -> INITIAL_CHECKPOINT_PATH
+    teacher_from: Optional[str] = None  # -> train.teacher_checkpoint
+    seed: Optional[int] = None  # fixed: the run is shared by every seed of the sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """A stage of a point made concrete: its directory under ROOT/<stage>/ and its bindings; `links` are
+    (gin name, stage) pairs bound to that stage's run directory once the root is known."""
+
+    stage: str
+    name: str
+    gin_files: Tuple[str, ...]
+    bindings: Bindings
+    links: Tuple[Tuple[str, str], ...] = ()
+
+    def model_dir(self, root: str) -> str:
+        return os.path.join(root, self.stage, self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +136,16 @@ class Sweep:
     """What to run: base gin files, fixed bindings, the grid's axes, seeds, extra points and the baseline."""
 
     gin_files: Tuple[str, ...]
-    bindings: Bindings = ()
+    bindings: Bindings = ()  # the sweep file's, then the --gin flags: for every point
     axes: Tuple[Axis, ...] = ()
     seeds: Tuple[int, ...] = (0,)
     extra: Tuple[Tuple[Tuple[str, str], ...], ...] = ()  # extra points: (axis name, label) per axis
     held_out: Tuple[bool, ...] = ()  # per extra point
     baseline: Tuple[Tuple[str, str], ...] = ()  # (axis name, label) of the variant deltas compare with
+    stages: Tuple[Stage, ...] = ()
+    score: Optional[dict] = None  # [score]: tasks, metric, ...
+    study: Optional[dict] = None  # [study]: name, question, paper
+    overrides: Bindings = ()  # the --gin flags (the tail of `bindings`): last in a multi-stage run
 
     def points(self) -> List[Point]:
         """Every point: the grid (last axis fastest) x seeds, then the extra points x seeds."""
@@ -102,11 +164,67 @@ class Sweep:
                                     "make the axis values or extra points distinct")
                 names[name] = values
                 bindings = tuple(b for axis, label in values for b in axes[axis].bindings(label))
-                points.append(Point(name, values, seed, bindings + (f"RANDOM_SEED={seed}",), held_out))
+                runs = self._stage_runs(values, seed, shorts) if self.stages else ()
+                points.append(Point(name, values, seed, bindings + (f"RANDOM_SEED={seed}",), held_out, runs))
         return points
+
+    def _stage_runs(self, values, seed: int, shorts: Dict[str, str]) -> Tuple[StageRun, ...]:
+        """The runs of a multi-stage point: the last stage (a named value's last_stage, else the last) and every
+        stage it starts from, each named by the axes that bind it or its upstream stages."""
+        axes = {a.name: a for a in self.axes}
+        by_name = {s.name: s for s in self.stages}
+        last = next((axes[a].last_stage[label] for a, label in values if label in axes[a].last_stage),
+                    self.stages[-1].name)
+        needed = deps(by_name, last)
+        runs = []
+        for stage in self.stages:
+            if stage.name not in needed:
+                continue
+            upstream = deps(by_name, stage.name)
+            touching = [(a, label) for a, label in values
+                        if any(applies(b, s) for s in upstream for c in axes[a].choices.values() for b in c)]
+            run_seed = seed if stage.seed is None else stage.seed
+            name = "_".join([f"{shorts[a]}-{_path_safe(label)}" for a, label in touching] + [f"seed-{run_seed}"])
+            file_bindings = self.bindings[:len(self.bindings) - len(self.overrides)]
+            bindings = (*stage.bindings, *for_stage(file_bindings, stage.name),
+                        *(b for a, label in values for b in for_stage(axes[a].bindings(label), stage.name)),
+                        f"RANDOM_SEED={run_seed}", *for_stage(self.overrides, stage.name))
+            links = tuple((key, up) for key, up in (("INITIAL_CHECKPOINT_PATH", stage.init_from),
+                                                    ("train.teacher_checkpoint", stage.teacher_from)) if up)
+            runs.append(StageRun(stage.name, name, stage.gin_files, bindings, links))
+        return tuple(runs)
 
     def baseline_values(self) -> Tuple[Tuple[str, str], ...]:
         return self.baseline or tuple((a.name, a.labels[0]) for a in self.axes)
+
+
+def deps(stages: Dict[str, Stage], name: str) -> set:
+    """The stage and every stage it starts from or is taught by, transitively."""
+    out, todo = set(), [name]
+    while todo:
+        stage = stages[todo.pop()]
+        if stage.name not in out:
+            out.add(stage.name)
+            todo += [up for up in (stage.init_from, stage.teacher_from) if up]
+    return out
+
+
+def _split_stage(binding: str) -> Tuple[Optional[str], str]:
+    """'finetune:NAME=VALUE' -> ('finetune', 'NAME=VALUE'); gin names hold no ':' (values may)."""
+    name = binding.split("=", 1)[0]
+    if ":" in name:
+        stage, rest = binding.split(":", 1)
+        return stage.strip(), rest
+    return None, binding
+
+
+def applies(binding: str, stage: str) -> bool:
+    return _split_stage(binding)[0] in (None, stage)
+
+
+def for_stage(bindings: Sequence[str], stage: str) -> Bindings:
+    """The bindings that apply to `stage`, its prefix removed."""
+    return tuple(_split_stage(b)[1] for b in bindings if applies(b, stage))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +333,50 @@ def display_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-_FILE_KEYS = {"gin_files", "bindings", "seeds", "baseline", "grid", "named", "extra"}
+_FILE_KEYS = {"gin_files", "bindings", "seeds", "baseline", "grid", "named", "extra", "stages", "score", "study"}
+_STAGE_KEYS = {"name", "gin_files", "bindings", "init_from", "teacher_from", "seed"}
+_SCORE_KEYS = {"tasks", "metric", "split", "max_examples", "input_length", "max_decode_length", "higher_is_better"}
+
+
+def _file_stages(spec: dict, path: str) -> Tuple[Stage, ...]:
+    stages, here = [], os.path.dirname(os.path.abspath(path))
+    for i, entry in enumerate(spec.get("stages", [])):
+        unknown = sorted(set(entry) - _STAGE_KEYS)
+        if unknown or not entry.get("name") or not entry.get("gin_files"):
+            raise UserError(f"sweep file {path}: stage {i + 1} needs a name and gin_files (keys: "
+                            f"{', '.join(sorted(_STAGE_KEYS))})" + (f"; unknown {unknown}" if unknown else ""))
+        for key in ("init_from", "teacher_from"):
+            if entry.get(key) is not None and entry[key] not in {s.name for s in stages}:
+                raise UserError(f"sweep file {path}: stage {entry['name']}: {key} = {entry[key]!r} is not an earlier "
+                                "stage; name one listed above it")
+        if entry["name"] in {s.name for s in stages}:
+            raise UserError(f"sweep file {path}: two stages are named {entry['name']}; name each stage once")
+        stages.append(Stage(entry["name"], tuple(_resolve_gin_file(f, here) for f in entry["gin_files"]),
+                            tuple(f"{k}={gin_literal(v)}" for k, v in entry.get("bindings", {}).items()),
+                            entry.get("init_from"), entry.get("teacher_from"), entry.get("seed")))
+    score = spec.get("score")
+    if score is not None and (set(score) - _SCORE_KEYS or not isinstance(score.get("tasks"), list)
+                              or not score["tasks"] or not score.get("metric")
+                              or isinstance(score["metric"], dict) and set(score["metric"]) != set(score["tasks"])):
+        raise UserError(f"sweep file {path}: [score] needs tasks (a list) and metric (a name, or a table giving each "
+                        f"task's; keys: {', '.join(sorted(_SCORE_KEYS))})")
+    return tuple(stages)
+
+
+def _check_stage_prefixes(bindings: Sequence[str], stages: Sequence[Stage], axes: Sequence[Axis]) -> None:
+    """A 'stage:NAME=VALUE' binding must name a stage of the sweep; a named value's last_stage too."""
+    names = {s.name for s in stages}
+    every = list(bindings) + [b for a in axes for c in a.choices.values() for b in c]
+    for b in every:
+        stage = _split_stage(b)[0]
+        if stage is not None and stage not in names:
+            raise UserError(f"binding {b!r} names stage {stage!r}, but the sweep has " +
+                            (f"stages {', '.join(sorted(names))}" if names else "no [[stages]]") + "; fix the prefix")
+    for a in axes:
+        for label, last in a.last_stage.items():
+            if last not in names:
+                raise UserError(f"{a.name} = {label}: last_stage {last!r} is not a stage; use one of "
+                                f"{', '.join(sorted(names)) or '(no stages)'}")
 
 
 def _file_axes(spec: dict, path: str) -> List[Axis]:
@@ -225,9 +386,10 @@ def _file_axes(spec: dict, path: str) -> List[Axis]:
         if not isinstance(values, list) or not values:
             raise UserError(f"sweep file {path}: grid.{name} must be a non-empty list of values")
         if name in named:
-            choices = {label: tuple(f"{k}={gin_literal(v)}" for k, v in table.items())
+            choices = {label: tuple(f"{k}={gin_literal(v)}" for k, v in table.items() if k != "last_stage")
                        for label, table in named[name].items()}
-            axis = Axis(name, tuple(str(v) for v in values), choices, named=True)
+            last = {label: table["last_stage"] for label, table in named[name].items() if "last_stage" in table}
+            axis = Axis(name, tuple(str(v) for v in values), choices, named=True, last_stage=last)
             for label in axis.labels:
                 axis.resolve(label)
         else:
@@ -269,10 +431,25 @@ def _seeds(value) -> Tuple[int, ...]:
     raise UserError(f"seeds must be a count >= 1 or a list of distinct integers, got {value!r}")
 
 
+def _narrowed(axis: Axis, flag_axes: Sequence[Axis]) -> Axis:
+    """A sweep file's axis with the values a --grid flag of the same name gives instead (e.g. two of a study's
+    variants for a quick check); a named axis takes only values it defines."""
+    flag = next((f for f in flag_axes if f.name == axis.name), None)
+    if flag is None:
+        return axis
+    if axis.named:
+        unknown = [label for label in flag.labels if label not in axis.choices]
+        if unknown:
+            raise UserError(f"--grid {axis.name}: {unknown[0]!r} is not a value of the sweep file's axis; use "
+                            f"{', '.join(axis.choices)}")
+        return dataclasses.replace(axis, labels=flag.labels)
+    return dataclasses.replace(axis, labels=flag.labels, choices={**axis.choices, **flag.choices})
+
+
 def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (), grid: Sequence[str] = (),
                 seeds: Optional[int] = None, bindings: Sequence[str] = ()) -> Sweep:
     """A Sweep from a sweep file and/or flags; flags add gin files, axes and bindings, --seeds replaces."""
-    spec, file_axes, extra, held_out, files = {}, [], (), (), []
+    spec, file_axes, extra, held_out, files, stages = {}, [], (), (), [], ()
     if sweep_file:
         from t5lite.gin_utils import find_gin_file
         sweep_file = find_gin_file(sweep_file) or sweep_file  # e.g. scaling/tiny.toml, a shipped sweep
@@ -282,18 +459,22 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
             raise UserError(f"sweep file {sweep_file}: unknown key(s) {unknown}; valid: {', '.join(sorted(_FILE_KEYS))}")
         here = os.path.dirname(os.path.abspath(sweep_file))
         files = [_resolve_gin_file(f, here) for f in spec.get("gin_files", [])]
+        stages = _file_stages(spec, sweep_file)
         file_axes = _file_axes(spec, sweep_file)
         extra, held_out = _file_extra(spec, file_axes, sweep_file)
     from t5lite.gin_utils import resolve_gin_file
     for f in gin_files:
         files.append(display_path(resolve_gin_file(f)))
-    if not files:
+    if not files and not stages:
         raise UserError("give a sweep file or at least one --gin_file (e.g. experiments/demo/pretrain.gin)")
-    axes = file_axes + [parse_grid_flag(g) for g in grid]
-    names = [a.name for a in axes]
+    flag_axes = [parse_grid_flag(g) for g in grid]
+    file_axes = [_narrowed(a, flag_axes) for a in file_axes]
+    new_axes = [a for a in flag_axes if a.name not in {f.name for f in file_axes}]
+    axes = file_axes + new_axes
+    names = [a.name for a in flag_axes]
     if len(set(names)) < len(names):
         raise UserError(f"axis {min(n for n in names if names.count(n) > 1)} is given twice; merge its values")
-    if extra and grid:
+    if extra and new_axes:
         raise UserError("a sweep file with [[extra]] points cannot take more --grid axes (the extra points would lack "
                         "their values); add the axis to the file")
     fixed = tuple(f"{k}={gin_literal(v)}" for k, v in spec.get("bindings", {}).items()) + tuple(bindings)
@@ -304,7 +485,15 @@ def build_sweep(sweep_file: Optional[str] = None, gin_files: Sequence[str] = (),
             raise UserError(f"sweep file {sweep_file}: baseline {name} = {label!r} is not a value of the grid")
     if baseline and len(baseline) != len(axes):
         raise UserError(f"sweep file {sweep_file}: baseline must give a value for every axis ({', '.join(axis_names)})")
+    if stages and files:
+        raise UserError(f"sweep file {sweep_file}: with [[stages]], give gin_files per stage (not at the top or "
+                        "with --gin_file)")
+    _check_stage_prefixes(fixed, stages, axes)
     order = {a.name: i for i, a in enumerate(axes)}
-    return Sweep(gin_files=tuple(files), bindings=fixed, axes=tuple(axes),
+    study = dict(spec.get("study", {}))
+    if sweep_file and spec.get("study") is not None:
+        study.setdefault("name", os.path.splitext(os.path.basename(sweep_file))[0])
+    return Sweep(gin_files=tuple(files), bindings=fixed, overrides=tuple(bindings), axes=tuple(axes),
                  seeds=_seeds(seeds if seeds is not None else spec.get("seeds", 1)), extra=extra, held_out=held_out,
-                 baseline=tuple(sorted(((n, str(v)) for n, v in baseline), key=lambda nv: order[nv[0]])))
+                 baseline=tuple(sorted(((n, str(v)) for n, v in baseline), key=lambda nv: order[nv[0]])),
+                 stages=stages, score=spec.get("score"), study=study or None)

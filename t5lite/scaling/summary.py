@@ -17,9 +17,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from t5lite.scaling.sweep import STATUS_FILE, TASK_METRICS_FILE, Plan, finished, read_json
+from t5lite.scaling.sweep import SCORE_FILE, STATUS_FILE, TASK_METRICS_FILE, Plan, finished, metric_of, read_json
 
-FACT_COLUMNS = ("params", "params_non_embedding", "tokens", "target_tokens", "flops")
+FACT_COLUMNS = ("params", "params_non_embedding", "params_trainable", "tokens", "target_tokens", "flops",
+                "flops_total")
 SUMMARY, GROUPS = "summary", "groups"
 
 
@@ -32,8 +33,9 @@ def _last(metrics_path: str, key: str) -> Tuple[Optional[int], Optional[float]]:
     return (steps[-1], values[-1]) if steps else (None, None)
 
 
-def point_row(plan: Plan) -> dict:
-    """Everything known about one point, read from its run directory."""
+def point_row(plan: Plan, score: Optional[dict] = None) -> dict:
+    """Everything known about one point, read from its run directory (a multi-stage point: its last stage's,
+    with FLOPs and wall time summed over its stages, and `score`: the mean of the score's metric over its tasks)."""
     p = plan.point
     status = read_json(os.path.join(plan.model_dir, STATUS_FILE)) or {}
     state = "done" if finished(plan) else status.get("status", "failed" if plan.error else "not run")
@@ -46,8 +48,20 @@ def point_row(plan: Plan) -> dict:
            "train_loss": train_loss, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
            **{f"task/{k}": v for k, v in task.items() if isinstance(v, (int, float)) and k != "num_examples"},
            **{k: plan.facts.get(k) for k in FACT_COLUMNS}, "wall_s": status.get("wall_s"),
-           "error": plan.error or (status.get("error") if state != "done" else status.get("task_metrics_error")),
+           "error": plan.error or (status.get("error") if state != "done" else
+                                   status.get("task_metrics_error") or status.get("score_error")),
            "model_dir": plan.model_dir}
+    runs = (*plan.upstream, plan)
+    row["flops_total"] = sum(r.facts.get("flops") or 0 for r in runs) or None
+    if plan.upstream:
+        walls = [(read_json(os.path.join(r.model_dir, STATUS_FILE)) or {}).get("wall_s") for r in runs]
+        row["wall_s"] = sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None
+    if score:
+        scored = read_json(os.path.join(plan.model_dir, SCORE_FILE)) or {}
+        values = {t: scored[t].get(metric_of(score, t)) for t in score["tasks"] if t in scored}
+        row.update({f"score/{t}": v for t, v in values.items()})
+        complete = state == "done" and len(values) == len(score["tasks"])
+        row["score"] = float(np.mean(list(values.values()))) if complete else None
     return row
 
 
@@ -81,16 +95,18 @@ def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def group_rows(rows: List[dict], axis_names: Sequence[str], baseline: Sequence[Tuple[str, str]]) -> List[dict]:
+def group_rows(rows: List[dict], axis_names: Sequence[str], baseline: Sequence[Tuple[str, str]],
+               compared: Optional[str] = None) -> List[dict]:
     """Finished rows grouped by their axis values (over seeds): n, mean and std of each metric, and
-    each variant's difference to the baseline variant in the compared loss with Welch's p-value.
+    each variant's difference to the baseline variant in the compared value with Welch's p-value.
 
-    The compared loss is the held-out eval loss when the points have one, else the final train loss.
+    The compared value is `compared` when given (a study's score), else the held-out eval loss when the
+    points have one, else the final train loss.
     """
     done = [r for r in rows if r["status"] == "done"]
     metric_keys = ["train_loss", "eval_loss", "eval_accuracy"] + sorted({k for r in done for k in r if
-                                                                         k.startswith("task/")})
-    compared = "eval_loss" if any(r.get("eval_loss") is not None for r in done) else "train_loss"
+                                                                         k.startswith(("task/", "score"))})
+    compared = compared or ("eval_loss" if any(r.get("eval_loss") is not None for r in done) else "train_loss")
     groups: Dict[tuple, List[dict]] = {}
     for r in done:
         groups.setdefault(tuple(r[a] for a in axis_names) + (r["held_out"],), []).append(r)
@@ -152,7 +168,7 @@ def tables(rows: List[dict], groups: List[dict], axis_names: Sequence[str]) -> s
     point_columns = [("name", "point"), ("status", "status"), ("train_loss", "train loss"),
                      ("eval_loss", "eval loss"), ("params_non_embedding", "N (non-emb.)"), ("params", "N (total)"),
                      ("tokens", "D (tokens)"), ("flops", "C (FLOPs)"), ("wall_s", "wall s"), ("error", "error")]
-    point_columns[4:4] = [(k, k) for k in dict.fromkeys(k for r in rows for k in r if k.startswith("task/"))]
+    point_columns[4:4] = [(k, k) for k in dict.fromkeys(k for r in rows for k in r if k.startswith(("task/", "score")))]
     text = markdown([{**r, "wall_s": None if r.get("wall_s") is None else round(r["wall_s"])} for r in rows],
                     point_columns)
     if not any(g["n"] > 1 for g in groups):  # one seed per variant: the per-point table says it all

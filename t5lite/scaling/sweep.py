@@ -28,8 +28,8 @@ from t5lite.fileio import write_text_atomic
 from t5lite.scaling.spec import Point, Sweep
 
 EMBEDDING_AXES = {"vocab", "abs_positions"}  # logical axes of the parameters N leaves out
-POINT_FILE, STATUS_FILE, LOG_FILE, TASK_METRICS_FILE = ("sweep_point.json", "sweep_status.json", "train.log",
-                                                        "task_metrics.json")
+POINT_FILE, STATUS_FILE, LOG_FILE, TASK_METRICS_FILE, SCORE_FILE = (
+    "sweep_point.json", "sweep_status.json", "train.log", "task_metrics.json", "score.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,8 @@ class Plan:
     facts: dict  # task, steps, batch, lengths, params (N), tokens (D), flops (C)
     config_text: str  # what the run writes to config.gin (compared on re-runs)
     error: Optional[str] = None  # why the point cannot run (a bad binding, an unknown task, ...)
+    stage: Optional[str] = None  # a multi-stage point: this run's stage
+    upstream: Tuple["Plan", ...] = ()  # ... and the runs of the stages before it (the final plan's only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,10 +92,21 @@ def _facts(train) -> dict:
     inputs, targets = train.lengths
     total, non_embedding = parameter_counts(config, train.decoder_only)
     per_step = model_flops_per_step(config, batch, inputs, targets, decoder_only=train.decoder_only)
-    return {"task": train.task, "train_steps": steps, "batch_size": batch, "input_length": inputs,
+    task = train.task if isinstance(train.task, str) else getattr(train.task, "name", str(train.task))  # a Mixture
+    return {"task": task, "train_steps": steps, "batch_size": batch, "input_length": inputs,
             "target_length": targets, "eval_split": train.eval_split, "params": total,
             "params_non_embedding": non_embedding, "tokens": steps * batch * (inputs + targets),
-            "target_tokens": steps * batch * targets, "flops_per_step": per_step, "flops": per_step * steps}
+            "target_tokens": steps * batch * targets, "flops_per_step": per_step, "flops": per_step * steps,
+            "params_trainable": _card_params(train.adapter, config, train.decoder_only) if train.adapter else total,
+            "init_checkpoint": train.init_checkpoint, "adapter": train.adapter is not None}
+
+
+def _card_params(spec, config, decoder_only: bool) -> int:
+    """Parameters a LoRA card trains (the base is frozen)."""
+    import jax
+    import numpy as np
+    from t5lite.model import lora
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(lora.abstract_card(config, spec, decoder_only))))
 
 
 def _has_split(task_name: str, split: str) -> bool:
@@ -105,24 +118,35 @@ def plan_point(sweep: Sweep, point: Point, root: str) -> Plan:
     """Parses the point's config; a point that cannot run gets `error` (one line) instead of failing the sweep.
 
     The held-out loss comes from the trainer's evaluation: a point whose config sets no
-    eval_period gets `train.eval_period=<train_steps>` (one evaluation, at the end).
+    eval_period gets `train.eval_period=<train_steps>` (one evaluation, at the end). A multi-stage
+    point's plan is its last stage's run, with the runs before it as `upstream`.
     """
+    if not point.runs:
+        return _plan_run(point, sweep.gin_files, [*sweep.bindings, *point.bindings], os.path.join(root, point.name))
+    plans = []
+    for run in point.runs:
+        # links first: a variant may still override them (train.teacher_checkpoint=None trains the student alone)
+        links = [f"{key}={next(r for r in point.runs if r.stage == up).model_dir(root)!r}" for key, up in run.links]
+        plans.append(_plan_run(point, run.gin_files, [*links, *run.bindings], run.model_dir(root), run.stage))
+    *upstream, last = plans
+    error = next((f"stage {p.stage}: {p.error}" for p in upstream if p.error), last.error)
+    return dataclasses.replace(last, upstream=tuple(upstream), error=error)
+
+
+def _plan_run(point: Point, gin_files, bindings: List[str], model_dir: str, stage: Optional[str] = None) -> Plan:
     from t5lite import gin_utils
-    model_dir = os.path.join(root, point.name)
-    bindings = [*sweep.bindings, *point.bindings]
     facts, config_text, error = {}, "", None
     try:
-        train = _train_config(sweep.gin_files, bindings, model_dir)  # its settings checked (TRAIN_STEPS='x': one line)
+        train = _train_config(gin_files, bindings, model_dir)  # its settings checked (TRAIN_STEPS='x': one line)
         if train.eval_period is None and _has_split(train.task, train.eval_split):
             bindings.append(f"train.eval_period={train.train_steps}")
-            gin_utils.parse(sweep.gin_files, bindings, model_dir)
+            gin_utils.parse(gin_files, bindings, model_dir)
         facts = _facts(train)
         config_text = gin_utils.config_text()
     except UserError as e:
         error = one_line(str(e))
-    args = (*(f"--gin_file={f}" for f in sweep.gin_files), f"--model_dir={model_dir}",
-            *(f"--gin.{b}" for b in bindings))
-    return Plan(point, model_dir, args, facts, config_text, error)
+    args = (*(f"--gin_file={f}" for f in gin_files), f"--model_dir={model_dir}", *(f"--gin.{b}" for b in bindings))
+    return Plan(point, model_dir, args, facts, config_text, error, stage)
 
 
 def plan_sweep(sweep: Sweep, root: str) -> List[Plan]:
@@ -131,7 +155,12 @@ def plan_sweep(sweep: Sweep, root: str) -> List[Plan]:
 
 def command_line(plan: Plan) -> str:
     """One shell line that trains the point (what --print_commands prints)."""
-    return " ".join(_shell_quote(a) for a in ("t5lite", "train", *plan.args))
+    return shell_line(("t5lite", "train", *plan.args))
+
+
+def shell_line(args) -> str:
+    """Arguments as one shell line that reads well (gin's quoted values inside "...")."""
+    return " ".join(_shell_quote(a) for a in args)
 
 
 def _shell_quote(arg: str) -> str:
@@ -285,6 +314,37 @@ def _task_metrics(plan: Plan, python: str, max_examples: int, verbose: bool) -> 
     return None
 
 
+def metric_of(score: dict, task: str) -> str:
+    """[score] metric: one name for every task, or a table task -> name."""
+    metric = score["metric"]
+    return metric[task] if isinstance(metric, dict) else metric
+
+
+def _score(plan: Plan, score: dict, python: str, verbose: bool) -> Optional[str]:
+    """Decodes each of the score's tasks with the final checkpoint (`t5lite eval`; a LoRA run: its base plus
+    the card) into SCORE_FILE, once; returns an error line or None."""
+    path = os.path.join(plan.model_dir, SCORE_FILE)
+    results = read_json(path) or {}
+    for task in score["tasks"]:
+        if task in results:
+            continue
+        checkpoint = (["--checkpoint", plan.facts["init_checkpoint"], "--card", plan.model_dir]
+                      if plan.facts.get("adapter") else ["--checkpoint", plan.model_dir])
+        cmd = [python, "-m", "t5lite.cli", "eval", *checkpoint, "--task", task,
+               "--split", score.get("split", "validation"), "--max_examples", str(score.get("max_examples", 200)),
+               "--input_length", str(score.get("input_length", plan.facts["input_length"])),
+               "--max_decode_length", str(score.get("max_decode_length", plan.facts["target_length"]))]
+        returncode, tail = _run_logged(cmd, os.path.join(plan.model_dir, LOG_FILE), verbose)
+        result = _last_json_object(tail) if returncode == 0 else None
+        if result is None:
+            return _describe_exit(returncode, tail) or "t5lite eval printed no result"
+        if metric_of(score, task) not in result:
+            return f"t5lite eval of {task} gave no {metric_of(score, task)!r} (it gave {', '.join(sorted(result))})"
+        results[task] = result
+        _write_json(path, results)
+    return None
+
+
 def _last_json_object(lines) -> Optional[dict]:
     """The result line of `t5lite eval` (a JSON object), even when log lines follow it."""
     for line in reversed(lines):
@@ -329,7 +389,7 @@ def _train(plan: Plan, python: str, verbose: bool, say) -> str:
 
 
 def run_point(plan: Plan, *, python: str = sys.executable, skip_failed: bool = False, task_metrics: bool = False,
-              max_examples: int = 200, verbose: bool = False, say=_say) -> str:
+              max_examples: int = 200, verbose: bool = False, say=_say, score: Optional[dict] = None) -> str:
     """Brings one point to `done` if it can; returns what happened: done / skipped / failed / interrupted.
 
     A finished point (its final checkpoint exists) is skipped; any other is trained, resuming
@@ -361,6 +421,11 @@ def run_point(plan: Plan, *, python: str = sys.executable, skip_failed: bool = F
         if error:
             write_status(plan, "done", None, task_metrics_error=error)
             say(f"  task metrics failed: {error}")
+    if score:
+        error = _score(plan, score, python, verbose)
+        write_status(plan, "done", None, score_error=error)
+        if error:
+            say(f"  scoring failed: {error}")
     return outcome
 
 
@@ -370,15 +435,48 @@ def point_record(plan: Plan) -> dict:
             "command": command_line(plan), "facts": plan.facts}
 
 
+def _run_upstream(plan: Plan, stages_done: dict, say, options: dict) -> Optional[str]:
+    """Brings the stages a multi-stage point starts from to `done`, each shared run once per sweep; returns why
+    one did not finish, or None."""
+    upstream_options = {k: v for k, v in options.items() if k not in ("task_metrics", "score")}
+    for up in plan.upstream:
+        if up.model_dir not in stages_done:
+            say(f"  stage {up.stage}: {up.model_dir}")
+            stages_done[up.model_dir] = run_point(up, say=lambda text: say("  " + text), **upstream_options)
+        if stages_done[up.model_dir] not in ("done", "skipped"):
+            why = up.error or f"{stages_done[up.model_dir]}; see {os.path.join(up.model_dir, LOG_FILE)}"
+            return f"stage {up.stage} did not finish ({why})"
+    if plan.stage:
+        say(f"  stage {plan.stage}: {plan.model_dir}")
+    return None
+
+
+def all_runs(plans: List[Plan]) -> List[Plan]:
+    """Every run of the sweep once, in the order it trains (a shared stage before the first point needing it)."""
+    seen, out = set(), []
+    for plan in plans:
+        for run in (*plan.upstream, plan):
+            if run.model_dir not in seen:
+                seen.add(run.model_dir)
+                out.append(run)
+    return out
+
+
 def run_sweep(plans: List[Plan], root: str, say=_say, **options) -> collections.Counter:
     """Runs every point in order (see run_point); returns how many were done / skipped / failed / interrupted."""
     os.makedirs(root, exist_ok=True)
     _write_json(os.path.join(root, "sweep.json"), {"points": [point_record(p) for p in plans]})
-    counts = collections.Counter()
+    counts, stages_done = collections.Counter(), {}
     for i, plan in enumerate(plans, 1):
         say(f"[{i}/{len(plans)}] {plan.point.name}")
         try:
-            counts[run_point(plan, say=say, **options)] += 1
+            failed = _run_upstream(plan, stages_done, say, options)
+            if failed:
+                write_status(plan, "failed", failed)
+                say(f"  cannot run: {failed}")
+            outcome = "failed" if failed else run_point(plan, say=say, **options)
+            stages_done[plan.model_dir] = outcome  # a point's last stage may start another's (a base and its tuning)
+            counts[outcome] += 1
         except _Stop:
             say("SIGTERM: the running point saved a checkpoint; run the same sweep command again to resume")
             counts["interrupted"] += 1

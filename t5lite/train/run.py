@@ -231,7 +231,8 @@ def _data(train: TrainConfig, task, vocab: Vocabulary, steps: Steps):
         if split not in task.splits:
             raise UserError(f"task {task.name!r} has no split {split!r} to evaluate on (EVAL_PERIOD is set); "
                             f"set train.eval_split to one of {', '.join(task.splits)}, or EVAL_PERIOD = None")
-        if len(task.source(split)) == 0:
+        members = task.tasks if isinstance(task, tasks_lib.Mixture) else [task]  # a mixture evaluates on its tasks' splits
+        if sum(len(t.source(split)) for t in members) == 0:
             raise UserError(f"the {split} split of task {task.name!r} is empty; add data or set EVAL_PERIOD = None")
         checks.first_batch(batches(split, False, 1), f"the {split} split of task {task.name!r}")
 

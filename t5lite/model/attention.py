@@ -92,9 +92,11 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = key(inputs_kv), value(inputs_kv)  # [B, k, Hkv, Dh]
         if cfg.qk_norm:  # normalised heads lose the folded-in scaling: scale explicitly
-            q = RMSNorm(cfg, "kv", name="query_norm")(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype)
+            q = RMSNorm(cfg, "kv", name="query_norm")(q)
             if not cached_cross:
                 k = RMSNorm(cfg, "kv", name="key_norm")(k)
+        if cfg.query_pre_attn_scalar is not None or cfg.qk_norm:  # scaling q scales every score alike
+            q = q * jnp.asarray((cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, dtype)
         if rotary is not None:  # self-attention: q and k at the current tokens' positions
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))

@@ -88,6 +88,9 @@ class T5Config:
     separate_embeddings: bool = False
     # logits_via_embedding: True scales the hidden states by emb_dim ** -0.5 first (T5 v1.0), False does not (Gemma).
     scale_tied_logits: bool = True
+    # The token the decoder starts from. t5lite's batches and decoding always feed 0 (padding) as the start;
+    # the encoder-decoder's decoder embeds a 0 as this id instead (T5Gemma starts from <bos> = 2).
+    decoder_start_token_id: int = 0
     # How attention is computed (t5lite/model/attention_core.py): dense [B, H, q, k] scores (the default),
     # blockwise (online softmax, memory linear in length), cudnn (GPU), pallas_tpu (TPU), or auto (dense
     # below attention_auto_min_length tokens or with attention dropout; else cudnn / pallas_tpu / blockwise).
@@ -187,6 +190,9 @@ class T5Config:
         for name in ("final_logit_softcap", "query_pre_attn_scalar", "sliding_window"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"T5Config.{name} must be positive or None, got {getattr(self, name)}")
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise UserError(f"decoder_start_token_id={self.decoder_start_token_id} must be in [0, vocab_size="
+                            f"{self.vocab_size})")
         kinds = set(self.sliding_window_pattern)
         if not self.sliding_window_pattern or not kinds <= {"local", "global"}:
             raise UserError(f"sliding_window_pattern={self.sliding_window_pattern} must be a non-empty list of "

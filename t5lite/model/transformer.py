@@ -301,7 +301,10 @@ class Decoder(nn.Module):
         valid = decoder_target_tokens > 0 if decoder_target_tokens is not None and not stepping else None
         longest = max(length, 0 if encoder_input_tokens is None else encoder_input_tokens.shape[-1])
         impl = "dense" if stepping else _attention_impl(cfg, longest, deterministic)  # decoding steps: the cache
-        x = _embed(cfg, self.token_embedder, decoder_input_tokens)
+        tokens = decoder_input_tokens
+        if cfg.decoder_start_token_id and not self.decoder_only:  # 0 in decoder inputs is the start (or padding)
+            tokens = jnp.where(tokens == 0, cfg.decoder_start_token_id, tokens)
+        x = _embed(cfg, self.token_embedder, tokens)
         if impl != "dense":
             x, position_fields, rotary = _per_block_positions(cfg, False, x, decoder_positions, length)
             self_bias = _local_spec(cfg, _spec(cfg, impl, q_valid=valid, k_valid=valid, q_segments=decoder_segment_ids,

@@ -164,6 +164,10 @@ def _default_layer_types(n: int) -> List[str]:
     return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]  # HF's default
 
 
+def _int_if_whole(x):
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def _float_or_none(x) -> Optional[float]:
     return None if x is None else float(x)
 
@@ -198,7 +202,7 @@ def config_to_hf(cfg: T5Config) -> dict:
                 "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
                 "hidden_activation": _ACTIVATIONS_TO_HF[cfg.mlp_activations], "rms_norm_eps": cfg.layer_norm_epsilon,
                 "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-                "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+                "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar),  # transformers 5 wants an int
                 # HF requires a window even without sliding layers; it is unused then
                 "sliding_window": cfg.sliding_window or 4096,
                 "layer_types": [names[cfg.sliding_window_pattern[i % n]] if cfg.sliding_window else "full_attention"

@@ -290,6 +290,16 @@ _UMT5 = dict(_V1_1, vocab_size=256384, relative_attention_per_layer=True)
 _SWITCH = dict(_V1_0, mlp="moe", moe_every=2, moe_first_layer=1, experts_per_token=1, expert_capacity=64,
                router_jitter_noise=0.01, moe_load_balancing_weight=0.001, moe_router_z_loss_weight=0.001)
 
+# T5Gemma (Zhang et al., 2025; HF google/t5gemma-*): Gemma 2 blocks as encoder and decoder. RoPE, GQA, sandwich
+# (1 + w) RMSNorms, soft-capped attention (50) and logits (30), local (4096-token window) / global layers
+# alternating, sqrt(d) embedding scale, an embedding per stack, the decoder's tied to the output unscaled, and
+# decoding from <bos> = 2. Sizes: Gemma 2 2B / 9B (parameter counts equal keras-hub's published ones).
+_T5GEMMA = dict(vocab_size=256000, mlp_activations=("gelu", "linear"), logits_via_embedding=True,
+                scale_tied_logits=False, position_scheme="rope", rope_theta=10000.0, query_pre_attn_scalar=256.0,
+                attention_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+                sliding_window_pattern=("local", "global"), embedding_scale=True, separate_embeddings=True,
+                norm="gemma_rms_norm", norm_layout="sandwich", decoder_start_token_id=2)
+
 
 def _size(emb, heads, head_dim, mlp, layers):
     return dict(emb_dim=emb, num_heads=heads, head_dim=head_dim, mlp_dim=mlp,
@@ -322,6 +332,8 @@ PRESETS = {
     # as its model card says.
     **{f"switch_base_{e}": dict(_SWITCH, num_experts=e, **_size(768, 12, 64, 3072, 12)) for e in (8, 16, 32, 64, 128)},
     "switch_large_128": dict(_SWITCH, num_experts=128, **_size(1024, 16, 64, 4096, 24)),
+    "t5gemma_2b_2b": dict(_T5GEMMA, num_kv_heads=4, **_size(2304, 8, 256, 9216, 26)),
+    "t5gemma_9b_9b": dict(_T5GEMMA, num_kv_heads=8, **_size(3584, 16, 256, 14336, 42)),
 }
 
 

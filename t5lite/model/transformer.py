@@ -255,7 +255,8 @@ class Encoder(nn.Module):
                 mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
             x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
             rows = jnp.arange(length)
-            bias = _dense_bias(cfg, mask, position_bias, _window_mask(cfg, rows, rows, causal=False))  # [B, H, L, L]
+            window = _window_mask(cfg, rows, rows, causal=False) if _has_local_layers(cfg) else None
+            bias = _dense_bias(cfg, mask, position_bias, window)  # [B, H, L, L] (or a dict of two)
 
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = _run_layers(self, EncoderLayer, cfg.num_encoder_layers, x, bias, rotary,

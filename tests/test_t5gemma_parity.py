@@ -177,7 +177,7 @@ GEN = dict(vocab_size=24, hidden_size=32, intermediate_size=48, num_attention_he
            head_dim=8, query_pre_attn_scalar=8, sliding_window=3, layers=(3, 3), scale=0.6)
 
 
-@pytest.mark.slow  # ~30 s on 2 cores: HF generate, t5lite's decoder compiled twice
+@pytest.mark.slow  # 10-35 s on 2 cores: HF generate, t5lite's decoder compiled twice
 def test_greedy_generate_matches_hf_and_the_cache_matches_the_full_pass(tmp_path):
     """Greedy tokens equal HF generate's on a padded batch, 12 tokens with a window of 3; and the cached
     decoder's logits at every step equal one teacher-forced pass over the same tokens."""
@@ -212,7 +212,7 @@ def test_greedy_generate_matches_hf_and_the_cache_matches_the_full_pass(tmp_path
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5 * np.abs(full).max())
 
 
-@pytest.mark.slow  # ~25 s: HF + PEFT and an adapted t5lite model
+@pytest.mark.slow  # 17-29 s: HF + PEFT and an adapted t5lite model
 def test_peft_export_of_a_card_gives_hf_peft_the_same_logits(tmp_path):
     """A LoRA card on a converted T5Gemma base exports to PEFT; PEFT on HF's model gives t5lite's logits."""
     peft = pytest.importorskip("peft")
@@ -289,7 +289,7 @@ def test_preset_parameter_counts_equal_hf(name):
     assert count_params(abstract_params(cfg)) == count == PUBLISHED[name]
 
 
-@pytest.mark.slow  # ~30 s: a whole `t5lite train` (compile, data, checkpoint)
+@pytest.mark.slow  # 7-31 s: a whole `t5lite train` (compile, data, checkpoint)
 def test_train_two_steps_from_the_cli(tmp_path):
     """`t5lite train` with the T5Gemma models/ gin file, shrunk by tiny.gin (which keeps the family's fields)."""
     import json

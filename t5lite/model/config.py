@@ -218,7 +218,8 @@ class T5Config:
             block = self.layers_per_scan_block
             for n in (self.num_encoder_layers, self.num_decoder_layers):
                 if n % block:
-                    raise UserError(f"scan_layers scans blocks of {block} layers (the period of moe_every and "
+                    raise UserError(f"scan_layers scans blocks of {block} layers (the period of moe_every="
+                                    f"{self.moe_every} and of the {len(self.sliding_window_pattern)}-entry "
                                     "sliding_window_pattern), which must divide the layer counts "
                                     f"({self.num_encoder_layers}, {self.num_decoder_layers}); change them or set "
                                     "scan_layers=False")

@@ -116,23 +116,6 @@ class RMSNorm(nn.Module):
         return jnp.asarray(y, self.config.dtype)
 
 
-@register("norm", "gemma_rms_norm")
-class GemmaRMSNorm(nn.Module):
-    """Gemma's RMSNorm: T5's, but the stored scale w multiplies as (1 + w) (zeros at init); float32."""
-
-    config: T5Config
-    axis_name: str = "embed"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                           (x.shape[-1],), jnp.float32)
-        variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * (1.0 + scale)
-        return jnp.asarray(y, self.config.dtype)
-
-
 @register("norm", "layer_norm")
 class LayerNorm(nn.Module):
     """The original Transformer's norm: subtract the mean, divide by the std, scale and shift; float32."""
@@ -151,6 +134,23 @@ class LayerNorm(nn.Module):
         centered = x - jnp.mean(x, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale + bias
+        return jnp.asarray(y, self.config.dtype)
+
+
+@register("norm", "gemma_rms_norm")
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: T5's, but the stored scale w multiplies as (1 + w) (zeros at init); float32."""
+
+    config: T5Config
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * (1.0 + scale)
         return jnp.asarray(y, self.config.dtype)
 
 

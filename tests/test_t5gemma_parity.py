@@ -210,6 +210,33 @@ def test_greedy_generate_matches_hf_and_the_cache_matches_the_full_pass(tmp_path
         cache = cache["cache"]
         steps.append(np.asarray(logits[:, 0]))
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5 * np.abs(full).max())
+    layers = cache["decoder"]
+    assert layers["layers_0"]["self_attention"]["cached_key"].shape[2] == 3  # local: a ring of window slots
+    assert layers["layers_1"]["self_attention"]["cached_key"].shape[2] == length  # global: the whole sequence
+
+
+@pytest.mark.parametrize("decoder_only", [False, True], ids=["beam", "decoder_only_prompts"])
+def test_window_bounded_cache_decodes_as_the_full_length_cache(decoder_only, monkeypatch):
+    """The ring cache of local layers gives the tokens and scores of a full-length masked cache: beam search
+    (beams reorder the rings), and decoder-only prompts longer than the window (prefilled at once, left-padded)."""
+    import t5lite.model.transformer as transformer
+    from t5lite.model import get_config
+
+    cfg = get_config("t5gemma_2b_2b", vocab_size=40, emb_dim=16, num_heads=2, num_kv_heads=1, head_dim=8,
+                     mlp_dim=24, num_encoder_layers=2, num_decoder_layers=2, sliding_window=3,
+                     logits_via_embedding=False)  # a random tied model repeats its input token
+    params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(1), x.shape),
+                          init_params(cfg, jax.random.key(0), decoder_only=decoder_only))
+    prompts = _prompts(cfg.vocab_size)
+    kwargs = dict(max_decode_length=9, decoder_only=decoder_only,
+                  **({} if decoder_only else dict(method="beam", num_beams=3)))
+    ring_tokens, ring_scores = generate(cfg, params, prompts, **kwargs)
+    monkeypatch.setattr(transformer, "_ring_slots", lambda cfg, length: None)
+    # Another (unused) block size: a new static config, so generate traces again instead of reusing its program.
+    full_tokens, full_scores = generate(cfg.replace(attention_block_q=7), params, prompts, **kwargs)
+    assert (np.asarray(full_tokens) > 2).sum() > 10
+    np.testing.assert_array_equal(np.asarray(ring_tokens), np.asarray(full_tokens))
+    np.testing.assert_allclose(np.asarray(ring_scores), np.asarray(full_scores), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # 17-29 s: HF + PEFT and an adapted t5lite model

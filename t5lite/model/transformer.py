@@ -96,8 +96,11 @@ class DecoderLayer(nn.Module):
         if cfg.relative_attention_per_layer:  # queries from decode_position on when stepping a cache
             self_bias = self_bias + _layer_relative_bias(cfg, False, x.shape[1], self_bias.shape[-1], decode_position)
         attention_cls = registry.get("attention", cfg.attention)
+        # A local layer's decoding cache holds its window only (a ring of slots; see MultiHeadAttention).
+        ring = _ring_slots(cfg, self.cache_length) if self.decode and self.attention_kind == "local" else None
         attention = lambda name, is_cross: attention_cls(  # noqa: E731
-            cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name)
+            cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name,
+            **({"cache_window": ring} if ring and not is_cross else {}))
         self_attention = attention("self_attention", False)
         x = _residual(self, x, "self_attention",
                       lambda h: self_attention(h, h, self_bias, self.deterministic, rotary, decode_position))
@@ -200,6 +203,31 @@ def _window_mask(cfg: T5Config, q_pos: jax.Array, k_pos: jax.Array, causal: bool
     delta = q_pos[:, None] - k_pos[None, :]
     near = delta < cfg.sliding_window if causal else jnp.abs(delta) <= cfg.sliding_window
     return near[None, None]
+
+
+def _ring_slots(cfg: T5Config, cache_length: Optional[int]) -> Optional[int]:
+    """Cache slots of a local layer's self-attention when decoding: the window when it is shorter than the cache
+    and no position bias spans the whole cache (T5's, ALiBi's); None: a full-length cache, masked."""
+    if not _has_local_layers(cfg) or not cache_length or cfg.sliding_window >= cache_length:
+        return None
+    has_bias = getattr(registry.get("positions", cfg.position_scheme), "block_bias", None) is not None
+    return None if has_bias or cfg.relative_attention_per_layer else cfg.sliding_window
+
+
+def _ring_bias(cfg: T5Config, slots: int, q_pos, decode_position, length: int, prefix, key_valid) -> jax.Array:
+    """[B or 1, 1, q, slots + q] bias of a ring cache's step: its keys are the slots (slot s holds the latest
+    position before decode_position that is s mod slots; negative: never written), then the new tokens."""
+    old = decode_position - 1 - jnp.mod(decode_position - 1 - jnp.arange(slots), slots)  # [slots]
+    k_pos = jnp.concatenate([old, q_pos])  # [slots + q]
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if prefix is not None:  # prefix flags cover the cache positions: [B, Lmax]
+        q_prefix = jax.lax.dynamic_slice_in_dim(prefix, decode_position, length, axis=1)
+        mask = jnp.logical_or(mask, make_attention_mask(q_prefix, jnp.take(prefix, jnp.maximum(k_pos, 0), axis=1)))
+    near = (k_pos[None, :] >= 0) & (q_pos[:, None] - k_pos[None, :] < cfg.sliding_window)
+    mask = jnp.logical_and(mask, near[None, None])
+    if key_valid is not None:
+        mask = jnp.logical_and(mask, jnp.take(key_valid, jnp.maximum(k_pos, 0), axis=1)[:, None, None, :].astype(bool))
+    return mask_to_bias(mask)
 
 
 def _dense_bias(cfg: T5Config, mask: jax.Array, position_bias, window_mask=None):
@@ -372,6 +400,9 @@ class Decoder(nn.Module):
             window_mask = _window_mask(cfg, rows, rows, causal=True) if _has_local_layers(cfg) else None
         x, position_bias, rotary = _positions(cfg, bidirectional=False)(x, decoder_positions, key_length, query_offset)
         self_bias = _dense_bias(cfg, self_mask, position_bias, window_mask)  # [B, H, T, T or Lmax] (or a dict of two)
+        ring = _ring_slots(cfg, max_decode_length) if stepping else None
+        if ring:
+            self_bias["local"] = _ring_bias(cfg, ring, q_pos, decode_position, length, prefix, decoder_key_valid)
 
         cross_bias = None
         if not self.decoder_only:

@@ -182,7 +182,6 @@ class MultiHeadAttention(nn.Module):
                                                         start)
         return _from_cache_layout(cached_k.value), _from_cache_layout(cached_v.value)
 
-
     def _use_ring(self, cached_k, cached_v, k: jax.Array, v: jax.Array, decode_position: jax.Array):
         """Writes the last (at most cache_window) of k, v [B, n, Hkv, Dh] into their ring slots; returns the ring
         as it was, then k, v: [B, cache_window + n, Hkv, Dh]."""

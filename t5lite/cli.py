@@ -181,15 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=run.run_infer)
 
     convert = commands.add_parser("convert", help="convert checkpoints to and from HF transformers "
-                                  "(T5, mT5, UMT5, Switch Transformers)")
+                                  "(T5, mT5, UMT5, Switch Transformers, T5Gemma)")
     directions = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    p = directions.add_parser("from-hf", help="HF T5 / mT5 / UMT5 / Switch directory (config.json + "
+    p = directions.add_parser("from-hf", help="HF T5 / mT5 / UMT5 / Switch / T5Gemma directory (config.json + "
                               "model.safetensors) -> t5lite")
     p.add_argument("--hf_dir", required=True, help="directory written by HF save_pretrained")
     p.add_argument("--out", required=True, help="new directory for the t5lite params checkpoint")
     p.set_defaults(run=run.convert_from_hf)
     p = directions.add_parser("to-hf", help="t5lite checkpoint (a training model_dir or a params checkpoint) -> "
-                              "HF T5 / UMT5 / Switch")
+                              "HF T5 / UMT5 / Switch / T5Gemma")
     p.add_argument("--checkpoint", required=True, help="a training model_dir (its newest readable step) or a params "
                    "checkpoint directory")
     p.add_argument("--step", type=NON_NEGATIVE, default=None, help="export this step of a training model_dir")

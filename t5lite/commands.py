@@ -235,7 +235,7 @@ def convert_from_hf(args) -> None:
 
 
 def convert_to_hf(args) -> None:
-    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5 / UMT5 / Switch,
+    """A params checkpoint, or a training model_dir's newest readable step (or --step), to HF T5 / UMT5 / Switch / T5Gemma,
     with the tokenizer files when the vocabulary is known."""
     from t5lite.convert.hf import MODEL_CLASSES, family, to_hf
     from t5lite.data.vocab import Vocabulary

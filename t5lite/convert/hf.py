@@ -15,7 +15,8 @@ untied and unscaled here. Switch Transformers: T5 v1.0 blocks whose MLP in every
 `sparse_step`-th layer (i % step == 1) is a top-1 MoE, `layer.N.mlp.router.classifier` and
 `layer.N.mlp.experts.expert_e.{wi,wo}` (dense layers: `layer.N.mlp.{wi,wo}`), with a fixed
 `expert_capacity` per row (t5lite/model/moe.py). LongT5: T5 v1.1 with a local or transient-global
-encoder self-attention, mapped in t5lite/convert/longt5.py.
+encoder self-attention, mapped in t5lite/convert/longt5.py. T5Gemma's config and names live in
+t5lite/convert/t5gemma.py; this module reads and writes its files like the others'.
 """
 
 import json
@@ -24,7 +25,7 @@ from typing import Callable, Dict, List, Tuple, Union
 
 import numpy as np
 
-from t5lite.convert import longt5
+from t5lite.convert import longt5, t5gemma
 from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
 from t5lite.errors import UserError
 from t5lite.fileio import new_directory
@@ -49,13 +50,16 @@ Mapping = Tuple[str, Union[str, Tuple[str, ...]], Callable[[np.ndarray], np.ndar
                 Callable[[np.ndarray], np.ndarray]]
 MODEL_CLASSES = {"t5": "T5ForConditionalGeneration", "umt5": "UMT5ForConditionalGeneration",
                   "switch_transformers": "SwitchTransformersForConditionalGeneration",
-                  longt5.MODEL_TYPE: longt5.MODEL_CLASS}
-_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers", "longt5": "LongT5"}
+                  longt5.MODEL_TYPE: longt5.MODEL_CLASS, "t5gemma": t5gemma.MODEL_CLASS}
+_FAMILY_NAMES = {"t5": "T5", "umt5": "UMT5", "switch_transformers": "Switch Transformers", "longt5": "LongT5",
+                 "t5gemma": "T5Gemma"}
 
 
 def family(cfg: T5Config) -> str:
-    """The HF model_type that holds `cfg`: longt5 (LongT5 encoder attention), switch_transformers (MoE MLPs),
-    umt5 (bias per layer) or t5."""
+    """The HF model_type that holds `cfg`: t5gemma (Gemma's norm), longt5 (LongT5 encoder attention),
+    switch_transformers (MoE MLPs), umt5 (bias per layer) or t5."""
+    if t5gemma.is_t5gemma(cfg):
+        return "t5gemma"
     if longt5.is_longt5(cfg):
         return longt5.MODEL_TYPE
     return "switch_transformers" if cfg.mlp == "moe" else "umt5" if cfg.relative_attention_per_layer else "t5"
@@ -94,6 +98,8 @@ def _mlp_maps(t5: str, hf: str, cfg: T5Config, index: int) -> List[Mapping]:
 
 def parameter_map(cfg: T5Config) -> List[Mapping]:
     """Every parameter of an (unscanned) t5lite EncoderDecoder and its HF counterpart."""
+    if t5gemma.is_t5gemma(cfg):
+        return t5gemma.parameter_map(cfg)
     maps: List[Mapping] = [("token_embedder/embedding", "shared.weight", _same, _same)]
     for stack, n_layers in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
         for i in range(n_layers if cfg.relative_attention_per_layer else 1):
@@ -202,6 +208,12 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
         raise UserError(f"{path} is not an HF T5 checkpoint directory (expected config.json and model.safetensors)")
     hf_cfg = _read_json(os.path.join(path, "config.json"))
     tensors = read_safetensors(path)
+    if isinstance(hf_cfg, dict) and hf_cfg.get("model_type") in ("t5gemma", "t5gemma2"):
+        head, embedding = tensors.get("lm_head.out_proj.weight"), tensors.get("model.decoder.embed_tokens.weight")
+        cfg = t5gemma.config_from_hf(hf_cfg, head is not None and not np.array_equal(head, embedding))
+        if not cfg.logits_via_embedding and head is None:
+            tensors["lm_head.out_proj.weight"] = embedding
+        return cfg, _read_params(path, cfg, tensors)
     lm_head = tensors.get("lm_head.weight")
     separate_head = lm_head is not None and not np.array_equal(lm_head, tensors.get("shared.weight"))
     for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):  # transformers 5, Switch untied
@@ -211,7 +223,11 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
     if not cfg.logits_via_embedding and lm_head is None:
         # Unscaled logits through the shared embedding: an untied head that starts equal to it.
         tensors["lm_head.weight"] = tensors.get("shared.weight")
+    return cfg, _read_params(path, cfg, tensors)
 
+
+def _read_params(path: str, cfg: T5Config, tensors: dict) -> dict:
+    """The t5lite params of `cfg` from a checkpoint's tensors, every name and shape checked."""
     expected = param_shapes(abstract_params(cfg))
     flat = {}
     for ours, theirs, to_t5, _ in parameter_map(cfg):
@@ -225,16 +241,24 @@ def from_hf(path: str) -> Tuple[T5Config, dict]:
             raise UserError(f"{path}: tensor {keys[0]!r} has shape {tuple(tensors[keys[0]].shape)}, which does not "
                             f"match config.json (t5lite expects {tuple(expected[ours])} for {ours})")
         flat[ours] = np.ascontiguousarray(value)
-    return cfg, nest_paths(flat)
+    return nest_paths(flat)
 
 
 # Ablation fields and the only value of each that HF's T5 family has.
 _HF_T5_ARCHITECTURE = dict(position_scheme="t5_relative_bias", attention="multi_head", qk_norm=False,
-                           attention_logit_softcap=None, norm="rms_norm", norm_layout="pre")
+                           attention_logit_softcap=None, norm="rms_norm", norm_layout="pre", sliding_window=None,
+                           final_logit_softcap=None, query_pre_attn_scalar=None, embedding_scale=False,
+                           separate_embeddings=False, decoder_start_token_id=0)
 
 
 def check_hf_representable(cfg: T5Config) -> None:
-    """One-line UserError naming every setting of `cfg` that HF's T5 / UMT5 / Switch cannot represent."""
+    """One-line UserError naming every setting of `cfg` that HF's T5 / UMT5 / Switch / T5Gemma cannot represent."""
+    if t5gemma.is_t5gemma(cfg):
+        unsupported = t5gemma.unsupported(cfg)
+        if unsupported:
+            raise UserError(f"HF transformers' T5Gemma cannot represent {', '.join(unsupported)}; set those as "
+                            "experiments/models/t5gemma_*.gin do")
+        return
     unsupported = [f"{name}={getattr(cfg, name)!r}" for name, value in _HF_T5_ARCHITECTURE.items()
                    if getattr(cfg, name) != value]
     if cfg.kv_heads != cfg.num_heads:
@@ -249,6 +273,8 @@ def check_hf_representable(cfg: T5Config) -> None:
         unsupported.append(f"encoder_attention={cfg.encoder_attention!r}")
     if cfg.mlp == "moe" and not longt5.is_longt5(cfg):
         unsupported += _switch_unsupported(cfg)
+    if cfg.logits_via_embedding and not cfg.scale_tied_logits:
+        unsupported.append("scale_tied_logits=False (tied logits unscaled)")
     if unsupported:
         raise UserError(f"HF transformers' {_FAMILY_NAMES[family(cfg)]} cannot represent {', '.join(unsupported)}; "
                         "only T5's architecture (relative position bias, multi-head attention, pre-RMSNorm), with "
@@ -278,6 +304,8 @@ def config_to_hf(cfg: T5Config) -> dict:
     """An HF config.json dict that transformers 4 and 5 read as this architecture."""
     check_hf_representable(cfg)
     model_type = family(cfg)
+    if model_type == "t5gemma":
+        return t5gemma.config_to_hf(cfg)
     out = {
         "architectures": [MODEL_CLASSES[model_type]], "model_type": model_type, "is_encoder_decoder": True,
         "vocab_size": cfg.vocab_size, "d_model": cfg.emb_dim, "d_kv": cfg.head_dim, "d_ff": cfg.mlp_dim,

@@ -69,6 +69,9 @@ class MultiHeadAttention(nn.Module):
     is_cross: bool = False
     decode: bool = False
     cache_length: Optional[int] = None  # self-attention cache slots; default: the first call's length
+    # Sliding-window layers: a ring of this many slots (position p in slot p % cache_window) instead; the keys
+    # attended are the ring (as it was before this call) then the new tokens, masked by the caller's bias.
+    cache_window: Optional[int] = None
 
     @nn.compact
     def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array], bias: jax.Array,
@@ -92,9 +95,11 @@ class MultiHeadAttention(nn.Module):
         else:
             k, v = key(inputs_kv), value(inputs_kv)  # [B, k, Hkv, Dh]
         if cfg.qk_norm:  # normalised heads lose the folded-in scaling: scale explicitly
-            q = RMSNorm(cfg, "kv", name="query_norm")(q) * jnp.asarray(cfg.head_dim ** -0.5, dtype)
+            q = RMSNorm(cfg, "kv", name="query_norm")(q)
             if not cached_cross:
                 k = RMSNorm(cfg, "kv", name="key_norm")(k)
+        if cfg.query_pre_attn_scalar is not None or cfg.qk_norm:  # scaling q scales every score alike
+            q = q * jnp.asarray((cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5, dtype)
         if rotary is not None:  # self-attention: q and k at the current tokens' positions
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "kv"))
@@ -163,16 +168,31 @@ class MultiHeadAttention(nn.Module):
                 self.put_variable("cache", "cross_value", cross_v)
             return k, v
         initialized = self.has_variable("cache", "cached_key")
-        shape = (k.shape[0], k.shape[2], self.cache_length or k.shape[1], k.shape[3])  # [B, Hkv, Lmax, Dh]
+        slots = self.cache_window or self.cache_length or k.shape[1]
+        shape = (k.shape[0], k.shape[2], slots, k.shape[3])  # [B, Hkv, Lmax or window, Dh]
         cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
         cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
         if not initialized or decode_position is None:
             return k, v
+        if self.cache_window:
+            return self._use_ring(cached_k, cached_v, k, v, decode_position)
         start = (0, 0, decode_position, 0)
         for cached, new in ((cached_k, k), (cached_v, v)):  # in place: the while loop's carry is not copied
             cached.value = jax.lax.dynamic_update_slice(cached.value, _to_cache_layout(new).astype(cached.value.dtype),
                                                         start)
         return _from_cache_layout(cached_k.value), _from_cache_layout(cached_v.value)
+
+    def _use_ring(self, cached_k, cached_v, k: jax.Array, v: jax.Array, decode_position: jax.Array):
+        """Writes the last (at most cache_window) of k, v [B, n, Hkv, Dh] into their ring slots; returns the ring
+        as it was, then k, v: [B, cache_window + n, Hkv, Dh]."""
+        n, w = k.shape[1], self.cache_window
+        kept = min(n, w)
+        slots = jnp.mod(decode_position + n - kept + jnp.arange(kept), w)
+        out = []
+        for cached, new in ((cached_k, k), (cached_v, v)):
+            out.append(jnp.concatenate([_from_cache_layout(cached.value), new.astype(cached.value.dtype)], axis=1))
+            cached.value = cached.value.at[:, :, slots].set(_to_cache_layout(new[:, n - kept:]).astype(cached.value.dtype))
+        return out[0], out[1]
 
 
 def _rows_as_queries(x: jax.Array, rows: int, axis: int) -> jax.Array:

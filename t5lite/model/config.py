@@ -6,6 +6,7 @@ each are pinned by golden files in tests/golden/.
 """
 
 import dataclasses
+import math
 from typing import Optional, Tuple
 
 import jax
@@ -72,6 +73,24 @@ class T5Config:
     num_kv_heads: Optional[int] = None  # None: num_heads (MHA); fewer: grouped-query; 1: multi-query
     qk_norm: bool = False  # RMSNorm on each query / key head, then explicit 1/sqrt(head_dim) scaling
     attention_logit_softcap: Optional[float] = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    # Scores scaled by query_pre_attn_scalar ** -0.5 (Gemma 2); None: T5's unscaled scores (the query
+    # initializer folds 1/sqrt(head_dim) in), or 1/sqrt(head_dim) with qk_norm.
+    query_pre_attn_scalar: Optional[float] = None
+    # Sliding-window self-attention (Gemma 2 / T5Gemma, as HF's layer_types): layer i is
+    # sliding_window_pattern[i % len(pattern)], "local" (a window) or "global" (all keys). A local layer of the
+    # encoder attends |q - k| <= sliding_window, of the decoder 0 <= q - k < sliding_window (HF's two masks).
+    sliding_window: Optional[int] = None
+    sliding_window_pattern: Tuple[str, ...] = ("global",)
+    final_logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    embedding_scale: bool = False  # token embeddings * sqrt(emb_dim), in the compute dtype (Gemma)
+    # True: encoder and decoder have their own token embeddings (T5Gemma); the decoder's is the one that
+    # logits_via_embedding ties to the output layer. False: one table for both (T5).
+    separate_embeddings: bool = False
+    # logits_via_embedding: True scales the hidden states by emb_dim ** -0.5 first (T5 v1.0), False does not (Gemma).
+    scale_tied_logits: bool = True
+    # The token the decoder starts from. t5lite's batches and decoding always feed 0 (padding) as the start;
+    # the encoder-decoder's decoder embeds a 0 as this id instead (T5Gemma starts from <bos> = 2).
+    decoder_start_token_id: int = 0
     # How attention is computed (t5lite/model/attention_core.py): dense [B, H, q, k] scores (the default),
     # blockwise (online softmax, memory linear in length), cudnn (GPU), pallas_tpu (TPU), or auto (dense
     # below attention_auto_min_length tokens or with attention dropout; else cudnn / pallas_tpu / blockwise).
@@ -107,6 +126,7 @@ class T5Config:
         self._check_types()
         # Lists from JSON/gin become tuples so the config stays hashable.
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        object.__setattr__(self, "sliding_window_pattern", tuple(self.sliding_window_pattern))
         for act in self.mlp_activations:
             if act not in ACTIVATIONS:
                 raise UserError(f"unknown mlp activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
@@ -125,7 +145,6 @@ class T5Config:
     def _check_types(self):
         """A value of the wrong type (a gin binding like T5Config.num_heads={}) is one line naming the field,
         not a TypeError deep in the checks below. Integers pass for floats; bools only for bools."""
-        import math
         import typing
         for field in dataclasses.fields(self):
             hint, value = typing.get_type_hints(type(self))[field.name], getattr(self, field.name)
@@ -186,6 +205,23 @@ class T5Config:
                 raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
         if self.attention_logit_softcap is not None and self.attention_logit_softcap <= 0:
             raise UserError(f"attention_logit_softcap must be positive or None, got {self.attention_logit_softcap}")
+        for name in ("final_logit_softcap", "query_pre_attn_scalar", "sliding_window"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise UserError(f"T5Config.{name} must be positive or None, got {getattr(self, name)}")
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise UserError(f"decoder_start_token_id={self.decoder_start_token_id} must be in [0, vocab_size="
+                            f"{self.vocab_size})")
+        kinds = set(self.sliding_window_pattern)
+        if not self.sliding_window_pattern or not kinds <= {"local", "global"}:
+            raise UserError(f"sliding_window_pattern={self.sliding_window_pattern} must be a non-empty list of "
+                            "'local' / 'global' entries, e.g. ['local', 'global']")
+        if "local" in kinds and self.sliding_window is None:
+            raise UserError("sliding_window_pattern has 'local' layers but sliding_window is None; set "
+                            "T5Config.sliding_window (the window in tokens)")
+        if "local" in kinds and self.encoder_attention is not None and hasattr(
+                registry.get("attention", self.encoder_attention), "encoder_bias"):
+            raise UserError(f"encoder_attention={self.encoder_attention!r} has its own window (local_radius); drop "
+                            "the 'local' layers of sliding_window_pattern, or set encoder_attention=None")
         if self.experts_per_token > self.num_experts:
             raise UserError(f"experts_per_token={self.experts_per_token} exceeds num_experts={self.num_experts}")
         if self.relative_attention_per_layer and self.position_scheme != "t5_relative_bias":
@@ -201,11 +237,14 @@ class T5Config:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise UserError(f"T5Config.{name} must be positive, got {getattr(self, name)}")
         if self.scan_layers and self.layers_per_scan_block > 1:
+            block = self.layers_per_scan_block
             for n in (self.num_encoder_layers, self.num_decoder_layers):
-                if n % self.moe_every:
-                    raise UserError(f"scan_layers scans blocks of moe_every={self.moe_every} layers, which must "
-                                    f"divide the layer counts ({self.num_encoder_layers}, {self.num_decoder_layers}); "
-                                    "change moe_every or set scan_layers=False")
+                if n % block:
+                    raise UserError(f"scan_layers scans blocks of {block} layers (the period of moe_every="
+                                    f"{self.moe_every} and of the {len(self.sliding_window_pattern)}-entry "
+                                    "sliding_window_pattern), which must divide the layer counts "
+                                    f"({self.num_encoder_layers}, {self.num_decoder_layers}); change them or set "
+                                    "scan_layers=False")
 
     @property
     def kv_heads(self) -> int:
@@ -223,10 +262,18 @@ class T5Config:
         first = self.moe_every - 1 if self.moe_first_layer is None else self.moe_first_layer
         return self.mlp if index % self.moe_every == first else "dense"
 
+    def attention_of_layer(self, index: int) -> str:
+        """'local' (sliding window) or 'global' self-attention in layer `index`: the pattern, cycled."""
+        kind = self.sliding_window_pattern[index % len(self.sliding_window_pattern)]
+        return kind if self.sliding_window is not None else "global"
+
     @property
     def layers_per_scan_block(self) -> int:
-        """Layers that scan_layers stacks as one block: moe_every when layers differ in their MLP, else 1."""
-        return self.moe_every if self.mlp != "dense" and self.moe_every > 1 else 1
+        """Layers that scan_layers stacks as one block: the period after which layers repeat (moe_every when
+        they differ in their MLP, the sliding-window pattern's length when in their attention), else 1."""
+        mlp = self.moe_every if self.mlp != "dense" and self.moe_every > 1 else 1
+        pattern = len(self.sliding_window_pattern) if len(set(self.sliding_window_pattern)) > 1 else 1
+        return mlp * pattern // math.gcd(mlp, pattern)
 
     def replace(self, **overrides) -> "T5Config":
         """A copy with some fields changed; unknown names fail with the valid ones listed."""
@@ -236,6 +283,7 @@ class T5Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mlp_activations"] = list(self.mlp_activations)
+        d["sliding_window_pattern"] = list(self.sliding_window_pattern)
         return d
 
     @classmethod
@@ -269,6 +317,16 @@ _SWITCH = dict(_V1_0, mlp="moe", moe_every=2, moe_first_layer=1, experts_per_tok
 # (local + one global token per 16-token block); the decoder is T5's (t5lite/model/longt5.py).
 _LONGT5 = dict(_V1_1, local_radius=127, global_block_size=16)
 _LONGT5_ATTENTION = {"local": "longt5_local", "tglobal": "longt5_transient_global"}
+
+# T5Gemma (Zhang et al., 2025; HF google/t5gemma-*): Gemma 2 blocks as encoder and decoder. RoPE, GQA, sandwich
+# (1 + w) RMSNorms, soft-capped attention (50) and logits (30), local (4096-token window) / global layers
+# alternating, sqrt(d) embedding scale, an embedding per stack, the decoder's tied to the output unscaled, and
+# decoding from <bos> = 2. Sizes: Gemma 2 2B / 9B (parameter counts equal keras-hub's published ones).
+_T5GEMMA = dict(vocab_size=256000, mlp_activations=("gelu", "linear"), logits_via_embedding=True,
+                scale_tied_logits=False, position_scheme="rope", rope_theta=10000.0, query_pre_attn_scalar=256.0,
+                attention_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096,
+                sliding_window_pattern=("local", "global"), embedding_scale=True, separate_embeddings=True,
+                norm="gemma_rms_norm", norm_layout="sandwich", decoder_start_token_id=2)
 
 
 def _size(emb, heads, head_dim, mlp, layers):
@@ -306,6 +364,8 @@ PRESETS = {
     # configuration; parameter counts equal HF's LongT5 built from the config.json to-hf writes).
     **{f"longt5_{a}_{k}": dict(_LONGT5, encoder_attention=name, **_V1_1_SIZES[k])
        for a, name in _LONGT5_ATTENTION.items() for k in ("base", "large", "xl")},
+    "t5gemma_2b_2b": dict(_T5GEMMA, num_kv_heads=4, **_size(2304, 8, 256, 9216, 26)),
+    "t5gemma_9b_9b": dict(_T5GEMMA, num_kv_heads=8, **_size(3584, 16, 256, 14336, 42)),
 }
 
 

@@ -137,6 +137,23 @@ class LayerNorm(nn.Module):
         return jnp.asarray(y, self.config.dtype)
 
 
+@register("norm", "gemma_rms_norm")
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: T5's, but the stored scale w multiplies as (1 + w) (zeros at init); float32."""
+
+    config: T5Config
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.asarray(x, jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                           (x.shape[-1],), jnp.float32)
+        variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * (1.0 + scale)
+        return jnp.asarray(y, self.config.dtype)
+
+
 def gate(hidden: Sequence[jax.Array], activations: Tuple[str, ...]) -> jax.Array:
     """prod_i act_i(hidden_i): one activation is a plain MLP, several a gated one (GLU variants)."""
     out = None

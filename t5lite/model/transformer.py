@@ -47,17 +47,24 @@ def _layer_relative_bias(cfg: T5Config, bidirectional: bool, q_len: int, key_len
     return bias
 
 
+def _layer_bias(bias, kind: str):
+    """A stack with sliding-window layers passes {'global': bias, 'local': windowed bias}; a layer takes its own."""
+    return bias[kind] if isinstance(bias, dict) else bias
+
+
 class EncoderLayer(nn.Module):
     """Self-attention then MLP, each a residual block (`_residual`)."""
 
     config: T5Config
     deterministic: bool
     mlp_name: str = "dense"  # the registered MLP of this layer (see T5Config.mlp_of_layer)
+    attention_kind: str = "global"  # 'local': sliding-window self-attention (see T5Config.attention_of_layer)
     scanned: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, rotary: Optional[Tuple[jax.Array, jax.Array]]):
         cfg = self.config
+        bias = _layer_bias(bias, self.attention_kind)
         if cfg.relative_attention_per_layer:
             bias = bias + _layer_relative_bias(cfg, True, x.shape[1], bias.shape[-1], None)  # [B, H, L, L]
         attention = registry.get("attention", cfg.encoder_attention or cfg.attention)(cfg, name="attention")
@@ -77,6 +84,7 @@ class DecoderLayer(nn.Module):
     decoder_only: bool = False
     decode: bool = False  # read/write the key-value cache (see MultiHeadAttention)
     cache_length: Optional[int] = None
+    attention_kind: str = "global"
     scanned: bool = False
 
     @nn.compact
@@ -84,11 +92,15 @@ class DecoderLayer(nn.Module):
                  encoded: Optional[jax.Array], cross_bias: Optional[jax.Array],
                  decode_position: Optional[jax.Array] = None):
         cfg = self.config
+        self_bias = _layer_bias(self_bias, self.attention_kind)
         if cfg.relative_attention_per_layer:  # queries from decode_position on when stepping a cache
             self_bias = self_bias + _layer_relative_bias(cfg, False, x.shape[1], self_bias.shape[-1], decode_position)
         attention_cls = registry.get("attention", cfg.attention)
+        # A local layer's decoding cache holds its window only (a ring of slots; see MultiHeadAttention).
+        ring = _ring_slots(cfg, self.cache_length) if self.decode and self.attention_kind == "local" else None
         attention = lambda name, is_cross: attention_cls(  # noqa: E731
-            cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name)
+            cfg, is_cross=is_cross, decode=self.decode, cache_length=self.cache_length, name=name,
+            **({"cache_window": ring} if ring and not is_cross else {}))
         self_attention = attention("self_attention", False)
         x = _residual(self, x, "self_attention",
                       lambda h: self_attention(h, h, self_bias, self.deterministic, rotary, decode_position))
@@ -104,7 +116,7 @@ class DecoderLayer(nn.Module):
 
 class _LayerBlock(nn.Module):
     """`size` consecutive layers as one scan step (layer_0 .. layer_{size-1}), for stacks whose
-    layers repeat with a period (an MoE MLP every `moe_every`-th layer)."""
+    layers repeat with a period (an MoE MLP every `moe_every`-th layer, a sliding-window pattern)."""
 
     layer_cls: Any
     size: int
@@ -114,7 +126,9 @@ class _LayerBlock(nn.Module):
     def __call__(self, x: jax.Array, *args):
         kwargs = dict(self.layer_kwargs)
         for j in range(self.size):
-            x = self.layer_cls(**kwargs, mlp_name=kwargs["config"].mlp_of_layer(j), name=f"layer_{j}")(x, *args)
+            cfg = kwargs["config"]
+            x = self.layer_cls(**kwargs, mlp_name=cfg.mlp_of_layer(j), attention_kind=cfg.attention_of_layer(j),
+                               name=f"layer_{j}")(x, *args)
         return x, None
 
 
@@ -125,11 +139,13 @@ def _run_layers(parent: nn.Module, layer_cls, num_layers: int, x: jax.Array, *ar
         layer_cls = nn.remat(layer_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
     if not cfg.scan_layers:
         for i in range(num_layers):
-            x = layer_cls(**layer_kwargs, mlp_name=cfg.mlp_of_layer(i), name=f"layers_{i}", parent=parent)(x, *args)
+            x = layer_cls(**layer_kwargs, mlp_name=cfg.mlp_of_layer(i), attention_kind=cfg.attention_of_layer(i),
+                          name=f"layers_{i}", parent=parent)(x, *args)
         return x
     block = cfg.layers_per_scan_block
     if block == 1:
-        step, step_kwargs = layer_cls, dict(layer_kwargs, mlp_name=cfg.mlp_of_layer(0), scanned=True)
+        step, step_kwargs = layer_cls, dict(layer_kwargs, mlp_name=cfg.mlp_of_layer(0),
+                                            attention_kind=cfg.attention_of_layer(0), scanned=True)
     else:
         step, step_kwargs = _LayerBlock, dict(layer_cls=layer_cls, size=block,
                                               layer_kwargs=tuple(sorted(layer_kwargs.items())))
@@ -177,6 +193,68 @@ def _spec(cfg: T5Config, impl: str, **fields) -> AttentionSpec:
                          block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
 
 
+def _has_local_layers(cfg: T5Config) -> bool:
+    return cfg.sliding_window is not None and "local" in cfg.sliding_window_pattern
+
+
+def _window_mask(cfg: T5Config, q_pos: jax.Array, k_pos: jax.Array, causal: bool) -> jax.Array:
+    """[1, 1, q, k] True where key k_pos is inside query q_pos's window: HF's masks, 0 <= q - k < w (causal;
+    the causal mask supplies q - k >= 0) or |q - k| <= w (bidirectional)."""
+    delta = q_pos[:, None] - k_pos[None, :]
+    near = delta < cfg.sliding_window if causal else jnp.abs(delta) <= cfg.sliding_window
+    return near[None, None]
+
+
+def _ring_slots(cfg: T5Config, cache_length: Optional[int]) -> Optional[int]:
+    """Cache slots of a local layer's self-attention when decoding: the window when it is shorter than the cache
+    and no position bias spans the whole cache (T5's, ALiBi's); None: a full-length cache, masked."""
+    if not _has_local_layers(cfg) or not cache_length or cfg.sliding_window >= cache_length:
+        return None
+    has_bias = getattr(registry.get("positions", cfg.position_scheme), "block_bias", None) is not None
+    return None if has_bias or cfg.relative_attention_per_layer else cfg.sliding_window
+
+
+def _ring_bias(cfg: T5Config, slots: int, q_pos, decode_position, length: int, prefix, key_valid) -> jax.Array:
+    """[B or 1, 1, q, slots + q] bias of a ring cache's step: its keys are the slots (slot s holds the latest
+    position before decode_position that is s mod slots; negative: never written), then the new tokens."""
+    old = decode_position - 1 - jnp.mod(decode_position - 1 - jnp.arange(slots), slots)  # [slots]
+    k_pos = jnp.concatenate([old, q_pos])  # [slots + q]
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if prefix is not None:  # prefix flags cover the cache positions: [B, Lmax]
+        q_prefix = jax.lax.dynamic_slice_in_dim(prefix, decode_position, length, axis=1)
+        mask = jnp.logical_or(mask, make_attention_mask(q_prefix, jnp.take(prefix, jnp.maximum(k_pos, 0), axis=1)))
+    near = (k_pos[None, :] >= 0) & (q_pos[:, None] - k_pos[None, :] < cfg.sliding_window)
+    mask = jnp.logical_and(mask, near[None, None])
+    if key_valid is not None:
+        mask = jnp.logical_and(mask, jnp.take(key_valid, jnp.maximum(k_pos, 0), axis=1)[:, None, None, :].astype(bool))
+    return mask_to_bias(mask)
+
+
+def _dense_bias(cfg: T5Config, mask: jax.Array, position_bias, window_mask=None):
+    """mask [B, 1, q, k] (+ position bias) -> the float32 bias, or with sliding-window layers
+    {'global': bias, 'local': bias of mask AND window_mask}."""
+    def bias_of(m):
+        return mask_to_bias(m) if position_bias is None else mask_to_bias(m) + position_bias
+
+    if not _has_local_layers(cfg):
+        return bias_of(mask)
+    return {"global": bias_of(mask), "local": bias_of(jnp.logical_and(mask, window_mask))}
+
+
+def _local_spec(cfg: T5Config, spec: AttentionSpec, causal: bool):
+    """The AttentionSpec of sliding-window layers next to the global one; the spec's window is |q - k| < w
+    bidirectional, so HF's inclusive |q - k| <= w is w + 1 there."""
+    if not _has_local_layers(cfg):
+        return spec
+    return {"global": spec, "local": spec.replace(window=cfg.sliding_window + (0 if causal else 1))}
+
+
+def _embed(cfg: T5Config, embedder: Embed, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, L, D], times sqrt(emb_dim) in the compute dtype with embedding_scale (Gemma)."""
+    x = embedder(tokens)
+    return x * jnp.asarray(cfg.emb_dim ** 0.5, x.dtype) if cfg.embedding_scale else x
+
+
 def _final_norm(cfg: T5Config, name: str, x: jax.Array) -> jax.Array:
     """The stack's last norm; post-norm layers already end normalised, so they have none."""
     return x if cfg.norm_layout == "post" else registry.get("norm", cfg.norm)(cfg, name=name)(x)
@@ -193,21 +271,23 @@ class Encoder(nn.Module):
                  deterministic: bool = True, positions: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         length = tokens.shape[-1]
-        x = self.token_embedder(tokens)
+        x = _embed(cfg, self.token_embedder, tokens)
         attention_cls = registry.get("attention", cfg.encoder_attention or cfg.attention)
         impl = _attention_impl(cfg, length, deterministic)
         if cfg.attention_impl == "auto" and getattr(attention_cls, "dense_only", False):
             impl = "dense"
         if impl != "dense":  # masks and position bias computed per block by the attention core
             x, position_fields, rotary = _per_block_positions(cfg, True, x, positions, length)
-            bias = _spec(cfg, impl, q_valid=tokens > 0, k_valid=tokens > 0, q_segments=segment_ids,
-                         k_segments=segment_ids, **position_fields)
+            bias = _local_spec(cfg, _spec(cfg, impl, q_valid=tokens > 0, k_valid=tokens > 0, q_segments=segment_ids,
+                                          k_segments=segment_ids, **position_fields), causal=False)
         else:
             mask = make_attention_mask(tokens > 0, tokens > 0)  # [B, 1, L, L]
             if segment_ids is not None:
                 mask = jnp.logical_and(mask, make_segment_mask(segment_ids, segment_ids))
             x, position_bias, rotary = _positions(cfg, bidirectional=True)(x, positions, length)
-            bias = mask_to_bias(mask) if position_bias is None else mask_to_bias(mask) + position_bias  # [B, H, L, L]
+            rows = jnp.arange(length)
+            window = _window_mask(cfg, rows, rows, causal=False) if _has_local_layers(cfg) else None
+            bias = _dense_bias(cfg, mask, position_bias, window)  # [B, H, L, L] (or a dict of two)
         if hasattr(attention_cls, "encoder_bias"):  # e.g. LongT5's local / transient-global (model/longt5.py)
             bias = attention_cls.encoder_bias(self, bias, tokens, segment_ids)
 
@@ -255,12 +335,15 @@ class Decoder(nn.Module):
         valid = decoder_target_tokens > 0 if decoder_target_tokens is not None and not stepping else None
         longest = max(length, 0 if encoder_input_tokens is None else encoder_input_tokens.shape[-1])
         impl = "dense" if stepping else _attention_impl(cfg, longest, deterministic)  # decoding steps: the cache
-        x = self.token_embedder(decoder_input_tokens)
+        tokens = decoder_input_tokens
+        if cfg.decoder_start_token_id and not self.decoder_only:  # 0 in decoder inputs is the start (or padding)
+            tokens = jnp.where(tokens == 0, cfg.decoder_start_token_id, tokens)
+        x = _embed(cfg, self.token_embedder, tokens)
         if impl != "dense":
             x, position_fields, rotary = _per_block_positions(cfg, False, x, decoder_positions, length)
-            self_bias = _spec(cfg, impl, q_valid=valid, k_valid=valid, q_segments=decoder_segment_ids,
-                              k_segments=decoder_segment_ids, q_prefix=prefix, k_prefix=prefix, causal=True,
-                              **position_fields)
+            self_bias = _local_spec(cfg, _spec(cfg, impl, q_valid=valid, k_valid=valid, q_segments=decoder_segment_ids,
+                                               k_segments=decoder_segment_ids, q_prefix=prefix, k_prefix=prefix,
+                                               causal=True, **position_fields), causal=True)
             cross_bias = None
             if not self.decoder_only:
                 both = decoder_segment_ids is not None and encoder_segment_ids is not None
@@ -285,11 +368,14 @@ class Decoder(nn.Module):
         """Final hidden states [..., D] -> float32 logits [..., V]."""
         cfg = self.config
         if cfg.logits_via_embedding:
-            # Tied embeddings: rescale so the logits keep unit-ish variance (T5 v1.0).
-            logits = self.token_embedder.attend(x * (cfg.emb_dim ** -0.5))
+            # Tied embeddings: T5 v1.0 rescales so the logits keep unit-ish variance; Gemma does not.
+            logits = self.token_embedder.attend(x * (cfg.emb_dim ** -0.5) if cfg.scale_tied_logits else x)
         else:
             logits = DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32, name="logits_dense")(x)
-        return nn.with_logical_constraint(jnp.asarray(logits, jnp.float32), ("batch", "length", "vocab"))
+        logits = jnp.asarray(logits, jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def _dense_biases(self, x, stepping, length, valid, prefix, decode_position, max_decode_length,
                       decoder_key_valid, decoder_segment_ids, encoder_segment_ids, encoder_input_tokens,
@@ -307,6 +393,7 @@ class Decoder(nn.Module):
             if decoder_key_valid is not None:  # e.g. left padding of prompts
                 self_mask = jnp.logical_and(self_mask, decoder_key_valid[:, None, None, :].astype(bool))
             key_length, query_offset = max_decode_length, decode_position
+            window_mask = _window_mask(cfg, q_pos, k_pos, causal=True) if _has_local_layers(cfg) else None
         else:
             self_mask = make_causal_mask(length, prefix)  # [1 or B, 1, T, T]
             if valid is not None:
@@ -314,9 +401,13 @@ class Decoder(nn.Module):
             if decoder_segment_ids is not None:
                 self_mask = jnp.logical_and(self_mask, make_segment_mask(decoder_segment_ids, decoder_segment_ids))
             key_length, query_offset = length, None
+            rows = jnp.arange(length)
+            window_mask = _window_mask(cfg, rows, rows, causal=True) if _has_local_layers(cfg) else None
         x, position_bias, rotary = _positions(cfg, bidirectional=False)(x, decoder_positions, key_length, query_offset)
-        self_bias = mask_to_bias(self_mask)  # [B, H, T, T or Lmax]
-        self_bias = self_bias if position_bias is None else self_bias + position_bias
+        self_bias = _dense_bias(cfg, self_mask, position_bias, window_mask)  # [B, H, T, T or Lmax] (or a dict of two)
+        ring = _ring_slots(cfg, max_decode_length) if stepping else None
+        if ring:
+            self_bias["local"] = _ring_bias(cfg, ring, q_pos, decode_position, length, prefix, decoder_key_valid)
 
         cross_bias = None
         if not self.decoder_only:
@@ -336,7 +427,10 @@ class EncoderDecoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype))
-        self.encoder = Encoder(cfg, self.token_embedder)
+        # T5Gemma: the encoder has its own table; token_embedder is the decoder's (and the tied output layer).
+        if cfg.separate_embeddings:
+            self.encoder_embedder = Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype))
+        self.encoder = Encoder(cfg, self.encoder_embedder if cfg.separate_embeddings else self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
     def encode(self, encoder_input_tokens, encoder_segment_ids=None, enable_dropout=False, encoder_positions=None):

@@ -333,3 +333,17 @@ def test_train_two_steps_from_the_cli(tmp_path):
                                           "T5Config.sliding_window = 8"])
     losses = [json.loads(line)["loss"] for line in open(model_dir / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_a_t5gemma_trained_from_scratch_starts_at_unit_variance_logits():
+    """Failed before: the table's rows had T5's std 1, so with Gemma's sqrt(d) input scale and unscaled tied logits
+    the first logits had std ~ sqrt(d) (a loss near 30 at d = 256, against ln(vocab) ~ 9 for a uniform guess)."""
+    from t5lite.model import get_config
+    cfg = get_config("t5gemma_2b_2b", vocab_size=512, emb_dim=256, num_heads=4, num_kv_heads=2, head_dim=64,
+                     query_pre_attn_scalar=64.0, mlp_dim=512, num_encoder_layers=2, num_decoder_layers=2,
+                     sliding_window=8)
+    params = init_params(cfg, jax.random.key(0))
+    assert float(np.std(params["token_embedder"]["embedding"])) == pytest.approx(256 ** -0.5, rel=0.05)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 3, 512)
+    logits = EncoderDecoder(cfg).apply({"params": params}, tokens, tokens, tokens)  # [B, T, V]
+    assert 0.3 < float(jnp.std(logits)) < 3.0

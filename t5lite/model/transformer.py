@@ -255,6 +255,14 @@ def _embed(cfg: T5Config, embedder: Embed, tokens: jax.Array) -> jax.Array:
     return x * jnp.asarray(cfg.emb_dim ** 0.5, x.dtype) if cfg.embedding_scale else x
 
 
+def _embedder(cfg: T5Config) -> Embed:
+    """A token table. With `embedding_scale` (Gemma: inputs * sqrt(d), tied logits unscaled) its initial rows have
+    std d^-1/2, so the scaled inputs and the logits start near unit variance (std 1, T5's, starts the logits at
+    std sqrt(d): a from-scratch loss near 30 at d = 256 instead of ln(vocab)). Converted weights are unaffected."""
+    std = cfg.emb_dim ** -0.5 if cfg.embedding_scale else 1.0
+    return Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype), embedding_init=nn.initializers.normal(stddev=std))
+
+
 def _final_norm(cfg: T5Config, name: str, x: jax.Array) -> jax.Array:
     """The stack's last norm; post-norm layers already end normalised, so they have none."""
     return x if cfg.norm_layout == "post" else registry.get("norm", cfg.norm)(cfg, name=name)(x)
@@ -426,10 +434,10 @@ class EncoderDecoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype))
+        self.token_embedder = _embedder(cfg)
         # T5Gemma: the encoder has its own table; token_embedder is the decoder's (and the tied output layer).
         if cfg.separate_embeddings:
-            self.encoder_embedder = Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype))
+            self.encoder_embedder = _embedder(cfg)
         self.encoder = Encoder(cfg, self.encoder_embedder if cfg.separate_embeddings else self.token_embedder)
         self.decoder = Decoder(cfg, self.token_embedder)
 
@@ -471,7 +479,7 @@ class DecoderOnly(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.token_embedder = Embed(cfg.vocab_size, cfg.emb_dim, jnp.dtype(cfg.dtype))
+        self.token_embedder = _embedder(cfg)
         self.decoder = Decoder(cfg, self.token_embedder, decoder_only=True)
 
     def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,

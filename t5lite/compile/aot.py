@@ -26,7 +26,7 @@ import numpy as np
 from t5lite.data import packing
 from t5lite.errors import UserError
 from t5lite.model import T5Config, lora, unscan_params
-from t5lite.compile import program_stats
+from t5lite.compile import budget, program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
 from t5lite.train.config import TrainConfig
@@ -376,12 +376,29 @@ def compile_run(train: TrainConfig, topology: Topology, *, programs=("train", "e
     else:
         train_program = lambda: card.train_step.trace(card.abstract_state, state.params, batch)  # noqa: E731
         eval_program = lambda: card.eval_step.trace(card.abstract_state.params, state.params, batch)  # noqa: E731
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_per_chip = sum(np.prod(x.shape) * x.dtype.itemsize for x in batch.values()) / batch_ways
+
+    def with_budget(program: dict, training: bool) -> dict:
+        """The collectives and state memory the program needs at least (t5lite/compile/budget.py)."""
+        if card is not None or not program["compiled"]:  # a card step's budget is not modelled
+            return program
+        minimum = budget.collectives_minimum(state.params, dict(mesh.shape), config, batch_size, lengths,
+                                             num_microbatches=train.num_microbatches, training=training,
+                                             decoder_only=decoder_only)
+        ideal = budget.memory_minimum(state.params, state.opt_state, dict(mesh.shape))
+        program["budget"] = {"collectives": budget.compare(program["collectives"], minimum), "memory_ideal": ideal,
+                             "state_memory_ratio": budget.state_memory_ratio(
+                                 program["memory"]["arguments"] - (0 if training else ideal["opt_state"]),
+                                 batch_per_chip, ideal if training else {**ideal, "state": ideal["params"]})}
+        return program
+
     if "train" in programs:
-        report["programs"]["train"] = compile_program(train_program, analytic_flops=analytic(batch_size, True),
-                                                      hlo_path=hlo("train"), **common)
+        report["programs"]["train"] = with_budget(compile_program(
+            train_program, analytic_flops=analytic(batch_size, True), hlo_path=hlo("train"), **common), True)
     if "eval" in programs:
-        report["programs"]["eval"] = compile_program(eval_program, analytic_flops=analytic(batch_size, False),
-                                                     hlo_path=hlo("eval"), **common)
+        report["programs"]["eval"] = with_budget(compile_program(
+            eval_program, analytic_flops=analytic(batch_size, False), hlo_path=hlo("eval"), **common), False)
     if "decode" in programs:
         serve = int(decode_batch or batch_size)
         length = int(decode_input_length or inputs_length or targets_length)
@@ -456,10 +473,29 @@ def _program_lines(name: str, program: dict) -> List[str]:
     lines.append(f"  collectives/chip/step: {kinds or 'none'}; total {_gib(collectives['bytes'])}")
     for op in collectives["largest"][:3]:
         lines.append(f"    {op['kind']} {op['shape']} x{op['runs']} = {_gib(op['bytes'])}  {op['source'][-90:]}")
+    if "budget" in program:
+        lines += _budget_lines(program["budget"])
     warnings = program["warnings"]
     lines.append(f"  XLA warnings: involuntary full rematerialization {warnings['involuntary_full_rematerialization']}, "
                  f"memory rematerialization {warnings['memory_rematerialization']}, other {len(warnings['lines'])}")
     return lines + [f"    {line[:200]}" for line in warnings["lines"][:5]]
+
+
+def _budget_lines(plan: dict) -> List[str]:
+    coll = plan["collectives"]
+    kinds = ", ".join(f"{kind} {_gib(row['sent'])} / {_gib(row['minimum'])}" for kind, row in coll["by_kind"].items()
+                      if row["sent"] or row["minimum"])
+    ratio = "-" if coll["ratio"] is None else f"{coll['ratio']:.2f}x"
+    flag = f"  OVER {budget.OVER}x ({', '.join(coll['over']) or 'total'})" if coll["total_over"] else ""
+    lines = [f"  sent/chip/step vs analytic minimum (ring): {kinds or 'none'}; total {_gib(coll['sent'])} / "
+             f"{_gib(coll['minimum'])} = {ratio}{flag}"]
+    ideal, ratio = plan["memory_ideal"], plan["state_memory_ratio"]
+    state = "?" if ratio is None else f"{ratio:.2f}x"
+    mark = f"  OVER {budget.OVER}x" if ratio is not None and ratio > budget.OVER else ""
+    lines.append(f"  state memory/chip vs ideal share: params + optimizer state {state} of {_gib(ideal['state'])} "
+                 f"(params {_gib(ideal['params'])}, optimizer {_gib(ideal['opt_state'])}; gradients, sharded like "
+                 f"the params: {_gib(ideal['grads'])}){mark}")
+    return lines
 
 
 def format_report(report: dict) -> str:

@@ -481,20 +481,24 @@ def _program_lines(name: str, program: dict) -> List[str]:
     return lines + [f"    {line[:200]}" for line in warnings["lines"][:5]]
 
 
+def _size(n) -> str:
+    return "?" if n is None else (f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB")
+
+
 def _budget_lines(plan: dict) -> List[str]:
     coll = plan["collectives"]
-    kinds = ", ".join(f"{kind} {_gib(row['sent'])} / {_gib(row['minimum'])}" for kind, row in coll["by_kind"].items()
+    kinds = ", ".join(f"{kind} {_size(row['sent'])} / {_size(row['minimum'])}" for kind, row in coll["by_kind"].items()
                       if row["sent"] or row["minimum"])
     ratio = "-" if coll["ratio"] is None else f"{coll['ratio']:.2f}x"
     flag = f"  OVER {budget.OVER}x ({', '.join(coll['over']) or 'total'})" if coll["total_over"] else ""
-    lines = [f"  sent/chip/step vs analytic minimum (ring): {kinds or 'none'}; total {_gib(coll['sent'])} / "
-             f"{_gib(coll['minimum'])} = {ratio}{flag}"]
+    lines = [f"  sent/chip/step vs analytic minimum (ring): {kinds or 'none'}; total {_size(coll['sent'])} / "
+             f"{_size(coll['minimum'])} = {ratio}{flag}"]
     ideal, ratio = plan["memory_ideal"], plan["state_memory_ratio"]
     state = "?" if ratio is None else f"{ratio:.2f}x"
     mark = f"  OVER {budget.OVER}x" if ratio is not None and ratio > budget.OVER else ""
-    lines.append(f"  state memory/chip vs ideal share: params + optimizer state {state} of {_gib(ideal['state'])} "
-                 f"(params {_gib(ideal['params'])}, optimizer {_gib(ideal['opt_state'])}; gradients, sharded like "
-                 f"the params: {_gib(ideal['grads'])}){mark}")
+    lines.append(f"  state memory/chip vs ideal share: params + optimizer state {state} of {_size(ideal['state'])} "
+                 f"(params {_size(ideal['params'])}, optimizer {_size(ideal['opt_state'])}; gradients, sharded like "
+                 f"the params: {_size(ideal['grads'])}){mark}")
     return lines
 
 

@@ -182,6 +182,22 @@ def test_fsdp_gradients_are_reduce_scattered_within_the_collectives_budget(tmp_p
     assert "sent/chip/step vs analytic minimum" in aot.format_report(report)
 
 
+@pytest.mark.slow
+def test_fsdp_2d_reduce_scatters_in_rings_of_four_on_a_16_chip_slice(tmp_path):
+    """v5e 4x4: XLA:TPU lowers a reduce-scatter over all 16 chips as a full all-reduce + slice (the
+    `fsdp` rules over 16 chips send 1.3x the minimum); `fsdp_2d` on a 4 x 4 mesh reduce-scatters each
+    gradient over fsdp, then over data, rings of 4, and stays within 1.1x of the minimum."""
+    args = {**_tile_aligned_tiny_run((4, 4, 1)), "batch_size": 16, "partition_rules": "fsdp_2d"}
+    report = aot.compile_run(_train(args), aot.parse_topology("v5e:4x4"), programs=("train",), hlo_dir=str(tmp_path))
+    train = report["programs"]["train"]
+    assert report["rules"] == "fsdp_2d" and train["warnings"]["involuntary_full_rematerialization"] == 0
+    every = program_stats.collectives((tmp_path / "train.hlo.txt").read_text(), top=10 ** 6)["largest"]
+    assert {op["group"] for op in every if op["kind"] == "reduce-scatter"} == {4}
+    budget = train["budget"]
+    assert budget["collectives"]["ratio"] <= 1.1 and not budget["collectives"]["total_over"], budget
+    assert 0.99 <= budget["state_memory_ratio"] <= 1.1  # params and moments split 16 ways
+
+
 def _shard_bytes(boxed, fsdp: int) -> int:
     """float32 bytes per chip of a boxed (logically named) tree whose 'embed' axes are split `fsdp` ways."""
     total = 0

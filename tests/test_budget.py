@@ -66,12 +66,15 @@ def test_tensor_parallel_adds_megatron_activation_all_reduces():
     assert got["all-reduce"] == pytest.approx(weights + per_token * (2 * blocks + 3 * rows * 32))
 
 
-def test_memory_ideal_share_splits_over_fsdp_and_tensor_only():
-    params = {"w": _leaf((64, 32), P("fsdp", None))}
-    opt = {"mu": _leaf((64, 32), P("fsdp", None)), "count": _leaf((), P(), jnp.int32)}
+def test_memory_ideal_share_is_the_totals_split_as_the_rules_split_params():
+    params = {"w": _leaf((64, 32), P("fsdp", "tensor")), "scale": _leaf((64,), P("fsdp"))}
+    opt = {"mu": _leaf((64, 32), P("fsdp", "tensor")), "count": _leaf((), P(), jnp.int32)}
     ideal = budget.memory_minimum(params, opt, {"data": 2, "fsdp": 4, "tensor": 2})
-    assert ideal["params"] == ideal["grads"] == 64 * 32 * 4 / 8
-    assert ideal["state"] == (2 * 64 * 32 * 4 + 4) / 8
+    p = (64 * 32 + 64) * 4
+    assert ideal["params"] == ideal["grads"] == p / 8  # the data axis replicates
+    assert ideal["state"] == (p + 64 * 32 * 4 + 4) / 8
+    over_both = {"w": _leaf((64, 32), P(("data", "fsdp"), None))}  # fsdp_2d
+    assert budget.memory_minimum(over_both, {}, {"data": 2, "fsdp": 4, "tensor": 1})["params"] == 64 * 32 * 4 / 8
 
 
 def test_compare_flags_only_a_total_over_the_bound():

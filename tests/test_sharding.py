@@ -73,12 +73,14 @@ def test_grouped_query_and_mixture_of_experts_model_matches_one_device():
 
 
 @pytest.mark.slow
-def test_fsdp_microbatched_step_updates_params_like_one_device():
-    """FSDP over 8 devices, 2 microbatches (gradients reduce-scattered per layer into sharded
-    accumulators, t5lite/model/layers.sharded_grad): losses and every updated parameter equal one device's."""
-    result = _run_script((1, 8, 1), step_kwargs={"num_microbatches": 2})
-    _check_losses_match(result, ["1x8x1"])
-    want, got = result["1x1x1"]["param_norms"], result["1x8x1"]["param_norms"]
+def test_fsdp_2d_microbatched_step_updates_params_like_one_device():
+    """fsdp_2d rules on a 2 x 4 mesh (params split 8 ways, each gradient reduce-scattered over fsdp then
+    data into sharded accumulators, t5lite/model/layers.sharded_grad), 2 microbatches: losses and every
+    updated parameter equal one device's."""
+    result = _run_script((2, 4, 1), step_kwargs={"num_microbatches": 2, "rules": "fsdp_2d"})
+    _check_losses_match(result, ["2x4x1"])
+    assert result["2x4x1"]["specs"]["wi_0"] == [["data", "fsdp"], None]
+    want, got = result["1x1x1"]["param_norms"], result["2x4x1"]["param_norms"]
     assert want.keys() == got.keys() and len(want) > 20
     for name in want:  # [sum, L2 norm] of each parameter after 5 updates
         for a, b in zip(got[name], want[name]):
@@ -224,11 +226,12 @@ def _train(config, optimizer, batches, mesh, local_rows=slice(None), step_kwargs
     from t5lite.model import EncoderDecoder
     from t5lite.train import partitioning, step
 
-    rules = partitioning.rules_for(mesh)
+    step_kwargs = dict(step_kwargs or {})
+    rules = partitioning.RULE_SETS[step_kwargs.pop("rules")] if "rules" in step_kwargs else partitioning.rules_for(mesh)
     shardings = partitioning.state_shardings(config, optimizer, mesh, rules)
     state = partitioning.init_train_state(config, optimizer, mesh, rules, jax.random.key(0))
     train = step.make_train_step(EncoderDecoder(config), optimizer, mesh, rules, shardings, dropout_seed=1,
-                                 **(step_kwargs or {}))
+                                 **step_kwargs)
     params = state.params["decoder"]["layers_0"]
     factored = state.opt_state[0]
     record = dict(specs=dict(

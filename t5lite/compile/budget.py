@@ -29,8 +29,8 @@ copies and M microbatches:
 An eval step does the forward half: one all-gather per FSDP parameter, one all-reduce per block.
 
 Memory: parameters (float32) + optimizer state + gradients (float32, sharded like the params) on
-one chip against their ideal share, the totals split over fsdp * tensor (the data axis replicates
-by design).
+one chip against their ideal share, the totals split as many ways as the rules split a parameter
+(fsdp * tensor: the data axis replicates by design, except under fsdp_2d).
 """
 
 from typing import Dict, Optional
@@ -111,8 +111,9 @@ def collectives_minimum(params, mesh_shape: Dict[str, int], config: T5Config, ba
 
 
 def memory_minimum(params, opt_state, mesh_shape: Dict[str, int]) -> Dict[str, float]:
-    """Ideal bytes per chip of params, optimizer state and gradients: totals / (fsdp * tensor)."""
-    ways = int(np.prod([size for axis, size in mesh_shape.items() if axis != "data"]))
+    """Ideal bytes per chip of params, optimizer state and gradients: the totals split as many ways as the
+    rules split any parameter (fsdp * tensor; data * fsdp * tensor under fsdp_2d)."""
+    ways = max([int(np.prod(_split(leaf.sharding, mesh_shape))) for leaf in jax.tree.leaves(params)] or [1])
 
     def total(tree) -> float:
         return float(sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))

@@ -76,9 +76,16 @@ def _sharded_grad_bwd(axes, gather, _, g):
     axes, split = _split_axes(axes, g.shape)
     if all(a is None for a in axes):  # replicated: the gradient is all-reduced, whatever we say
         return (g,)
-    if split:  # [..., scattered, ...] -> [scattered, ...] for the reduce-scatter, and back
+    if split is not None:
+        g = jnp.moveaxis(g, split, 0)  # [scattered, ...]: XLA:TPU reduce-scatters along the major dim only
         moved = (axes[split],) + axes[:split] + axes[split + 1:]
-        g = jnp.moveaxis(nn.with_logical_constraint(jnp.moveaxis(g, split, 0), moved), 0, split)
+        mesh_axes = _names(nn.logical_to_mesh_axes(moved)[0])
+        # Split over several mesh axes (fsdp_2d): one ring at a time, the minor axis first. Not for a lookup
+        # table's gradient: XLA scatters its rows by an all-to-all, which has no such two-step form.
+        if len(mesh_axes) > 1 and not gather:
+            inner = jax.sharding.PartitionSpec(mesh_axes[-1], *nn.logical_to_mesh_axes(moved)[1:])
+            g = jax.lax.with_sharding_constraint(g, inner)
+        g = jnp.moveaxis(nn.with_logical_constraint(g, moved), 0, split)
     return (nn.with_logical_constraint(g, axes),)
 
 

@@ -77,15 +77,17 @@ def _sharded_grad_bwd(axes, gather, _, g):
     if all(a is None for a in axes):  # replicated: the gradient is all-reduced, whatever we say
         return (g,)
     if split is not None:
-        g = jnp.moveaxis(g, split, 0)  # [scattered, ...]: XLA:TPU reduce-scatters along the major dim only
-        moved = (axes[split],) + axes[:split] + axes[split + 1:]
-        mesh_axes = _names(nn.logical_to_mesh_axes(moved)[0])
+        # [scattered, rest]: XLA:TPU reduce-scatters along the major dim only, and not a 3-D gradient whose
+        # minor dims do not fill its (8, 128) tiles (an attention kernel's [heads, kv = 64]); 2-D, it does.
+        moved = jnp.moveaxis(g, split, 0)
+        flat = jnp.reshape(moved, (moved.shape[0], -1))  # [scattered, prod(rest)]
+        mesh_axes = _names(nn.logical_to_mesh_axes((axes[split],))[0])
         # Split over several mesh axes (fsdp_2d): one ring at a time, the minor axis first. Not for a lookup
         # table's gradient: XLA scatters its rows by an all-to-all, which has no such two-step form.
         if len(mesh_axes) > 1 and not gather:
-            inner = jax.sharding.PartitionSpec(mesh_axes[-1], *nn.logical_to_mesh_axes(moved)[1:])
-            g = jax.lax.with_sharding_constraint(g, inner)
-        g = jnp.moveaxis(nn.with_logical_constraint(g, moved), 0, split)
+            flat = jax.lax.with_sharding_constraint(flat, jax.sharding.PartitionSpec(mesh_axes[-1], None))
+        flat = nn.with_logical_constraint(flat, (axes[split], None))
+        g = jnp.moveaxis(jnp.reshape(flat, moved.shape), 0, split)
     return (nn.with_logical_constraint(g, axes),)
 
 

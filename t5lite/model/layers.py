@@ -76,6 +76,10 @@ def _sharded_grad_bwd(axes, gather, _, g):
     axes, split = _split_axes(axes, g.shape)
     if all(a is None for a in axes):  # replicated: the gradient is all-reduced, whatever we say
         return (g,)
+    if gather and any(a is not None for i, a in enumerate(axes) if i != split):
+        # A lookup table also split over `tensor` (vocab): XLA has no sharded scatter-add of batch-split
+        # rows into it (it would replicate the rows, "involuntary full rematerialization"); all-reduce.
+        return (nn.with_logical_constraint(g, (None,) * g.ndim),)
     if split is not None:
         # [scattered, rest]: XLA:TPU reduce-scatters along the major dim only, and not a 3-D gradient whose
         # minor dims do not fill its (8, 128) tiles (an attention kernel's [heads, kv = 64]); 2-D, it does.

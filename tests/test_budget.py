@@ -127,4 +127,25 @@ ENTRY %main (a: bf16[512,256]) -> bf16[128,256] {
 """
     stats = program_stats.collectives(hlo)
     assert stats["by_kind"]["reduce-scatter"] == {"count": 1, "bytes": 128 * 256 * 2, "sent": 3 * 128 * 256 * 2}
-    assert stats["by_kind"]["all-reduce"] == {"count": 1, "bytes": 64 * 4, "sent": 2 * 3 / 4 * 64 * 4}
+    assert stats["by_kind"]["all-reduce"] == {"count": 1, "bytes": 64 * 4, "sent": 2 * 3 / 4 * 64 * 4, "gathers": 0}
+
+
+def test_an_all_reduce_of_zero_padded_shards_is_reported_as_a_gather():
+    """XLA:TPU gathers a shard that fills no tile by writing it into zeros and all-reducing: counted
+    under all-reduce (those are the bytes sent), with its size also under `gathers`."""
+    hlo = """HloModule m
+
+ENTRY %main (a: bf16[32,64,32], b: f32[64]) -> bf16[32,64,2048] {
+  %a = bf16[32,64,32]{2,1,0} parameter(0)
+  %broadcast.1 = bf16[32,64,2048]{2,1,0} broadcast(%zero), dimensions={}
+  %dynamic-update-slice.1 = bf16[32,64,2048]{2,1,0} dynamic-update-slice(%broadcast.1, %a, %i, %i, %j)
+  %copy-start.1 = (bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}, u32[]) copy-start(%dynamic-update-slice.1)
+  %copy-done.1 = bf16[32,64,2048]{2,1,0} copy-done(%copy-start.1)
+  %constant_dynamic-update-slice_fusion.2 = bf16[32,64,2048]{2,1,0} fusion(%broadcast.1, %a, %i), kind=kLoop, calls=%f
+  %all-reduce.1 = (bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}) all-reduce(%copy-done.1, %constant_dynamic-update-slice_fusion.2), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  ROOT %all-reduce.2 = f32[64]{0} all-reduce(%b), channel_id=2, replica_groups={{0,1}}, to_apply=%add
+}
+"""
+    reduce = program_stats.collectives(hlo)["by_kind"]["all-reduce"]
+    assert reduce["count"] == 2 and reduce["bytes"] == 2 * 32 * 64 * 2048 * 2 + 64 * 4
+    assert reduce["gathers"] == 2 * 32 * 64 * 2048 * 2

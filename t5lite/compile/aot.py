@@ -468,8 +468,9 @@ def _program_lines(name: str, program: dict) -> List[str]:
                      f"model {flops['analytic_per_chip']:.3g} -> MFU <= {100 * flops['mfu_upper_bound']:.1f}% "
                      f"(step >= {1e3 * flops['compute_seconds_at_peak']:.1f} ms at peak)")
     collectives = program["collectives"]
-    kinds = ", ".join(f"{kind} {c['count']} ({_gib(c['bytes'])})" for kind, c in collectives["by_kind"].items()
-                      if c["count"])
+    kinds = ", ".join(f"{kind} {c['count']} ({_gib(c['bytes'])}"
+                      + (f"; gathers of zero-padded shards {_gib(c['gathers'])})" if c.get("gathers") else ")")
+                      for kind, c in collectives["by_kind"].items() if c["count"])
     lines.append(f"  collectives/chip/step: {kinds or 'none'}; total {_gib(collectives['bytes'])}")
     for op in collectives["largest"][:3]:
         lines.append(f"    {op['kind']} {op['shape']} x{op['runs']} = {_gib(op['bytes'])}  {op['source'][-90:]}")

@@ -117,6 +117,17 @@ def ring_bytes(kind: str, result_bytes: float, n: Optional[int]) -> float:
                                   "all-to-all": (n - 1) / n}.get(kind, 1.0)
 
 
+def _zero_padded(name: str, defs: Dict[str, Tuple[str, str]], depth: int = 0) -> bool:
+    """Whether instruction `name` is a shard written into zeros (a dynamic-update-slice of a broadcast, or
+    XLA:TPU's fusion of one), looking through copies and bitcasts."""
+    opcode, args = defs.get(name, ("", ""))
+    if opcode == "dynamic-update-slice" or (opcode == "fusion" and "dynamic-update-slice_fusion" in name):
+        return args.startswith("%broadcast")
+    inner = re.match(r"%([\w.\-]+)", args)
+    return (opcode in ("copy", "copy-start", "copy-done", "bitcast") and depth < 4 and inner is not None
+            and _zero_padded(inner.group(1), defs, depth + 1))
+
+
 def collectives(hlo_text: str, top: int = 5) -> dict:
     """{'by_kind': {kind: {'count', 'bytes', 'sent'}}, 'bytes': total, 'sent': total, 'largest': [the `top`
     biggest ops]}.
@@ -125,14 +136,21 @@ def collectives(hlo_text: str, top: int = 5) -> dict:
     one op: the same channel_id); `bytes` is per chip and per step: the result size of each op
     (the gathered buffer of an all-gather, the reduced one of an all-reduce, this chip's part of a
     reduce-scatter) times its runs; `sent` is what a ring sends per chip for them (`ring_bytes`).
+    The all-reduce's `gathers` are the bytes of all-reduces that are gathers: every operand this
+    chip's shard written into zeros (a dynamic-update-slice of a broadcast), which XLA:TPU emits
+    for a shard whose minor dims do not fill its tiles.
     """
     returns: Dict[str, str] = {}
     computations, entry = _computations(hlo_text, returns)
     runs = _multipliers(computations, entry)
     ops = {}  # (kind, channel or unique name) -> (bytes per run, runs, shape, source op, group size)
+    gathers = set()  # keys of the all-reduces that gather zero-padded shards
     for name, lines in computations.items():
+        defs = {}  # instruction -> (opcode, its arguments)
         for line in lines:
             match = _INSTRUCTION.match(line)
+            if match:
+                defs[match.group(1)] = (match.group(3), match.group(4))
             if not match or match.group(3).removesuffix("-start") not in COLLECTIVES:
                 continue
             kind = match.group(3).removesuffix("-start")
@@ -146,15 +164,22 @@ def collectives(hlo_text: str, top: int = 5) -> dict:
             key = (kind, channel.group(1) if channel else match.group(1))
             if fused_scatter:  # each reduce-scatter fusion is one op (its clones reuse channel ids)
                 key = (kind, name)
+            operands = re.findall(r"%([\w.\-]+)", match.group(4).split(")")[0])
+            if kind == "all-reduce" and operands and all(_zero_padded(o, defs) for o in operands):
+                gathers.add(key)
             previous = ops.get(key, (0, 0, "", "", None))
             ops[key] = (max(size, previous[0]), max(runs.get(name, 1), previous[1]),
                         previous[2] or _ARRAY.search(shape).group(0),
                         previous[3] or (source.group(1) if source else ""), previous[4] or group_size(line))
     by_kind = {kind: {"count": 0, "bytes": 0, "sent": 0.0} for kind in COLLECTIVES}
-    for (kind, _), (size, times, _, _, group) in ops.items():
+    by_kind["all-reduce"]["gathers"] = 0
+    for key, (size, times, _, _, group) in ops.items():
+        kind = key[0]
         by_kind[kind]["count"] += 1
         by_kind[kind]["bytes"] += size * times
         by_kind[kind]["sent"] += ring_bytes(kind, size, group) * times
+        if key in gathers:
+            by_kind[kind]["gathers"] += size * times
     largest = sorted(ops.items(), key=lambda item: -item[1][0] * item[1][1])[:top]
     return {"by_kind": by_kind, "bytes": sum(k["bytes"] for k in by_kind.values()),
             "sent": sum(k["sent"] for k in by_kind.values()),

@@ -387,10 +387,11 @@ def compile_run(train: TrainConfig, topology: Topology, *, programs=("train", "e
                                              num_microbatches=train.num_microbatches, training=training,
                                              decoder_only=decoder_only)
         ideal = budget.memory_minimum(state.params, state.opt_state, dict(mesh.shape))
-        program["budget"] = {"collectives": budget.compare(program["collectives"], minimum), "memory_ideal": ideal,
-                             "state_memory_ratio": budget.state_memory_ratio(
-                                 program["memory"]["arguments"] - (0 if training else ideal["opt_state"]),
-                                 batch_per_chip, ideal if training else {**ideal, "state": ideal["params"]})}
+        # An eval step's arguments are the params and the batch: its state is the params alone.
+        held = ideal if training else {**ideal, "opt_state": 0.0, "grads": 0.0, "state": ideal["params"]}
+        program["budget"] = {"collectives": budget.compare(program["collectives"], minimum), "memory_ideal": held,
+                             "state_memory_ratio": budget.state_memory_ratio(program["memory"]["arguments"],
+                                                                             batch_per_chip, held)}
         return program
 
     if "train" in programs:

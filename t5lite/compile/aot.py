@@ -381,17 +381,10 @@ def compile_run(train: TrainConfig, topology: Topology, *, programs=("train", "e
 
     def with_budget(program: dict, training: bool) -> dict:
         """The collectives and state memory the program needs at least (t5lite/compile/budget.py)."""
-        if card is not None or not program["compiled"]:  # a card step's budget is not modelled
-            return program
-        minimum = budget.collectives_minimum(state.params, dict(mesh.shape), config, batch_size, lengths,
-                                             num_microbatches=train.num_microbatches, training=training,
-                                             decoder_only=decoder_only)
-        ideal = budget.memory_minimum(state.params, state.opt_state, dict(mesh.shape))
-        # An eval step's arguments are the params and the batch: its state is the params alone.
-        held = ideal if training else {**ideal, "opt_state": 0.0, "grads": 0.0, "state": ideal["params"]}
-        program["budget"] = {"collectives": budget.compare(program["collectives"], minimum), "memory_ideal": held,
-                             "state_memory_ratio": budget.state_memory_ratio(program["memory"]["arguments"],
-                                                                             batch_per_chip, held)}
+        if card is None and program["compiled"]:  # a card step's budget is not modelled
+            program["budget"] = budget.plan(program, state, dict(mesh.shape), config, batch_size, lengths,
+                                            batch_per_chip, num_microbatches=train.num_microbatches,
+                                            training=training, decoder_only=decoder_only)
         return program
 
     if "train" in programs:
@@ -476,32 +469,11 @@ def _program_lines(name: str, program: dict) -> List[str]:
     for op in collectives["largest"][:3]:
         lines.append(f"    {op['kind']} {op['shape']} x{op['runs']} = {_gib(op['bytes'])}  {op['source'][-90:]}")
     if "budget" in program:
-        lines += _budget_lines(program["budget"])
+        lines += budget.report_lines(program["budget"])
     warnings = program["warnings"]
     lines.append(f"  XLA warnings: involuntary full rematerialization {warnings['involuntary_full_rematerialization']}, "
                  f"memory rematerialization {warnings['memory_rematerialization']}, other {len(warnings['lines'])}")
     return lines + [f"    {line[:200]}" for line in warnings["lines"][:5]]
-
-
-def _size(n) -> str:
-    return "?" if n is None else (f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:.2f} MiB")
-
-
-def _budget_lines(plan: dict) -> List[str]:
-    coll = plan["collectives"]
-    kinds = ", ".join(f"{kind} {_size(row['sent'])} / {_size(row['minimum'])}" for kind, row in coll["by_kind"].items()
-                      if row["sent"] or row["minimum"])
-    ratio = "-" if coll["ratio"] is None else f"{coll['ratio']:.2f}x"
-    flag = f"  OVER {budget.OVER}x ({', '.join(coll['over']) or 'total'})" if coll["total_over"] else ""
-    lines = [f"  sent/chip/step vs analytic minimum (ring): {kinds or 'none'}; total {_size(coll['sent'])} / "
-             f"{_size(coll['minimum'])} = {ratio}{flag}"]
-    ideal, ratio = plan["memory_ideal"], plan["state_memory_ratio"]
-    state = "?" if ratio is None else f"{ratio:.2f}x"
-    mark = f"  OVER {budget.OVER}x" if ratio is not None and ratio > budget.OVER else ""
-    lines.append(f"  state memory/chip vs ideal share: params + optimizer state {state} of {_size(ideal['state'])} "
-                 f"(params {_size(ideal['params'])}, optimizer {_size(ideal['opt_state'])}; gradients, sharded like "
-                 f"the params: {_size(ideal['grads'])}){mark}")
-    return lines
 
 
 def format_report(report: dict) -> str:

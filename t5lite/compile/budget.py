@@ -33,7 +33,7 @@ one chip against their ideal share, the totals split as many ways as the rules s
 (fsdp * tensor: the data axis replicates by design, except under fsdp_2d).
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,7 @@ from t5lite.model import T5Config
 from t5lite.train.partitioning import BATCH_MESH_AXES
 
 OVER = 1.1  # emitted / minimum above this is flagged
+_GIB = 2 ** 30
 FLOAT32_KERNELS = ("logits_dense", "router")  # DenseGenerals t5lite runs in float32 (transformer.py, moe.py)
 
 
@@ -146,3 +147,38 @@ def state_memory_ratio(arguments: Optional[float], batch_bytes_per_chip: float, 
     if arguments is None or not ideal["state"]:
         return None
     return (arguments - batch_bytes_per_chip) / ideal["state"]
+
+
+def plan(program: dict, state, mesh_shape: Dict[str, int], config: T5Config, batch_size: int,
+         lengths: Dict[str, int], batch_per_chip: float, *, num_microbatches: int = 1, training: bool = True,
+         decoder_only: bool = False) -> dict:
+    """A compiled program's budget: its collectives against the minimum, its state memory against the ideal."""
+    minimum = collectives_minimum(state.params, mesh_shape, config, batch_size, lengths,
+                                  num_microbatches=num_microbatches, training=training, decoder_only=decoder_only)
+    ideal = memory_minimum(state.params, state.opt_state, mesh_shape)
+    # An eval step's arguments are the params and the batch: its state is the params alone.
+    held = ideal if training else {**ideal, "opt_state": 0.0, "grads": 0.0, "state": ideal["params"]}
+    return {"collectives": compare(program["collectives"], minimum), "memory_ideal": held,
+            "state_memory_ratio": state_memory_ratio(program["memory"]["arguments"], batch_per_chip, held)}
+
+
+def _size(n) -> str:
+    return "?" if n is None else (f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / 2 ** 20:.2f} MiB")
+
+
+def report_lines(plan: dict) -> List[str]:
+    """The two lines `t5lite compile` prints under a program's collectives."""
+    coll = plan["collectives"]
+    kinds = ", ".join(f"{kind} {_size(row['sent'])} / {_size(row['minimum'])}" for kind, row in coll["by_kind"].items()
+                      if row["sent"] or row["minimum"])
+    ratio = "-" if coll["ratio"] is None else f"{coll['ratio']:.2f}x"
+    flag = f"  OVER {OVER}x ({', '.join(coll['over']) or 'total'})" if coll["total_over"] else ""
+    lines = [f"  sent/chip/step vs analytic minimum (ring): {kinds or 'none'}; total {_size(coll['sent'])} / "
+             f"{_size(coll['minimum'])} = {ratio}{flag}"]
+    ideal, ratio = plan["memory_ideal"], plan["state_memory_ratio"]
+    state = "?" if ratio is None else f"{ratio:.2f}x"
+    mark = f"  OVER {OVER}x" if ratio is not None and ratio > OVER else ""
+    lines.append(f"  state memory/chip vs ideal share: params + optimizer state {state} of {_size(ideal['state'])} "
+                 f"(params {_size(ideal['params'])}, optimizer {_size(ideal['opt_state'])}; gradients, sharded like "
+                 f"the params: {_size(ideal['grads'])}){mark}")
+    return lines

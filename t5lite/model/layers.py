@@ -30,13 +30,15 @@ def sharded_grad(w: jax.Array, axes: Axes, gather: bool = False) -> jax.Array:
     """Identity on a parameter as used (after the cast to the compute dtype; with `gather`, also made
     whole on every device); its gradient is laid out like the parameter, `axes`, where it is computed.
 
-    Under FSDP a weight's gradient is a sum over the batch, which each chip holds a slice of. XLA:TPU
-    reduce-scatters it only when the sharded dim is the gradient's major one: a kernel whose sharded
-    `embed` comes last (`wo` [mlp, embed], the attention output [heads, kv, embed]) was all-reduced
-    at full size, per layer, and then sliced. Here the gradient is constrained with its sharded dim
-    moved to the front, then moved back: XLA emits a reduce-scatter (half the bytes of the
-    all-reduce, no full-size gradient buffer). The token table's `gather` replaces a forward
-    constraint whose transpose would have made its gradient replicated (an all-reduce) too.
+    Under FSDP a weight's gradient is a sum over the batch, which each chip holds a slice of; it should
+    leave the backward pass reduce-scattered into the weight's shards. XLA:TPU reduce-scatters only
+    along a gradient's major dim, and not a 3-D one whose minor dims fill no (8, 128) tile: `wo`
+    [mlp, embed], the attention kernels and the token table were all-reduced at full size, per layer,
+    then sliced. So the gradient is constrained as [split dim, everything else] (a transpose and a
+    reshape XLA folds away), then given back its shape and layout. Split over two mesh axes
+    (`fsdp_2d`), it is reduce-scattered over the minor axis first, then the other: two rings, where
+    XLA:TPU would turn one reduce-scatter over more than 8 chips into an all-reduce. The token table's
+    `gather` replaces a forward constraint whose transpose made its gradient replicated (an all-reduce).
     Outside a mesh + rules context (one device) this is the identity.
     """
     return _gathered(w, gather)

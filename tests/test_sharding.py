@@ -19,12 +19,13 @@ XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimizatio
              "--xla_llvm_disable_expensive_passes=true")
 
 
-def _run_script(*meshes, overrides=None) -> dict:
-    """`overrides`: T5Config fields applied to the tiny model (an ablation variant)."""
+def _run_script(*meshes, overrides=None, step_kwargs=None) -> dict:
+    """`overrides`: T5Config fields applied to the tiny model (an ablation variant); `step_kwargs`:
+    make_train_step's (e.g. num_microbatches), the same on every mesh."""
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS, JAX_PLATFORMS="cpu")
     arg = json.dumps([list(m) for m in meshes])
-    proc = subprocess.run([sys.executable, __file__, arg, json.dumps(overrides or {})], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, __file__, arg, json.dumps(overrides or {}), json.dumps(step_kwargs or {})],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -69,6 +70,21 @@ def test_grouped_query_and_mixture_of_experts_model_matches_one_device():
     assert specs["decoder/layers_0/self_attention/key/kernel"] == ["fsdp", "tensor", None]  # [embed, kv_heads, kv]
     assert specs["decoder/layers_1/mlp/expert/wi_0/kernel"] == ["fsdp", None, "tensor"]  # [expert, embed, mlp]
     assert specs["decoder/layers_1/mlp/router/kernel"] == [None, "fsdp"]  # [embed, expert]
+
+
+@pytest.mark.slow
+def test_fsdp_2d_microbatched_step_updates_params_like_one_device():
+    """fsdp_2d rules on a 2 x 4 mesh (params split 8 ways, each gradient reduce-scattered over fsdp then
+    data into sharded accumulators, t5lite/model/layers.sharded_grad), 2 microbatches: losses and every
+    updated parameter equal one device's."""
+    result = _run_script((2, 4, 1), step_kwargs={"num_microbatches": 2, "rules": "fsdp_2d"})
+    _check_losses_match(result, ["2x4x1"])
+    assert result["2x4x1"]["specs"]["wi_0"] == [["data", "fsdp"], None]
+    want, got = result["1x1x1"]["param_norms"], result["2x4x1"]["param_norms"]
+    assert want.keys() == got.keys() and len(want) > 20
+    for name in want:  # [sum, L2 norm] of each parameter after 5 updates
+        for a, b in zip(got[name], want[name]):
+            assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (name, got[name], want[name])
 
 
 @pytest.mark.slow
@@ -202,17 +218,20 @@ def _setup(overrides=None):
     return config, optimizer, batches
 
 
-def _train(config, optimizer, batches, mesh, local_rows=slice(None)) -> dict:
+def _train(config, optimizer, batches, mesh, local_rows=slice(None), step_kwargs=None) -> dict:
     """STEPS sharded train steps on `mesh`; this process feeds rows `local_rows` of each batch."""
     import jax
+    import numpy as np
 
     from t5lite.model import EncoderDecoder
     from t5lite.train import partitioning, step
 
-    rules = partitioning.rules_for(mesh)
+    step_kwargs = dict(step_kwargs or {})
+    rules = partitioning.RULE_SETS[step_kwargs.pop("rules")] if "rules" in step_kwargs else partitioning.rules_for(mesh)
     shardings = partitioning.state_shardings(config, optimizer, mesh, rules)
     state = partitioning.init_train_state(config, optimizer, mesh, rules, jax.random.key(0))
-    train = step.make_train_step(EncoderDecoder(config), optimizer, mesh, rules, shardings, dropout_seed=1)
+    train = step.make_train_step(EncoderDecoder(config), optimizer, mesh, rules, shardings, dropout_seed=1,
+                                 **step_kwargs)
     params = state.params["decoder"]["layers_0"]
     factored = state.opt_state[0]
     record = dict(specs=dict(
@@ -236,10 +255,14 @@ def _train(config, optimizer, batches, mesh, local_rows=slice(None)) -> dict:
     local = {k: v[local_rows] for k, v in batches[0].items()}
     sums = evaluate(state.params, partitioning.global_batch_from_local(local, mesh, rules))
     record["eval"] = {k: float(v) for k, v in sums.items()}
+    if jax.process_count() == 1:
+        record["param_norms"] = {jax.tree_util.keystr(path, simple=True, separator="/"):
+                                 [float(np.sum(x)), float(np.sqrt(np.sum(np.square(x, dtype=np.float64))))]
+                                 for path, x in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
     return record
 
 
-def _main_meshes(meshes, overrides):
+def _main_meshes(meshes, overrides, step_kwargs):
     import jax
     import numpy as np
 
@@ -249,7 +272,7 @@ def _main_meshes(meshes, overrides):
     out = {}
     for shape in [(1, 1, 1)] + [tuple(m) for m in meshes]:
         mesh = partitioning.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
-        out["x".join(map(str, shape))] = _train(config, optimizer, batches, mesh)
+        out["x".join(map(str, shape))] = _train(config, optimizer, batches, mesh, step_kwargs=step_kwargs)
     print(json.dumps(out))
 
 
@@ -276,4 +299,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "process":
         _main_process(int(sys.argv[2]), int(sys.argv[3]))
     else:
-        _main_meshes(json.loads(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+        _main_meshes(*[json.loads(arg) for arg in sys.argv[1:4]])

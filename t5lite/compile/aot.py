@@ -26,7 +26,7 @@ import numpy as np
 from t5lite.data import packing
 from t5lite.errors import UserError
 from t5lite.model import T5Config, lora, unscan_params
-from t5lite.compile import program_stats
+from t5lite.compile import budget, program_stats
 from t5lite.train import partitioning
 from t5lite.train.monitor import model_flops_per_step, peak_flops_per_device
 from t5lite.train.config import TrainConfig
@@ -376,12 +376,23 @@ def compile_run(train: TrainConfig, topology: Topology, *, programs=("train", "e
     else:
         train_program = lambda: card.train_step.trace(card.abstract_state, state.params, batch)  # noqa: E731
         eval_program = lambda: card.eval_step.trace(card.abstract_state.params, state.params, batch)  # noqa: E731
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_per_chip = sum(np.prod(x.shape) * x.dtype.itemsize for x in batch.values()) / batch_ways
+
+    def with_budget(program: dict, training: bool) -> dict:
+        """The collectives and state memory the program needs at least (t5lite/compile/budget.py)."""
+        if card is None and program["compiled"]:  # a card step's budget is not modelled
+            program["budget"] = budget.plan(program, state, dict(mesh.shape), config, batch_size, lengths,
+                                            batch_per_chip, num_microbatches=train.num_microbatches,
+                                            training=training, decoder_only=decoder_only)
+        return program
+
     if "train" in programs:
-        report["programs"]["train"] = compile_program(train_program, analytic_flops=analytic(batch_size, True),
-                                                      hlo_path=hlo("train"), **common)
+        report["programs"]["train"] = with_budget(compile_program(
+            train_program, analytic_flops=analytic(batch_size, True), hlo_path=hlo("train"), **common), True)
     if "eval" in programs:
-        report["programs"]["eval"] = compile_program(eval_program, analytic_flops=analytic(batch_size, False),
-                                                     hlo_path=hlo("eval"), **common)
+        report["programs"]["eval"] = with_budget(compile_program(
+            eval_program, analytic_flops=analytic(batch_size, False), hlo_path=hlo("eval"), **common), False)
     if "decode" in programs:
         serve = int(decode_batch or batch_size)
         length = int(decode_input_length or inputs_length or targets_length)
@@ -451,11 +462,14 @@ def _program_lines(name: str, program: dict) -> List[str]:
                      f"model {flops['analytic_per_chip']:.3g} -> MFU <= {100 * flops['mfu_upper_bound']:.1f}% "
                      f"(step >= {1e3 * flops['compute_seconds_at_peak']:.1f} ms at peak)")
     collectives = program["collectives"]
-    kinds = ", ".join(f"{kind} {c['count']} ({_gib(c['bytes'])})" for kind, c in collectives["by_kind"].items()
-                      if c["count"])
+    kinds = ", ".join(f"{kind} {c['count']} ({_gib(c['bytes'])}"
+                      + (f"; gathers of zero-padded shards {_gib(c['gathers'])})" if c.get("gathers") else ")")
+                      for kind, c in collectives["by_kind"].items() if c["count"])
     lines.append(f"  collectives/chip/step: {kinds or 'none'}; total {_gib(collectives['bytes'])}")
     for op in collectives["largest"][:3]:
         lines.append(f"    {op['kind']} {op['shape']} x{op['runs']} = {_gib(op['bytes'])}  {op['source'][-90:]}")
+    if "budget" in program:
+        lines += budget.report_lines(program["budget"])
     warnings = program["warnings"]
     lines.append(f"  XLA warnings: involuntary full rematerialization {warnings['involuntary_full_rematerialization']}, "
                  f"memory rematerialization {warnings['memory_rematerialization']}, other {len(warnings['lines'])}")

@@ -7,7 +7,8 @@ The norms and the MLP are registered (t5lite/registry.py) under the names that
 `T5Config.norm` and `T5Config.mlp` select.
 """
 
-from typing import Callable, Sequence, Tuple, Union
+import functools
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,81 @@ Initializer = Callable[..., jax.Array]
 
 # Logical axis names of the residual stream, used for activation sharding constraints.
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def sharded_grad(w: jax.Array, axes: Axes, gather: bool = False) -> jax.Array:
+    """Identity on a parameter as used (after the cast to the compute dtype; with `gather`, also made
+    whole on every device); its gradient is laid out like the parameter, `axes`, where it is computed.
+
+    Under FSDP a weight's gradient is a sum over the batch, which each chip holds a slice of; it should
+    leave the backward pass reduce-scattered into the weight's shards. XLA:TPU reduce-scatters only
+    along a gradient's major dim, and not a 3-D one whose minor dims fill no (8, 128) tile: `wo`
+    [mlp, embed], the attention kernels and the token table were all-reduced at full size, per layer,
+    then sliced. So the gradient is constrained as [split dim, everything else] (a transpose and a
+    reshape XLA folds away), then given back its shape and layout. Split over two mesh axes
+    (`fsdp_2d`), it is reduce-scattered over the minor axis first, then the other: two rings, where
+    XLA:TPU would turn one reduce-scatter over more than 8 chips into an all-reduce. The token table's
+    `gather` replaces a forward constraint whose transpose made its gradient replicated (an all-reduce).
+    Outside a mesh + rules context (one device) this is the identity.
+    """
+    return _gathered(w, gather)
+
+
+def _gathered(w, gather):
+    return nn.with_logical_constraint(w, (None,) * w.ndim) if gather else w
+
+
+def _sharded_grad_fwd(w, axes, gather):
+    return _gathered(w, gather), None
+
+
+def _split_axes(axes: Axes, shape) -> Tuple[Tuple, Optional[int]]:
+    """(`axes` with None for each dim the current rules do not shard or whose mesh axes do not divide
+    it, as partitioning._fit replicates those dims of the parameter; the first dim split over the
+    mesh axes of the logical 'batch' axis, i.e. the dim the gradient is reduce-scattered along)."""
+    rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return (None,) * len(axes), None
+    batch_axes = set(_names(nn.logical_to_mesh_axes(("batch",), rules)[0]))
+    fitted, scattered = [], None
+    for i, (name, mesh_axes, dim) in enumerate(zip(axes, nn.logical_to_mesh_axes(axes, rules), shape)):
+        names = _names(mesh_axes)
+        fits = bool(names) and dim % int(np.prod([mesh.shape[a] for a in names])) == 0
+        fitted.append(name if fits else None)
+        if fits and scattered is None and batch_axes & set(names):
+            scattered = i
+    return tuple(fitted), scattered
+
+
+def _names(mesh_axes) -> Tuple[str, ...]:
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+
+
+def _sharded_grad_bwd(axes, gather, _, g):
+    axes, split = _split_axes(axes, g.shape)
+    if all(a is None for a in axes):  # replicated: the gradient is all-reduced, whatever we say
+        return (g,)
+    if gather and any(a is not None for i, a in enumerate(axes) if i != split):
+        # A lookup table also split over `tensor` (vocab): XLA has no sharded scatter-add of batch-split
+        # rows into it (it would replicate the rows, "involuntary full rematerialization"); all-reduce.
+        return (nn.with_logical_constraint(g, (None,) * g.ndim),)
+    if split is not None:
+        # [scattered, rest]: XLA:TPU reduce-scatters along the major dim only, and not a 3-D gradient whose
+        # minor dims do not fill its (8, 128) tiles (an attention kernel's [heads, kv = 64]); 2-D, it does.
+        moved = jnp.moveaxis(g, split, 0)
+        flat = jnp.reshape(moved, (moved.shape[0], -1))  # [scattered, prod(rest)]
+        mesh_axes = _names(nn.logical_to_mesh_axes((axes[split],))[0])
+        # Split over several mesh axes (fsdp_2d): one ring at a time, the minor axis first. Not for a lookup
+        # table's gradient: XLA scatters its rows by an all-to-all, which has no such two-step form.
+        if len(mesh_axes) > 1 and not gather:
+            flat = jax.lax.with_sharding_constraint(flat, jax.sharding.PartitionSpec(mesh_axes[-1], None))
+        flat = nn.with_logical_constraint(flat, (axes[split], None))
+        g = jnp.moveaxis(jnp.reshape(flat, moved.shape), 0, split)
+    return (nn.with_logical_constraint(g, axes),)
+
+
+sharded_grad.defvjp(_sharded_grad_fwd, _sharded_grad_bwd)
 
 
 def _canonical(x: Union[int, Sequence[int]]) -> Tuple[int, ...]:
@@ -50,7 +126,7 @@ class DenseGeneral(nn.Module):
         # fan_in / fan_out for variance scaling are the products over the in / out axes.
         kernel = self.param("kernel", nn.with_logical_partitioning(_flat_init(self.kernel_init, n_in), self.kernel_axes),
                             kernel_shape, jnp.float32)
-        kernel = jnp.asarray(kernel, self.dtype)
+        kernel = sharded_grad(jnp.asarray(kernel, self.dtype), self.kernel_axes)  # [*in, *features]
         x = jnp.asarray(x, self.dtype)
         # One 2D matmul [tokens, in] @ [in, out]. Contracting a [B, L, D] input directly, XLA's CPU
         # backend computes the backward through strided transposed copies of the activation
@@ -87,13 +163,14 @@ class Embed(nn.Module):
         # Gather from the whole table, like FSDP gathers every weight before use: XLA has no sharded
         # gather from a table split over vocab / embed into rows split over batch, and would replicate
         # the result and its gradient instead ("involuntary full rematerialization" under FSDP + TP).
-        table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), (None, None))  # [V, D]
+        table = sharded_grad(jnp.asarray(self.embedding, self.dtype), ("vocab", "embed"), True)  # [V, D]
         x = jnp.take(table, ids, axis=0)  # [B, L, D]
         return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x [B, L, D] -> x @ embedding.T [B, L, V]."""
-        return jnp.einsum("bld,vd->blv", jnp.asarray(x, self.dtype), jnp.asarray(self.embedding, self.dtype))
+        table = sharded_grad(jnp.asarray(self.embedding, self.dtype), ("vocab", "embed"))  # [V, D]
+        return jnp.einsum("bld,vd->blv", jnp.asarray(x, self.dtype), table)
 
 
 @register("norm", "rms_norm")
@@ -111,6 +188,7 @@ class RMSNorm(nn.Module):
         x = jnp.asarray(x, jnp.float32)
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],), jnp.float32)
+        scale = sharded_grad(scale, (self.axis_name,))
         variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
         y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale
         return jnp.asarray(y, self.config.dtype)
@@ -131,6 +209,7 @@ class LayerNorm(nn.Module):
                            jnp.float32)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes), (x.shape[-1],),
                           jnp.float32)
+        scale, bias = sharded_grad(scale, axes), sharded_grad(bias, axes)
         centered = x - jnp.mean(x, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale + bias

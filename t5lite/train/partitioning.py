@@ -39,9 +39,15 @@ DATA_PARALLEL = (("batch", BATCH_MESH_AXES), ("vocab", None), ("embed", None), (
                  ("kv_heads", None), ("expert", None)) + _REPLICATED
 FSDP = (("batch", BATCH_MESH_AXES), ("expert", "fsdp"), ("embed", "fsdp"), ("vocab", None), ("mlp", None),
         ("heads", None), ("kv_heads", None)) + _REPLICATED
+# ZeRO-3 over the whole batch grid of a 2-D (data x fsdp) mesh: params split data*fsdp ways, like FSDP over
+# one axis of that size, but each gradient is reduce-scattered in two rings (over fsdp, then data;
+# layers.sharded_grad): XLA:TPU lowers one reduce-scatter over more than 8 chips of a v5e slice as a
+# full all-reduce plus a slice, twice the bytes.
+FSDP_2D = (("batch", BATCH_MESH_AXES), ("expert", ("data", "fsdp")), ("embed", ("data", "fsdp")), ("vocab", None),
+           ("mlp", None), ("heads", None), ("kv_heads", None)) + _REPLICATED
 FSDP_TENSOR = (("batch", BATCH_MESH_AXES), ("vocab", "tensor"), ("mlp", "tensor"), ("heads", "tensor"),
                ("kv_heads", "tensor"), ("expert", "fsdp"), ("embed", "fsdp")) + _REPLICATED
-RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_tensor": FSDP_TENSOR}
+RULE_SETS = {"data_parallel": DATA_PARALLEL, "fsdp": FSDP, "fsdp_2d": FSDP_2D, "fsdp_tensor": FSDP_TENSOR}
 
 log = logging.getLogger(__name__)
 

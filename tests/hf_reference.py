@@ -49,3 +49,54 @@ def random_batch(rng, vocab_size, enc_lengths, dec_lengths, enc_len, dec_len):
         targets[i, :m] = rng.integers(2, vocab_size, m)
     dec_in = np.concatenate([np.zeros_like(targets[:, :1]), targets[:, :-1]], axis=1)
     return enc, dec_in, targets
+
+
+def check_card_against_peft(tmp_path, cfg, params, load_float32, logits_of, batch):
+    """A random LoRA card (rank 3 on q, v, o, wi, wo; B non-zero) on a converted base `params` exports to PEFT, and
+    PEFT on HF's model (`load_float32()`; `logits_of(model)` its logits on `batch`) gives t5lite's logits."""
+    import jax
+    import pytest
+
+    peft = pytest.importorskip("peft")
+    from t5lite.convert.peft import export_peft
+    from t5lite.model import EncoderDecoder, lora
+    from t5lite.train.cards import Card
+
+    spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "o", "wi", "wo"))
+    card = jax.jit(lambda k: lora.init_card(cfg, spec, k))(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    card = jax.tree_util.tree_map_with_path(
+        lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
+    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
+
+    enc, dec_in, targets = batch
+    reference = logits_of(peft.PeftModel.from_pretrained(load_float32(), str(tmp_path / "peft")).eval())
+
+    def adapted(p, c):
+        with lora.adapted(spec):
+            return EncoderDecoder(cfg).apply({"params": p, "lora": c}, enc, dec_in, decoder_target_tokens=targets)
+
+    ours = np.asarray(jax.jit(adapted)(params, card))
+    mask = targets > 0
+    assert np.abs(reference[mask] - logits_of(load_float32())[mask]).max() > 0.01  # PEFT applied the card
+    np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-4 * np.abs(reference).max(), rtol=1e-4)
+
+
+def t5lite_logits(cfg, params, enc, dec_in, targets):
+    """t5lite's float32 logits [B, T, V] of a converted model on a padded batch."""
+    from t5lite.model import EncoderDecoder
+    return np.asarray(EncoderDecoder(cfg).apply({"params": params}, enc, dec_in, decoder_target_tokens=targets))
+
+
+def assert_logit_parity(ours, load, enc, dec_in, targets):
+    """t5lite float32 `ours` vs HF float64 (`load(dtype)` gives HF's model), within max(1e-4, 2 x HF float32's own
+    error), relative to the largest |logit| over real target positions (padded ones are masked differently on
+    purpose) -> (HF's float64 logits, that largest |logit|)."""
+    ref = hf_logits(load(torch.float64), enc, dec_in)
+    ref32 = hf_logits(load(torch.float32), enc, dec_in)
+    valid = targets > 0
+    scale = np.abs(ref[valid]).max()
+    hf_error = np.abs(ref32[valid] - ref[valid]).max() / scale
+    err = np.abs(ours[valid] - ref[valid]).max() / scale
+    assert err <= max(1e-4, 2 * hf_error), f"t5lite error {err:.2e}, HF float32's own {hf_error:.2e}"
+    return ref, scale

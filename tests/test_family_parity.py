@@ -12,10 +12,11 @@ import os
 import numpy as np
 import pytest
 
-from tests.hf_reference import random_batch
+from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, random_batch,
+                                 t5lite_logits)
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.infer import generate
-from t5lite.model import EncoderDecoder, init_params
+from t5lite.model import init_params
 
 import jax
 
@@ -70,28 +71,6 @@ def load_hf(path, kind, dtype=torch.float32):
     return model
 
 
-def hf_logits(model, enc, dec_in):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0).long(),
-                    decoder_input_ids=torch.tensor(dec_in, dtype=torch.long))
-    return out.logits.double().numpy()
-
-
-def _ours(cfg, params, enc, dec_in, targets):
-    return np.asarray(EncoderDecoder(cfg).apply({"params": params}, enc, dec_in, decoder_target_tokens=targets))
-
-
-def _assert_parity(ours, load, enc, dec_in, targets):
-    """t5lite float32 vs HF float64, within max(1e-4, 2 x HF float32's own error), relative to max |logit|."""
-    ref, ref32 = hf_logits(load(torch.float64), enc, dec_in), hf_logits(load(torch.float32), enc, dec_in)
-    valid = targets > 0  # padded decoder positions are masked differently on purpose
-    scale = np.abs(ref[valid]).max()
-    hf_error = np.abs(ref32[valid] - ref[valid]).max() / scale
-    err = np.abs(ours[valid] - ref[valid]).max() / scale
-    assert err <= max(1e-4, 2 * hf_error), f"t5lite error {err:.2e}, HF float32's own {hf_error:.2e}"
-    return err, hf_error
-
-
 def _case(name, tmp_path):
     kind, spec = CASES[name]
     spec = dict(spec)
@@ -108,7 +87,7 @@ def test_from_hf_logits_match(name, tmp_path):
     assert cfg.mlp == ("moe" if kind == "switch" else "dense")
     rng = np.random.default_rng(0)
     enc, dec_in, targets = random_batch(rng, cfg.vocab_size, [23, 9, 4], [13, 5, 1], 23, 13)
-    _assert_parity(_ours(cfg, params, enc, dec_in, targets), load, enc, dec_in, targets)
+    assert_logit_parity(t5lite_logits(cfg, params, enc, dec_in, targets), load, enc, dec_in, targets)
 
 
 @pytest.mark.parametrize("name", ["umt5_untied_relu", "switch_step2_tied", "switch_step3_untied"])
@@ -119,8 +98,8 @@ def test_round_trip_through_hf_is_exact(name, tmp_path):
     params = init_params(cfg, jax.random.key(3))
     to_hf(cfg, params, str(tmp_path / "out"))
     enc, dec_in, targets = random_batch(np.random.default_rng(1), cfg.vocab_size, [17, 6], [9, 4], 17, 9)
-    ours = _ours(cfg, params, enc, dec_in, targets)
-    _assert_parity(ours, lambda dtype: load_hf(str(tmp_path / "out"), kind, dtype), enc, dec_in, targets)
+    ours = t5lite_logits(cfg, params, enc, dec_in, targets)
+    assert_logit_parity(ours, lambda dtype: load_hf(str(tmp_path / "out"), kind, dtype), enc, dec_in, targets)
     cfg2, params2 = from_hf(str(tmp_path / "out"))
     assert cfg2 == cfg
     flat, flat2 = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(params2)
@@ -321,7 +300,7 @@ def test_scanned_layout_gives_the_same_logits_and_converts(overrides, tmp_path):
     scanned_cfg = cfg.replace(scan_layers=True)
     scanned = scan_params(params, scanned_cfg.layers_per_scan_block)
     enc, dec_in, targets = random_batch(np.random.default_rng(2), cfg.vocab_size, [12, 5], [4, 2], 12, 4)
-    np.testing.assert_allclose(_ours(scanned_cfg, scanned, enc, dec_in, targets), _ours(cfg, params, enc, dec_in, targets),
+    np.testing.assert_allclose(t5lite_logits(scanned_cfg, scanned, enc, dec_in, targets), t5lite_logits(cfg, params, enc, dec_in, targets),
                                atol=1e-5)
     to_hf(scanned_cfg, scanned, str(tmp_path / "out"))
     cfg2, params2 = from_hf(str(tmp_path / "out"))
@@ -333,26 +312,8 @@ def test_scanned_layout_gives_the_same_logits_and_converts(overrides, tmp_path):
 @pytest.mark.parametrize("name", ["umt5_untied_relu", "switch_step2_tied"])
 def test_peft_export_of_a_card_gives_hf_peft_the_same_logits(name, tmp_path):
     """A LoRA card on a converted UMT5 / Switch base exports to PEFT; PEFT on HF's model gives t5lite's logits."""
-    peft = pytest.importorskip("peft")
-    from t5lite.convert.peft import export_peft
-    from t5lite.model import lora
-    from t5lite.train.cards import Card
-
     kind, load, _ = _case(name, tmp_path)
     cfg, params = from_hf(str(tmp_path / "hf"))
-    spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "o", "wi", "wo"))
-    card = jax.jit(lambda k: lora.init_card(cfg, spec, k))(jax.random.key(0))
-    rng = np.random.default_rng(1)
-    card = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
-    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
-
-    enc, dec_in, targets = random_batch(np.random.default_rng(0), cfg.vocab_size, [11, 4], [7, 2], 11, 7)
-    reference = hf_logits(peft.PeftModel.from_pretrained(load(torch.float32), str(tmp_path / "peft")).eval(),
-                          enc, dec_in)
-    with lora.adapted(spec):
-        ours = np.asarray(EncoderDecoder(cfg).apply({"params": params, "lora": card}, enc, dec_in,
-                                                    decoder_target_tokens=targets))
-    mask = targets > 0
-    assert np.abs(reference[mask] - hf_logits(load(torch.float32), enc, dec_in)[mask]).max() > 0.01  # PEFT applied it
-    np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-4 * np.abs(reference).max(), rtol=1e-4)
+    batch = random_batch(np.random.default_rng(0), cfg.vocab_size, [11, 4], [7, 2], 11, 7)
+    check_card_against_peft(tmp_path, cfg, params, lambda: load(torch.float32),
+                            lambda model: hf_logits(model, batch[0], batch[1]), batch)

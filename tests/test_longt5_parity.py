@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import QUICK
-from tests.hf_reference import random_batch
+from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, random_batch,
+                                 t5lite_logits)
 from t5lite.convert.hf import config_to_hf, from_hf, to_hf
 from t5lite.convert.safetensors_io import read_safetensors
 from t5lite.errors import UserError
@@ -57,28 +58,6 @@ def load_hf(path, dtype=torch.float32):
     return transformers.LongT5ForConditionalGeneration.from_pretrained(path).eval().to(dtype)
 
 
-def hf_logits(model, enc, dec_in):
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0).long(),
-                    decoder_input_ids=torch.tensor(dec_in, dtype=torch.long))
-    return out.logits.double().numpy()
-
-
-def _ours(cfg, params, enc, dec_in, targets):
-    return np.asarray(EncoderDecoder(cfg).apply({"params": params}, enc, dec_in, decoder_target_tokens=targets))
-
-
-def _assert_parity(ours, load, enc, dec_in, targets):
-    """t5lite float32 vs HF float64, within max(1e-4, 2 x HF float32's own error), relative to max |logit|."""
-    ref, ref32 = hf_logits(load(torch.float64), enc, dec_in), hf_logits(load(torch.float32), enc, dec_in)
-    valid = targets > 0
-    scale = np.abs(ref[valid]).max()
-    hf_error = np.abs(ref32[valid] - ref[valid]).max() / scale
-    err = np.abs(ours[valid] - ref[valid]).max() / scale
-    assert err <= max(1e-4, 2 * hf_error), f"t5lite error {err:.2e}, HF float32's own {hf_error:.2e}"
-    return ref, scale
-
-
 def _case(name, tmp_path):
     spec = dict(CASES[name])
     untied = spec.pop("untied", False)
@@ -95,9 +74,9 @@ def test_from_hf_logits_match_and_to_hf_writes_them_back(name, tmp_path):
     # Rows of 23, 9, 4 (fewer tokens than a global block in some cases) and 14 tokens, right-padded.
     enc, dec_in, targets = random_batch(np.random.default_rng(0), cfg.vocab_size, [23, 9, 4, 14], [13, 5, 1, 6],
                                         23, 13)
-    ref, scale = _assert_parity(_ours(cfg, params, enc, dec_in, targets), load, enc, dec_in, targets)
+    ref, scale = assert_logit_parity(t5lite_logits(cfg, params, enc, dec_in, targets), load, enc, dec_in, targets)
     if kind == "local":  # the rows are long enough for the window to matter: T5's full attention is far off
-        full = _ours(cfg.replace(encoder_attention=None), params, enc, dec_in, targets)
+        full = t5lite_logits(cfg.replace(encoder_attention=None), params, enc, dec_in, targets)
         assert np.abs(full - ref)[targets > 0].max() / scale > 1e-2
     # to-hf writes back exactly the tensors and architecture it read.
     to_hf(cfg, params, str(tmp_path / "out"))
@@ -128,29 +107,11 @@ def test_to_hf_and_the_config_refuse_what_they_cannot_hold():
 def test_peft_export_of_a_card_gives_hf_peft_the_same_logits(tmp_path):
     """A LoRA card on a converted transient-global base (its value projection also reads the global tokens)
     exports to PEFT under HF's TransientGlobalSelfAttention names; PEFT on HF's model gives t5lite's logits."""
-    peft = pytest.importorskip("peft")
-    from t5lite.convert.peft import export_peft
-    from t5lite.model import lora
-    from t5lite.train.cards import Card
-
     load, _ = _case("tglobal_untied_gated", tmp_path)
     cfg, params = from_hf(str(tmp_path / "hf"))
-    spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "o", "wi", "wo"))
-    card = jax.jit(lambda k: lora.init_card(cfg, spec, k))(jax.random.key(0))
-    rng = np.random.default_rng(1)
-    card = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
-    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
-
-    enc, dec_in, targets = random_batch(np.random.default_rng(0), cfg.vocab_size, [19, 6], [7, 2], 19, 7)
-    reference = hf_logits(peft.PeftModel.from_pretrained(load(torch.float32), str(tmp_path / "peft")).eval(),
-                          enc, dec_in)
-    with lora.adapted(spec):
-        ours = np.asarray(EncoderDecoder(cfg).apply({"params": params, "lora": card}, enc, dec_in,
-                                                    decoder_target_tokens=targets))
-    mask = targets > 0
-    assert np.abs(reference[mask] - hf_logits(load(torch.float32), enc, dec_in)[mask]).max() > 0.01  # PEFT applied it
-    np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-4 * np.abs(reference).max(), rtol=1e-4)
+    batch = random_batch(np.random.default_rng(0), cfg.vocab_size, [19, 6], [7, 2], 19, 7)
+    check_card_against_peft(tmp_path, cfg, params, lambda: load(torch.float32),
+                            lambda model: hf_logits(model, batch[0], batch[1]), batch)
 
 
 # --- t5lite against itself: packing and the blockwise path -------------------------------------------

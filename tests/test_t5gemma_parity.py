@@ -14,7 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.hf_reference import random_batch
+from tests.hf_reference import check_card_against_peft, random_batch
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.errors import UserError
 from t5lite.infer import generate
@@ -242,31 +242,11 @@ def test_window_bounded_cache_decodes_as_the_full_length_cache(decoder_only, mon
 @pytest.mark.slow  # 17-29 s: HF + PEFT and an adapted t5lite model
 def test_peft_export_of_a_card_gives_hf_peft_the_same_logits(tmp_path):
     """A LoRA card on a converted T5Gemma base exports to PEFT; PEFT on HF's model gives t5lite's logits."""
-    peft = pytest.importorskip("peft")
-    from t5lite.convert.peft import export_peft
-    from t5lite.model import lora
-    from t5lite.train.cards import Card
-
     load = _case("gqa_tied_pattern2", tmp_path)
     cfg, params = from_hf(str(tmp_path / "hf"))
-    spec = lora.LoraConfig(rank=3, alpha=6.0, targets=("q", "v", "o", "wi", "wo"))
-    card = jax.jit(lambda k: lora.init_card(cfg, spec, k))(jax.random.key(0))
-    rng = np.random.default_rng(1)
-    card = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
-    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
-
-    enc, dec_in, targets = random_batch(np.random.default_rng(0), cfg.vocab_size, [11, 4], [7, 2], 11, 7)
-    reference = hf_logits(peft.PeftModel.from_pretrained(load(torch.float32), str(tmp_path / "peft")).eval(),
-                          enc, dec_in, targets)
-    def adapted(p, c):
-        with lora.adapted(spec):
-            return EncoderDecoder(cfg).apply({"params": p, "lora": c}, enc, dec_in, decoder_target_tokens=targets)
-
-    ours = np.asarray(jax.jit(adapted)(params, card))
-    mask = targets > 0
-    assert np.abs(reference[mask] - hf_logits(load(torch.float32), enc, dec_in, targets)[mask]).max() > 0.01  # PEFT applied it
-    np.testing.assert_allclose(ours[mask], reference[mask], atol=1e-4 * np.abs(reference).max(), rtol=1e-4)
+    batch = random_batch(np.random.default_rng(0), cfg.vocab_size, [11, 4], [7, 2], 11, 7)
+    check_card_against_peft(tmp_path, cfg, params, lambda: load(torch.float32),
+                            lambda model: hf_logits(model, *batch), batch)
 
 
 @pytest.mark.parametrize("change,message", [

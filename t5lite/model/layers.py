@@ -182,15 +182,17 @@ class RMSNorm(nn.Module):
 
     config: T5Config
     axis_name: str = "embed"
+    scale_init = 1.0  # the stored scale w starts here and multiplies as scale_offset + w
+    scale_offset = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-                           (x.shape[-1],), jnp.float32)
+        init = nn.initializers.constant(self.scale_init)
+        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (x.shape[-1],), jnp.float32)
         scale = sharded_grad(scale, (self.axis_name,))
         variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * scale
+        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * (self.scale_offset + scale)
         return jnp.asarray(y, self.config.dtype)
 
 
@@ -217,20 +219,11 @@ class LayerNorm(nn.Module):
 
 
 @register("norm", "gemma_rms_norm")
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: T5's, but the stored scale w multiplies as (1 + w) (zeros at init); float32."""
 
-    config: T5Config
-    axis_name: str = "embed"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.asarray(x, jnp.float32)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
-                           (x.shape[-1],), jnp.float32)
-        variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(variance + self.config.layer_norm_epsilon) * (1.0 + scale)
-        return jnp.asarray(y, self.config.dtype)
+    scale_init = 0.0
+    scale_offset = 1.0
 
 
 def gate(hidden: Sequence[jax.Array], activations: Tuple[str, ...]) -> jax.Array:

@@ -100,3 +100,21 @@ def assert_logit_parity(ours, load, enc, dec_in, targets):
     err = np.abs(ours[valid] - ref[valid]).max() / scale
     assert err <= max(1e-4, 2 * hf_error), f"t5lite error {err:.2e}, HF float32's own {hf_error:.2e}"
     return ref, scale
+
+
+def padded_prompts(vocab_size, low=2):
+    """Six prompts of lengths 11, 3, 7, 1, 9, 5 (random tokens in [low, vocab), then EOS), right-padded to 11."""
+    rng = np.random.default_rng(3)
+    lengths = [11, 3, 7, 1, 9, 5]
+    enc = np.zeros((len(lengths), 11), np.int32)
+    for i, n in enumerate(lengths):
+        enc[i, :n - 1] = rng.integers(low, vocab_size, n - 1)
+        enc[i, n - 1] = 1
+    return enc
+
+
+def normalise_generated(tokens, length):
+    """Pad to `length` and zero everything after the first EOS (HF fills with EOS or pad)."""
+    tokens = np.pad(np.asarray(tokens), ((0, 0), (0, length - tokens.shape[1])))
+    after = np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1
+    return np.where(after, 0, tokens)

@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, random_batch,
-                                 t5lite_logits)
+from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, normalise_generated,
+                                 padded_prompts, random_batch, t5lite_logits)
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.infer import generate
 from t5lite.model import init_params
@@ -119,23 +119,6 @@ GEN = {  # a small vocabulary and larger weights so that EOS and varied tokens c
 }
 
 
-def _prompts():
-    rng = np.random.default_rng(3)
-    lengths = [11, 3, 7, 1, 9, 5]
-    enc = np.zeros((len(lengths), 11), np.int32)
-    for i, n in enumerate(lengths):
-        enc[i, :n - 1] = rng.integers(2, 24, n - 1)
-        enc[i, n - 1] = 1
-    return enc
-
-
-def _normalise(tokens, length):
-    """Pad to `length` and zero everything after the first EOS (HF fills with EOS or pad)."""
-    tokens = np.pad(np.asarray(tokens), ((0, 0), (0, length - tokens.shape[1])))
-    after = np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1
-    return np.where(after, 0, tokens)
-
-
 @pytest.mark.slow  # 30-40 s each on 2 cores (two decoders compiled per framework); in make test, not test-fast
 @pytest.mark.parametrize("kind", sorted(GEN))
 def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
@@ -144,7 +127,7 @@ def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
     make_hf(tmp_path / "hf", kind, untied=untied, seed=5, **spec)
     hf = load_hf(str(tmp_path / "hf"), kind)
     cfg, params = from_hf(str(tmp_path / "hf"))
-    enc = _prompts()
+    enc = padded_prompts(24)
 
     def hf_generate(**kwargs):
         with torch.no_grad():
@@ -156,11 +139,11 @@ def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
     ref, _ = hf_generate(num_beams=1)
     ours, _ = generate(cfg, params, enc, max_decode_length=12)
     assert (np.asarray(ours) > 1).sum() > 15  # not trivially empty outputs
-    np.testing.assert_array_equal(_normalise(np.asarray(ours), 12), _normalise(ref, 12))
+    np.testing.assert_array_equal(normalise_generated(np.asarray(ours), 12), normalise_generated(ref, 12))
 
     ref, out = hf_generate(num_beams=3, length_penalty=0.6, early_stopping=True)
     ours, scores = generate(cfg, params, enc, max_decode_length=12, method="beam", num_beams=3, length_penalty=0.6)
-    np.testing.assert_array_equal(_normalise(np.asarray(ours), 12), _normalise(ref, 12))
+    np.testing.assert_array_equal(normalise_generated(np.asarray(ours), 12), normalise_generated(ref, 12))
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-4)
 
 

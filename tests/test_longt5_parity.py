@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import QUICK
-from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, random_batch,
-                                 t5lite_logits)
+from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, padded_prompts,
+                                 random_batch, t5lite_logits)
 from t5lite.convert.hf import config_to_hf, from_hf, to_hf
 from t5lite.convert.safetensors_io import read_safetensors
 from t5lite.errors import UserError
@@ -169,12 +169,7 @@ def test_greedy_and_beam_match_hf_generate(tmp_path):
     make_hf(tmp_path / "hf", untied=True, seed=5, **spec)
     hf = load_hf(str(tmp_path / "hf"))
     cfg, params = from_hf(str(tmp_path / "hf"))
-    rng = np.random.default_rng(3)
-    lengths = [11, 3, 7, 1, 9, 5]
-    enc = np.zeros((len(lengths), 11), np.int32)
-    for i, n in enumerate(lengths):
-        enc[i, :n - 1] = rng.integers(2, 24, n - 1)
-        enc[i, n - 1] = 1
+    enc = padded_prompts(24)
     def hf_generate(**kwargs):
         with torch.no_grad():
             out = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long),

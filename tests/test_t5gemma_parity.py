@@ -14,7 +14,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tests.hf_reference import check_card_against_peft, random_batch
+from tests.hf_reference import check_card_against_peft, normalise_generated, padded_prompts, random_batch
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.errors import UserError
 from t5lite.infer import generate
@@ -156,23 +156,6 @@ def test_round_trip_through_hf_is_exact(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def _prompts(vocab):
-    rng = np.random.default_rng(3)
-    lengths = [11, 3, 7, 1, 9, 5]
-    enc = np.zeros((len(lengths), 11), np.int32)
-    for i, n in enumerate(lengths):
-        enc[i, :n - 1] = rng.integers(3, vocab, n - 1)
-        enc[i, n - 1] = 1
-    return enc
-
-
-def _normalise(tokens, length):
-    """Pad to `length` and zero everything after the first EOS (HF fills with EOS or pad)."""
-    tokens = np.pad(np.asarray(tokens), ((0, 0), (0, length - tokens.shape[1])))
-    after = np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1
-    return np.where(after, 0, tokens)
-
-
 GEN = dict(vocab_size=24, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
            head_dim=8, query_pre_attn_scalar=8, sliding_window=3, layers=(3, 3), scale=0.6)
 
@@ -184,7 +167,7 @@ def test_greedy_generate_matches_hf_and_the_cache_matches_the_full_pass(tmp_path
     make_hf(tmp_path / "hf", seed=5, **GEN)
     hf = load_hf(str(tmp_path / "hf"))
     cfg, params = from_hf(str(tmp_path / "hf"))
-    enc = _prompts(cfg.vocab_size)
+    enc = padded_prompts(cfg.vocab_size, low=3)
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0).long(),
                           max_new_tokens=12, do_sample=False).numpy()
@@ -192,7 +175,7 @@ def test_greedy_generate_matches_hf_and_the_cache_matches_the_full_pass(tmp_path
     ours, _ = generate(cfg, params, enc, max_decode_length=12)
     ours = np.asarray(ours)
     assert (ours > 2).sum() > 15  # not trivially empty outputs
-    np.testing.assert_array_equal(_normalise(ours, 12), _normalise(ref[:, 1:], 12))
+    np.testing.assert_array_equal(normalise_generated(ours, 12), normalise_generated(ref[:, 1:], 12))
 
     # Cached decoding, step by step, vs the full pass (windowed layers see the last 3 positions only).
     model, length = EncoderDecoder(cfg), 12
@@ -227,7 +210,7 @@ def test_window_bounded_cache_decodes_as_the_full_length_cache(decoder_only, mon
                      logits_via_embedding=False)  # a random tied model repeats its input token
     params = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(1), x.shape),
                           init_params(cfg, jax.random.key(0), decoder_only=decoder_only))
-    prompts = _prompts(cfg.vocab_size)
+    prompts = padded_prompts(cfg.vocab_size, low=3)
     kwargs = dict(max_decode_length=9, decoder_only=decoder_only,
                   **({} if decoder_only else dict(method="beam", num_beams=3)))
     ring_tokens, ring_scores = generate(cfg, params, prompts, **kwargs)

@@ -24,6 +24,7 @@ the default denoisers and mode tokens, inputs/targets 512/512 -> C = 506 and 128
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Mapping, Sequence
 
@@ -254,3 +255,18 @@ def prefix_lm_preprocessors(vocab, feature_lengths, *, text_key: str = "text",
         raise UserError(f"prefix LM needs inputs and targets lengths >= 2, got {dict(feature_lengths)}")
     return [_tokenize_documents(vocab, text_key, eos=True), pipeline.split_tokens(raw_length, "targets"),
             lambda ex, rng: P.prefix_lm(ex, rng, noise_density=noise_density)]
+
+
+def text_infilling_preprocessors(vocab, feature_lengths, *, text_key: str = "text", noise_density: float = 0.3,
+                                 mean_noise_span_length: float = 3.0) -> list:
+    """BART-style text infilling (P.text_infilling): documents cut into (targets - 1)-token chunks (EOS
+    makes targets), each chunk's spans replaced by sentinels in the inputs, the whole chunk the target.
+    inputs needs no more than targets: the corrupted chunk is always shorter than the chunk."""
+    _require(feature_lengths, ("inputs", "targets"), "text infilling", {"inputs": 128, "targets": 128})
+    raw_length = min(feature_lengths["inputs"], feature_lengths["targets"] - 1)
+    if raw_length < 2:
+        raise UserError(f"text infilling needs inputs >= 2 and targets >= 3, got {dict(feature_lengths)}")
+    infill = functools.partial(P.text_infilling, vocab_size=vocab.vocab_size, noise_density=noise_density,
+                               mean_noise_span_length=mean_noise_span_length)
+    return [_tokenize_documents(vocab, text_key, eos=False), pipeline.split_tokens(raw_length, "targets"),
+            infill, lambda ex, rng: P.append_eos(ex, vocab.eos_id)]

@@ -133,6 +133,20 @@ def span_corruption(example: Example, rng: np.random.Generator, *, vocab_size: i
     return {**example, "inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
 
 
+def text_infilling(example: Example, rng: np.random.Generator, *, vocab_size: int,
+                   noise_density: float = 0.3, mean_noise_span_length: float = 3.0,
+                   input_feature: str = "targets", num_sentinels: int = NUM_SENTINELS) -> dict:
+    """BART's text infilling (Lewis et al. 2020, with T5's span sampler): inputs are the tokens with each
+    noise span replaced by one sentinel, as span_corruption's; targets are the WHOLE uncorrupted tokens, so
+    the decoder learns to reproduce its input and fill the gaps (a copy skill span corruption never asks
+    for: its targets are the gaps alone)."""
+    tokens = np.asarray(_field(example, input_feature, "text_infilling"), np.int32).reshape(-1)  # [L]
+    corrupted = span_corruption({input_feature: tokens}, rng, vocab_size=vocab_size, noise_density=noise_density,
+                                mean_noise_span_length=mean_noise_span_length, input_feature=input_feature,
+                                num_sentinels=num_sentinels, cap_spans=True)
+    return {**example, "inputs": corrupted["inputs"], "targets": tokens}
+
+
 # --- Prefix LM and chunking --------------------------------------------------------------------
 
 

@@ -112,6 +112,13 @@ def prefix_lm_preprocessors(text_key: str = "text", noise_density: float = 0.5) 
         vocab, feature_lengths, text_key=text_key, noise_density=noise_density)
 
 
+@register("objective", "text_infilling")
+def text_infilling_preprocessors(text_key: str = "text", noise_density: float = 0.3) -> PreprocessorsFn:
+    """BART-style text infilling of `text_key`: the whole text is the target (objectives.text_infilling_preprocessors)."""
+    return lambda vocab, feature_lengths: objectives.text_infilling_preprocessors(
+        vocab, feature_lengths, text_key=text_key, noise_density=noise_density)
+
+
 # --- Task and Mixture ------------------------------------------------------------------------------
 
 

@@ -21,7 +21,8 @@ from t5lite.data.task_registry import (SPLITS, VOCAB_PATH, Documents, FeatureLen
                                        PreprocessorsFn, Task, causal_lm_preprocessors, default_vocabulary,
                                        examples_proportional_mixture, get, names, prefix_lm_preprocessors,
                                        register, register_mixture, span_corruption_feature_lengths,
-                                       span_corruption_preprocessors, text_to_text_preprocessors,
+                                       span_corruption_preprocessors, text_infilling_preprocessors,
+                                       text_to_text_preprocessors,
                                        ul2_feature_lengths, ul2_preprocessors)
 from t5lite.errors import UserError
 
@@ -167,6 +168,33 @@ def _wordnet_define_preprocessors(vocab, feature_lengths):
     return [_define_inputs, *text_to_text_preprocessors()(vocab, feature_lengths)]
 
 
+# The six parts of the Protestant canon and their books, as the shipped corpus names them.
+BIBLE_SECTIONS = {
+    "law": ("Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy"),
+    "history": ("Joshua", "Judges", "Ruth", "I Samuel", "II Samuel", "I Kings", "II Kings", "I Chronicles",
+                "II Chronicles", "Ezra", "Nehemiah", "Esther"),
+    "poetry": ("Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon"),
+    "prophets": ("Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos", "Obadiah",
+                 "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah", "Malachi"),
+    "gospels": ("Matthew", "Mark", "Luke", "John", "Acts"),
+    "letters": ("Romans", "I Corinthians", "II Corinthians", "Galatians", "Ephesians", "Philippians",
+                "Colossians", "I Thessalonians", "II Thessalonians", "I Timothy", "II Timothy", "Titus",
+                "Philemon", "Hebrews", "James", "I Peter", "II Peter", "I John", "II John", "III John", "Jude",
+                "Revelation of John"),
+}
+SECTION_OF_BOOK = {book: section for section, books in BIBLE_SECTIONS.items() for book in books}
+
+
+def _section_inputs(example, rng):
+    """'which part of the Bible: <WEB verse>' -> law / history / poetry / prophets / gospels / letters."""
+    return {"inputs": f"which part of the Bible: {example['en_web']}",
+            "targets": SECTION_OF_BOOK[example["book"]]}
+
+
+def _section_preprocessors(vocab, feature_lengths):
+    return [_section_inputs, *text_to_text_preprocessors()(vocab, feature_lengths)]
+
+
 def _register_shipped():
     span = span_corruption_preprocessors("text")
     register(Task("bible_span_corruption_en", lambda s: Documents(_bible(s), ["en_web"]), span,
@@ -181,12 +209,17 @@ def _register_shipped():
                   description="causal LM (DecoderOnly) of WEB and RV1909 verses"))
     register(Task("bible_prefix_lm_en_es", _bible_en_es, prefix_lm_preprocessors("text"), objective="prefix_lm",
                   description="prefix LM, a random pivot per chunk, of WEB and RV1909 verses"))
+    register(Task("bible_infill_en_es", _bible_en_es, text_infilling_preprocessors("text"), objective="text_infilling",
+                  description="BART-style text infilling (the whole verse text is the target) of WEB and RV1909"))
     register(Task("bible_translate_en_es", _bible,
                   text_to_text_preprocessors("translate English to Spanish: ", "en_web", "es_rv1909"),
                   metrics=("bleu", "chrf"), description="WEB verse -> RV1909 verse"))
     register(Task("bible_modernize_kjv_web", _bible,
                   text_to_text_preprocessors("modernize: ", "en_kjv", "en_web"),
                   metrics=("bleu", "chrf"), description="KJV verse -> WEB verse"))
+    register(Task("bible_section", _bible, _section_preprocessors, metrics=("accuracy",),
+                  description="WEB verse -> the part of the Bible it is from (law, history, poetry, "
+                              "prophets, gospels, letters)"))
     register(Task("wordnet_define", lambda s: sources.shipped("wordnet", s),
                   _wordnet_define_preprocessors, metrics=("bleu", "rouge", "exact_match"),
                   description="WordNet word (pos, usage example) -> its definition"))

@@ -97,6 +97,32 @@ ENTRY %main (a: f32[16]) -> f32[16] {
     assert stats["by_kind"]["all-reduce"]["count"] == 1 and stats["by_kind"]["all-reduce"]["bytes"] == (16 + 8) * 4
 
 
+def test_windowed_einsum_loops_count_their_permutes_per_trip():
+    """XLA:TPU decomposes a gather feeding a matmul into a u32-counted loop of collective-permutes (the
+    'windowed_dot_general' loops of t5_1_1_large on a v5e-32); before the fix each permute counted once."""
+    hlo = """HloModule m
+
+%wide.windowed_dot_general_cond_ag (p: (u32[])) -> pred[] {
+  %constant.6 = u32[]{:T(128)} constant(16)
+  %p = (u32[]) parameter(0)
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %compare.1 = pred[]{:T(512)} compare(%i, %constant.6), direction=LT
+}
+
+%wide.windowed_dot_general_body_ag (p: (u32[])) -> (u32[]) {
+  %p = (u32[]) parameter(0)
+  %collective-permute.1 = bf16[1,32,1024]{2,1,0} collective-permute(%x), channel_id=3, source_target_pairs={{0,1},{1,0}}
+  ROOT %t = (u32[]) tuple(%p)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  ROOT %w = (u32[]) while(%init), condition=%wide.windowed_dot_general_cond_ag, body=%wide.windowed_dot_general_body_ag
+}
+"""
+    permutes = program_stats.collectives(hlo)["by_kind"]["collective-permute"]
+    assert permutes["count"] == 1 and permutes["bytes"] == 16 * 32 * 1024 * 2
+
+
 def _tile_aligned_tiny_run(mesh_shape):
     """A 2+2-layer model whose every parameter shard is a whole number of TPU tiles (no padding)."""
     from t5lite.model import get_config

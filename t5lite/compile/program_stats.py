@@ -61,8 +61,10 @@ def _computations(hlo_text: str, returns: Optional[Dict[str, str]] = None) -> Tu
 
 
 def _trip_count(condition: List[str]) -> int:
-    """A counted loop's condition is `counter < N` (jax's scan and fori_loop): N; 1 when unknown."""
-    constants = [int(c) for line in condition for c in re.findall(r"\bs32\[\][^=]*constant\((\d+)\)", line)]
+    """A counted loop's condition is `counter < N`: N; 1 when unknown. jax's scan and fori_loop count in
+    s32; XLA:TPU's windowed einsums (an all-gather or reduce-scatter decomposed into a loop of
+    collective-permutes overlapped with slices of the matmul) count in u32."""
+    constants = [int(c) for line in condition for c in re.findall(r"\b[su](?:32|64)\[\][^=]*constant\((\d+)\)", line)]
     compares_lt = any(" compare(" in line and "direction=LT" in line for line in condition)
     return constants[0] if compares_lt and len(constants) == 1 else 1
 

@@ -88,18 +88,39 @@ def t5lite_logits(cfg, params, enc, dec_in, targets):
     return np.asarray(EncoderDecoder(cfg).apply({"params": params}, enc, dec_in, decoder_target_tokens=targets))
 
 
-def assert_logit_parity(ours, load, enc, dec_in, targets):
+def assert_logit_parity(ours, load, enc, dec_in, targets, logits_of=None):
     """t5lite float32 `ours` vs HF float64 (`load(dtype)` gives HF's model), within max(1e-4, 2 x HF float32's own
     error), relative to the largest |logit| over real target positions (padded ones are masked differently on
-    purpose) -> (HF's float64 logits, that largest |logit|)."""
-    ref = hf_logits(load(torch.float64), enc, dec_in)
-    ref32 = hf_logits(load(torch.float32), enc, dec_in)
+    purpose) -> (HF's float64 logits, that largest |logit|). `logits_of(model)` gives HF's logits [B, T, V]
+    (default: hf_logits on enc, dec_in)."""
+    logits_of = logits_of or (lambda model: hf_logits(model, enc, dec_in))
+    ref = logits_of(load(torch.float64))
+    ref32 = logits_of(load(torch.float32))
     valid = targets > 0
     scale = np.abs(ref[valid]).max()
     hf_error = np.abs(ref32[valid] - ref[valid]).max() / scale
     err = np.abs(ours[valid] - ref[valid]).max() / scale
     assert err <= max(1e-4, 2 * hf_error), f"t5lite error {err:.2e}, HF float32's own {hf_error:.2e}"
     return ref, scale
+
+
+def assert_same_params(params, other):
+    """The same tree paths and bit-identical leaves (a to-hf -> from-hf round trip)."""
+    import jax
+    flat, flat2 = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(other)
+    assert [p for p, _ in flat] == [p for p, _ in flat2]
+    for (_, a), (_, b) in zip(flat, flat2):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def hf_generate(model, enc, max_new_tokens=12, **kwargs):
+    """HF `generate` without sampling on the padded prompts `enc` [B, L] -> (its tokens without the start token,
+    HF's whole output: sequences_scores for beams)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor(enc, dtype=torch.long), attention_mask=torch.tensor(enc > 0).long(),
+                             max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                             output_scores=True, **kwargs)
+    return out.sequences.numpy()[:, 1:], out
 
 
 def padded_prompts(vocab_size, low=2):

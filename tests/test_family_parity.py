@@ -12,8 +12,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, normalise_generated,
-                                 padded_prompts, random_batch, t5lite_logits)
+from tests.hf_reference import (assert_logit_parity, assert_same_params, check_card_against_peft, hf_generate,
+                                 hf_logits, normalise_generated, padded_prompts, random_batch, t5lite_logits)
 from t5lite.convert.hf import from_hf, to_hf
 from t5lite.infer import generate
 from t5lite.model import init_params
@@ -102,10 +102,7 @@ def test_round_trip_through_hf_is_exact(name, tmp_path):
     assert_logit_parity(ours, lambda dtype: load_hf(str(tmp_path / "out"), kind, dtype), enc, dec_in, targets)
     cfg2, params2 = from_hf(str(tmp_path / "out"))
     assert cfg2 == cfg
-    flat, flat2 = jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves_with_path(params2)
-    assert [p for p, _ in flat] == [p for p, _ in flat2]
-    for (_, a), (_, b) in zip(flat, flat2):
-        np.testing.assert_array_equal(np.asarray(a), b)
+    assert_same_params(params, params2)
 
 
 # --- generate -----------------------------------------------------------------------------------
@@ -129,19 +126,12 @@ def test_greedy_and_beam_match_hf_generate(kind, tmp_path):
     cfg, params = from_hf(str(tmp_path / "hf"))
     enc = padded_prompts(24)
 
-    def hf_generate(**kwargs):
-        with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long),
-                              attention_mask=torch.tensor(enc > 0).long(), max_new_tokens=12, do_sample=False,
-                              return_dict_in_generate=True, output_scores=True, **kwargs)
-        return out.sequences.numpy()[:, 1:], out  # without the start token
-
-    ref, _ = hf_generate(num_beams=1)
+    ref, _ = hf_generate(hf, enc, num_beams=1)
     ours, _ = generate(cfg, params, enc, max_decode_length=12)
     assert (np.asarray(ours) > 1).sum() > 15  # not trivially empty outputs
     np.testing.assert_array_equal(normalise_generated(np.asarray(ours), 12), normalise_generated(ref, 12))
 
-    ref, out = hf_generate(num_beams=3, length_penalty=0.6, early_stopping=True)
+    ref, out = hf_generate(hf, enc, num_beams=3, length_penalty=0.6, early_stopping=True)
     ours, scores = generate(cfg, params, enc, max_decode_length=12, method="beam", num_beams=3, length_penalty=0.6)
     np.testing.assert_array_equal(normalise_generated(np.asarray(ours), 12), normalise_generated(ref, 12))
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-4)

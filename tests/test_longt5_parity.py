@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import QUICK
-from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_logits, padded_prompts,
-                                 random_batch, t5lite_logits)
+from tests.hf_reference import (assert_logit_parity, check_card_against_peft, hf_generate, hf_logits,
+                                 normalise_generated, padded_prompts, random_batch, t5lite_logits)
 from t5lite.convert.hf import config_to_hf, from_hf, to_hf
 from t5lite.convert.safetensors_io import read_safetensors
 from t5lite.errors import UserError
@@ -170,23 +170,13 @@ def test_greedy_and_beam_match_hf_generate(tmp_path):
     hf = load_hf(str(tmp_path / "hf"))
     cfg, params = from_hf(str(tmp_path / "hf"))
     enc = padded_prompts(24)
-    def hf_generate(**kwargs):
-        with torch.no_grad():
-            out = hf.generate(input_ids=torch.tensor(enc, dtype=torch.long),
-                              attention_mask=torch.tensor(enc > 0).long(), max_new_tokens=12, do_sample=False,
-                              return_dict_in_generate=True, output_scores=True, **kwargs)
-        return out.sequences.numpy()[:, 1:], out  # without the start token
-
-    def normalise(tokens):  # pad to 12 and zero everything after the first EOS (HF fills with EOS or pad)
-        tokens = np.pad(np.asarray(tokens), ((0, 0), (0, 12 - tokens.shape[1])))
-        return np.where(np.cumsum(np.cumsum(tokens == 1, 1), 1) > 1, 0, tokens)
-
     ours = np.asarray(generate(cfg, params, enc, max_decode_length=12)[0])
     assert (ours > 1).sum() > 15  # not trivially empty outputs
-    np.testing.assert_array_equal(normalise(ours), normalise(hf_generate(num_beams=1)[0]))
-    ref, out = hf_generate(num_beams=3, length_penalty=0.6, early_stopping=True)
+    np.testing.assert_array_equal(normalise_generated(ours, 12),
+                                  normalise_generated(hf_generate(hf, enc, num_beams=1)[0], 12))
+    ref, out = hf_generate(hf, enc, num_beams=3, length_penalty=0.6, early_stopping=True)
     ours, scores = generate(cfg, params, enc, max_decode_length=12, method="beam", num_beams=3, length_penalty=0.6)
-    np.testing.assert_array_equal(normalise(ours), normalise(ref))
+    np.testing.assert_array_equal(normalise_generated(np.asarray(ours), 12), normalise_generated(ref, 12))
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy(), rtol=1e-4)
 
 

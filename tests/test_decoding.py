@@ -12,12 +12,22 @@ from t5lite.errors import UserError
 from t5lite.infer import generate
 from t5lite.infer.decoding import _filter_logits, _generate
 from t5lite.model import DecoderOnly, EncoderDecoder, get_config, init_params, scan_params
+from t5lite.model.layers import first_argmax
 
 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = get_config("tiny")
     return cfg, init_params(cfg, jax.random.key(0))
+
+
+def test_first_argmax_is_numpy_argmax_with_ties_and_nans():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # small integers: many tied maxima
+    x[5, [3, 30]] = np.nan  # the first NaN wins, as in argmax
+    x[6, :] = -np.inf
+    x[7, 36] = np.inf
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -27,6 +27,7 @@ import numpy as np
 from t5lite.data.vocab import EOS_ID
 from t5lite.errors import UserError
 from t5lite.model import DecoderOnly, EncoderDecoder, T5Config, lora
+from t5lite.model.layers import first_argmax
 
 NEG_INF = -1.0e9  # HF's "impossible" score; finite so that sums stay ordered
 METHODS = ("greedy", "beam", "sample")
@@ -172,13 +173,15 @@ def _sample_or_greedy(steps: _StepFn, batch, max_decode_length, greedy, temperat
     done, score = jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.float32)
 
     def choose(t, logits, tokens, done, score):
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
         if greedy:
-            nxt = jnp.argmax(logits, axis=-1)
+            nxt = first_argmax(logits)
         else:
             nxt = jax.random.categorical(jax.random.fold_in(key, t), _filter_logits(logits, temperature, top_k, top_p))
         nxt = jnp.where(done, 0, nxt).astype(jnp.int32)
-        score = score + jnp.where(done, 0.0, jnp.take_along_axis(log_probs, nxt[:, None], axis=1)[:, 0])
+        # log p(nxt) = logit - logsumexp: no [B, V] log-softmax written per step
+        logits = logits.astype(jnp.float32)  # [B, V]
+        log_prob = jnp.take_along_axis(logits, nxt[:, None], axis=1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        score = score + jnp.where(done, 0.0, log_prob)
         return tokens.at[:, t].set(nxt), done | (nxt == EOS_ID), score
 
     tokens, done, score = choose(0, logits, tokens, done, score)

@@ -25,6 +25,19 @@ Initializer = Callable[..., jax.Array]
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) for float x: the first index of the maximum (or of a NaN, like argmax), int32.
+
+    Why not jnp.argmax: XLA:CPU lowers it to a variadic (value, index) reduce that it does not
+    vectorise; two plain reductions are ~8x faster on [32, 32128] logits (0.56 vs 4.7 ms on one
+    core), the greedy decoding step's second-largest cost after the logits matmul.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    hit = (x == top) | jnp.isnan(x)  # a NaN makes `top` NaN: then the first NaN wins, as in argmax
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def sharded_grad(w: jax.Array, axes: Axes, gather: bool = False) -> jax.Array:
     """Identity on a parameter as used (after the cast to the compute dtype; with `gather`, also made

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from t5lite import registry
 from t5lite.errors import UserError
+from t5lite.model.layers import first_argmax
 from t5lite.registry import register
 
 Batch = Dict[str, jax.Array]
@@ -60,7 +61,7 @@ def _cross_entropy_tokens(logits: jax.Array, targets: jax.Array, *, z_loss: floa
     soft_logit = (on - off) * target_logit + off * jnp.sum(logits, axis=-1)  # [B, T] = sum_v q_v l_v
     token_z_loss = z_loss * jnp.square(log_z)  # [B, T]
     token_loss = log_z - soft_logit + token_z_loss - entropy  # [B, T]
-    correct = jnp.argmax(logits, axis=-1) == targets  # [B, T]
+    correct = first_argmax(logits) == targets  # [B, T]
     return token_loss, token_z_loss, correct
 
 

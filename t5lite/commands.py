@@ -187,7 +187,7 @@ def _stack_cards(named, config, params, checkpoint):
     """Checks that every card belongs to this base -> (lora.CardTable, names in table order)."""
     from t5lite.model import lora
     from t5lite.train.cards import check_base
-    base_fingerprint = lora.fingerprint(params)
+    base_fingerprint = lora.fingerprint(params, config)
     for card in named.values():
         check_base(card, base_fingerprint, checkpoint)
     names = list(named)

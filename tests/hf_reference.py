@@ -67,7 +67,7 @@ def check_card_against_peft(tmp_path, cfg, params, load_float32, logits_of, batc
     rng = np.random.default_rng(1)
     card = jax.tree_util.tree_map_with_path(
         lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
-    export_peft(Card(spec, card, lora.fingerprint(params), cfg), str(tmp_path / "peft"))
+    export_peft(Card(spec, card, lora.fingerprint(params, cfg), cfg), str(tmp_path / "peft"))
 
     enc, dec_in, targets = batch
     reference = logits_of(peft.PeftModel.from_pretrained(load_float32(), str(tmp_path / "peft")).eval())

@@ -218,8 +218,8 @@ def test_fsdp_2d_reduce_scatters_in_rings_of_four_on_a_16_chip_slice(tmp_path):
     """v5e 4x4: XLA:TPU lowers a reduce-scatter over all 16 chips as a full all-reduce + slice (the
     `fsdp` rules over 16 chips send 1.3x the minimum); `fsdp_2d` on a 4 x 4 mesh reduce-scatters each
     gradient over fsdp, then over data, rings of 4, and stays within 1.1x of the minimum. Heads of 64
-    (t5_1_1_xl's): an attention kernel's [heads, kv] do not fill a tile, and its gradient is only
-    reduce-scattered flattened to 2-D (before: all-reduced whole)."""
+    (t5_1_1_xl's): stored split, an attention kernel's [heads, kv] would fill no tile, and its gradient was
+    reduce-scattered only once flattened to 2-D (before that: all-reduced whole)."""
     args = {**_tile_aligned_tiny_run((4, 4, 1)), "batch_size": 16, "partition_rules": "fsdp_2d"}
     args["model"] = args["model"].replace(num_heads=8, head_dim=64)
     report = aot.compile_run(_train(args), aot.parse_topology("v5e:4x4"), programs=("train",), hlo_dir=str(tmp_path))
@@ -326,9 +326,9 @@ def test_xl_fits_a_v5e_64_under_fsdp_not_under_data_parallelism():
     """t5_1_1_xl on 64 v5e chips: FSDP holds 1/64 of the params + Adafactor state per chip and fits;
     pure data parallelism replicates 11 GiB of float32 params and cannot.
 
-    On the chip each shard is stored in whole (8, 128) tiles: the attention kernels' shards
-    [layers, embed/64=32, heads=32, kv=64] have no dim of 128 and take twice their size, so XLA's
-    argument bytes are the *tiled* size of the 1/64 shards (1.6x their plain size here)."""
+    On the chip each shard is stored in whole (8, 128) tiles, so XLA's argument bytes are the *tiled* size of
+    the 1/64 shards. Joined, the attention kernels' shards [layers, embed/64 = 32, heads x kv = 2048] fill
+    their tiles (stored split, [layers, 32, heads 32, kv 64] took twice their size: 1.6x in all)."""
     from t5lite.model import get_config
     from t5lite.train import partitioning
     from t5lite.train.optimizers import make_optimizer
@@ -350,8 +350,9 @@ def test_xl_fits_a_v5e_64_under_fsdp_not_under_data_parallelism():
     plain = sum(int(np.prod(shape)) * size for shape, size in shards)
     assert abs(plain - total / 64) <= 0.1 * total / 64  # params and optimizer state are split 64 ways
     tiled = sum(tpu_tiled_bytes(shape, size) for shape, size in shards)
-    # ... and stored as exactly those shards (the batch, one row per chip, is a few KiB of it).
+    # ... and stored as exactly those shards (the batch, one row per chip, is a few KiB of it), whole tiles.
     assert abs(train["memory"]["arguments"] - tiled) <= 0.01 * tiled
+    assert tiled <= 1.05 * plain
 
     data_parallel = aot.compile_run(_train({**args, "mesh_shape": (-1, 1, 1)}), topology, programs=("train",))
     assert not data_parallel["programs"]["train"]["memory"]["fits"]

@@ -135,6 +135,18 @@ def test_an_all_reduce_of_zero_padded_shards_is_reported_as_a_gather():
     under all-reduce (those are the bytes sent), with its size also under `gathers`."""
     hlo = """HloModule m
 
+%dus (p0: bf16[32,64,2048], p1: bf16[32,64,32], p2: s32[]) -> bf16[32,64,2048] {
+  %p0 = bf16[32,64,2048]{2,1,0} parameter(0)
+  %p1 = bf16[32,64,32]{2,1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  ROOT %dynamic-update-slice.9 = bf16[32,64,2048]{2,1,0} dynamic-update-slice(%p0, %p1, %p2, %p2, %p2)
+}
+
+%scale (p0: bf16[32,64,2048], p1: bf16[32,64,32], p2: s32[]) -> bf16[32,64,2048] {
+  %p0 = bf16[32,64,2048]{2,1,0} parameter(0)
+  ROOT %multiply.9 = bf16[32,64,2048]{2,1,0} multiply(%p0, %p0)
+}
+
 ENTRY %main (a: bf16[32,64,32], b: f32[64]) -> bf16[32,64,2048] {
   %a = bf16[32,64,32]{2,1,0} parameter(0)
   %broadcast.1 = bf16[32,64,2048]{2,1,0} broadcast(%zero), dimensions={}
@@ -142,10 +154,13 @@ ENTRY %main (a: bf16[32,64,32], b: f32[64]) -> bf16[32,64,2048] {
   %copy-start.1 = (bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}, u32[]) copy-start(%dynamic-update-slice.1)
   %copy-done.1 = bf16[32,64,2048]{2,1,0} copy-done(%copy-start.1)
   %constant_dynamic-update-slice_fusion.2 = bf16[32,64,2048]{2,1,0} fusion(%broadcast.1, %a, %i), kind=kLoop, calls=%f
-  %all-reduce.1 = (bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}) all-reduce(%copy-done.1, %constant_dynamic-update-slice_fusion.2), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %fusion.3 = bf16[32,64,2048]{2,1,0} fusion(%broadcast.1, %a, %i), kind=kLoop, calls=%dus
+  %fusion.4 = bf16[32,64,2048]{2,1,0} fusion(%broadcast.1, %a, %i), kind=kLoop, calls=%scale
+  %all-reduce.1 = (bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}, bf16[32,64,2048]{2,1,0}) all-reduce(%copy-done.1, %constant_dynamic-update-slice_fusion.2, %fusion.3), channel_id=1, replica_groups={{0,1}}, to_apply=%add
+  %all-reduce.3 = bf16[32,64,2048]{2,1,0} all-reduce(%fusion.4), channel_id=3, replica_groups={{0,1}}, to_apply=%add
   ROOT %all-reduce.2 = f32[64]{0} all-reduce(%b), channel_id=2, replica_groups={{0,1}}, to_apply=%add
 }
 """
     reduce = program_stats.collectives(hlo)["by_kind"]["all-reduce"]
-    assert reduce["count"] == 2 and reduce["bytes"] == 2 * 32 * 64 * 2048 * 2 + 64 * 4
-    assert reduce["gathers"] == 2 * 32 * 64 * 2048 * 2
+    assert reduce["count"] == 3 and reduce["bytes"] == 4 * 32 * 64 * 2048 * 2 + 64 * 4
+    assert reduce["gathers"] == 3 * 32 * 64 * 2048 * 2  # not the all-reduce of a fusion that is no shard write

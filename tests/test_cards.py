@@ -58,13 +58,13 @@ def test_finetune_trains_only_the_card_and_saves_only_the_card(run):
     optimizer_leaves = [p for p, shape in shapes.items() if p.startswith("opt_state/") and shape]
     assert optimizer_leaves and all(any(p.endswith(c) for c in card_paths) for p in optimizer_leaves)
     meta = json.load(open(root / "card_run" / "checkpoints" / "30" / "meta" / "metadata"))
-    assert meta["card"]["base_fingerprint"] == lora.fingerprint(params)
+    assert meta["card"]["base_fingerprint"] == lora.fingerprint(params, config)
 
     # The card directory: small, the card alone, and what it was trained on.
     card = load_card(str(root / "card_run"))
     assert (card.spec.rank, card.spec.alpha, card.spec.targets, card.step) == (8, 16.0, ("q", "v"), 30)
     assert card.task == "bible_translate_en_es" and "LoraConfig.rank = 8" in card.gin
-    assert card.base_fingerprint == lora.fingerprint(params)
+    assert card.base_fingerprint == lora.fingerprint(params, config)
     assert card.num_params == 6 * 2 * 8 * (64 + 64)  # 6 attentions x (q, v) x r (d_model + heads * head_dim)
     size = sum(f.stat().st_size for f in (root / "card_run" / "card").iterdir())
     assert size < card.num_params * 4 + 20_000
@@ -97,7 +97,7 @@ def test_cards_info_merge_and_the_wrong_base(run, tmp_path, capsys):
     assert main(["cards", "info", str(root / "card_run"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["rank"] == 8 and info["targets"] == ["q", "v"] and info["adapted"] == 12
-    assert info["params"] == 1536 * 8 and info["base_fingerprint"] == lora.fingerprint(params)
+    assert info["params"] == 1536 * 8 and info["base_fingerprint"] == lora.fingerprint(params, config)
     assert "self_attention/query" in info["modules"] and 0 < info["trainable_fraction"] < 0.02
 
     assert main(["cards", "merge", str(root / "card_run"), "--out", str(tmp_path / "merged")]) == 0
@@ -199,7 +199,7 @@ def test_peft_export_gives_hf_peft_the_same_logits(tmp_path):
     rng = np.random.default_rng(1)
     card = jax.tree_util.tree_map_with_path(
         lambda p, x: rng.normal(0, 0.3, x.shape).astype(np.float32) if p[-1].key == "lora_b" else np.asarray(x), card)
-    save_card(str(tmp_path / "card"), Card(spec, card, lora.fingerprint(params), config))
+    save_card(str(tmp_path / "card"), Card(spec, card, lora.fingerprint(params, config), config))
     assert main(["cards", "export", str(tmp_path / "card"), "--out", str(tmp_path / "peft")]) == 0
     assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
 

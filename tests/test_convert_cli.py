@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,7 +14,9 @@ from t5lite.cli import main
 from t5lite.convert.hf import from_hf
 from t5lite.convert.safetensors_io import read_safetensors, write_safetensors
 from t5lite.model import EncoderDecoder
-from t5lite.train.checkpoint import load_params
+from t5lite.model.params import attention_in_layout
+from t5lite.train.checkpoint import TRAIN_FORMAT, load_params, save_params
+from t5lite.train.checks import resumed_attention_layout
 from tests.hf_reference import hf_logits, load_hf, make_hf_checkpoint, random_batch
 
 SPEC = dict(vocab_size=96, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=2, feed_forward_proj="gated-gelu")
@@ -52,6 +55,37 @@ def test_load_params_restacks_for_scan(hf_dir, tmp_path):
     batch = dict(encoder_input_tokens=np.array([[5, 6, 1]]), decoder_input_tokens=np.array([[0, 7]]))
     np.testing.assert_allclose(EncoderDecoder(scan_cfg).apply({"params": scanned}, **batch),
                                EncoderDecoder(config).apply({"params": params}, **batch), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_saved_in_the_split_attention_layout_loads_joined(hf_dir, tmp_path):
+    """A checkpoint saved before attention kernels were joined (3-D kernels, no attention_layout in its
+    config) loads as it was saved, and into the joined layout with identical logits; a run resumes in it."""
+    assert main(["convert", "from-hf", "--hf_dir", hf_dir, "--out", str(tmp_path / "ckpt")]) == 0
+    config, params = load_params(str(tmp_path / "ckpt"))
+    assert config.attention_layout == "joined" and params["encoder"]["layers_0"]["attention"]["query"]["kernel"].shape \
+        == (16, 16)
+    old = config.replace(attention_layout="split")
+    save_params(str(tmp_path / "old"), old, attention_in_layout(params, old))
+    meta = json.load(open(tmp_path / "old" / "config.json"))
+    del meta["model"]["attention_layout"]  # as every checkpoint written before the field existed
+    json.dump(meta, open(tmp_path / "old" / "config.json", "w"))
+
+    stored_cfg, stored = load_params(str(tmp_path / "old"))
+    assert stored_cfg == old and stored["encoder"]["layers_0"]["attention"]["query"]["kernel"].shape == (16, 4, 4)
+    assert stored["decoder"]["layers_1"]["self_attention"]["out"]["kernel"].shape == (4, 4, 16)
+    joined_cfg, joined = load_params(str(tmp_path / "old"), config)
+    assert joined_cfg == config and jax.tree.map(np.shape, joined) == jax.tree.map(np.shape, params)
+    batch = dict(encoder_input_tokens=np.array([[5, 6, 1]]), decoder_input_tokens=np.array([[0, 7]]))
+    logits = np.asarray(EncoderDecoder(config).apply({"params": params}, **batch))
+    np.testing.assert_array_equal(np.asarray(EncoderDecoder(config).apply({"params": joined}, **batch)), logits)
+    np.testing.assert_array_equal(np.asarray(EncoderDecoder(old).apply({"params": stored}, **batch)), logits)
+
+    # A training run whose checkpoints hold split kernels resumes in that layout, whatever its gin says.
+    step_meta = tmp_path / "run" / "checkpoints" / "20" / "meta"
+    step_meta.mkdir(parents=True)
+    json.dump({"format": TRAIN_FORMAT, "model": meta["model"]}, open(step_meta / "metadata", "w"))
+    assert resumed_attention_layout(str(tmp_path / "run"), config) == old
+    assert resumed_attention_layout(str(tmp_path / "new_run"), config) == config
 
 
 def _run_error(argv, capsys, match):

@@ -35,6 +35,12 @@ def test_golden_scanned_layout():
         assert golden_shapes("tiny", scan_layers=True) == json.load(f)
 
 
+def test_golden_split_attention_layout():
+    """The layout of every checkpoint saved before attention kernels were joined: it must keep loading."""
+    with open(os.path.join(GOLDEN, "tiny_split.json")) as f:
+        assert golden_shapes("tiny", attention_layout="split") == json.load(f)
+
+
 @pytest.mark.parametrize("name,count", sorted(HF_PARAM_COUNTS.items()))
 def test_parameter_counts_equal_hf(name, count):
     assert count_params(abstract_params(get_config(name))) == count

@@ -51,7 +51,7 @@ def test_data_fsdp_tensor_mesh_matches_one_device():
     assert specs["wi_0"] == ["fsdp", "tensor"]  # [embed, mlp]
     assert specs["wo"] == ["tensor", "fsdp"]  # [mlp, embed]
     assert specs["embedding"] == ["tensor", "fsdp"]  # [vocab, embed]
-    assert specs["query"] == ["fsdp", "tensor", None]  # [embed, heads, kv]
+    assert specs["query"] == ["fsdp", "tensor"]  # [embed, heads x kv]: whole heads per tensor shard
     assert specs["logits_dense"] == ["fsdp", "tensor"]  # [embed, vocab]
     # Adafactor's factored moments of wi_0 [embed, mlp]: v_row [embed], v_col [mlp] keep their dim's axes.
     assert specs["v_row_wi_0"] == ["fsdp"] and specs["v_col_wi_0"] == ["tensor"]

@@ -119,15 +119,18 @@ def ring_bytes(kind: str, result_bytes: float, n: Optional[int]) -> float:
                                   "all-to-all": (n - 1) / n}.get(kind, 1.0)
 
 
-def _zero_padded(name: str, defs: Dict[str, Tuple[str, str]], depth: int = 0) -> bool:
+def _zero_padded(name: str, defs: Dict[str, Tuple[str, str]], roots: Dict[str, str], depth: int = 0) -> bool:
     """Whether instruction `name` is a shard written into zeros (a dynamic-update-slice of a broadcast, or
-    XLA:TPU's fusion of one), looking through copies and bitcasts."""
+    XLA:TPU's fusion of one: named so, or calling a computation whose ROOT is a dynamic-update-slice),
+    looking through copies and bitcasts. `roots`: {computation: the opcode of its ROOT}."""
     opcode, args = defs.get(name, ("", ""))
-    if opcode == "dynamic-update-slice" or (opcode == "fusion" and "dynamic-update-slice_fusion" in name):
+    callee = re.search(r"calls=%([\w.\-]+)", args) if opcode == "fusion" else None
+    if opcode == "dynamic-update-slice" or (opcode == "fusion" and "dynamic-update-slice_fusion" in name) or (
+            callee is not None and roots.get(callee.group(1)) == "dynamic-update-slice"):
         return args.startswith("%broadcast")
     inner = re.match(r"%([\w.\-]+)", args)
     return (opcode in ("copy", "copy-start", "copy-done", "bitcast") and depth < 4 and inner is not None
-            and _zero_padded(inner.group(1), defs, depth + 1))
+            and _zero_padded(inner.group(1), defs, roots, depth + 1))
 
 
 def collectives(hlo_text: str, top: int = 5) -> dict:
@@ -140,13 +143,16 @@ def collectives(hlo_text: str, top: int = 5) -> dict:
     reduce-scatter) times its runs; `sent` is what a ring sends per chip for them (`ring_bytes`).
     The all-reduce's `gathers` are the bytes of all-reduces that are gathers: every operand this
     chip's shard written into zeros (a dynamic-update-slice of a broadcast), which XLA:TPU emits
-    for a shard whose minor dims do not fill its tiles.
+    for some gathers (of shards whose minor dims do not fill their tiles, and of t5_1_1_xl's attention
+    kernels under fsdp_2d even when they do).
     """
     returns: Dict[str, str] = {}
     computations, entry = _computations(hlo_text, returns)
     runs = _multipliers(computations, entry)
     ops = {}  # (kind, channel or unique name) -> (bytes per run, runs, shape, source op, group size)
     gathers = set()  # keys of the all-reduces that gather zero-padded shards
+    roots = {name: root.group(3) for name, lines in computations.items() for line in lines
+             if line.lstrip().startswith("ROOT ") and (root := _INSTRUCTION.match(line))}
     for name, lines in computations.items():
         defs = {}  # instruction -> (opcode, its arguments)
         for line in lines:
@@ -167,7 +173,7 @@ def collectives(hlo_text: str, top: int = 5) -> dict:
             if fused_scatter:  # each reduce-scatter fusion is one op (its clones reuse channel ids)
                 key = (kind, name)
             operands = re.findall(r"%([\w.\-]+)", match.group(4).split(")")[0])
-            if kind == "all-reduce" and operands and all(_zero_padded(o, defs) for o in operands):
+            if kind == "all-reduce" and operands and all(_zero_padded(o, defs, roots) for o in operands):
                 gathers.add(key)
             previous = ops.get(key, (0, 0, "", "", None))
             ops[key] = (max(size, previous[0]), max(runs.get(name, 1), previous[1]),

@@ -72,12 +72,14 @@ def _same(x):
 def _attention_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
     d, h, dh = cfg.emb_dim, cfg.num_heads, cfg.head_dim
     maps = []
+    q_shape, out_shape = cfg.attention_kernel_shape(h), cfg.attention_kernel_shape(h, out=True)
     for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
-        # [D, H, Dh] <-> (H*Dh, D)
+        # [D, H * Dh] (or [D, H, Dh]) <-> (H*Dh, D)
         maps.append((f"{t5}/{ours}/kernel", f"{hf}.{theirs}.weight",
-                     lambda w: w.T.reshape(d, h, dh), lambda k: k.reshape(d, h * dh).T))
-    # [H, Dh, D] <-> (D, H*Dh)
-    maps.append((f"{t5}/out/kernel", f"{hf}.o.weight", lambda w: w.T.reshape(h, dh, d), lambda k: k.reshape(h * dh, d).T))
+                     lambda w: w.T.reshape(q_shape), lambda k: k.reshape(d, h * dh).T))
+    # [H * Dh, D] (or [H, Dh, D]) <-> (D, H*Dh)
+    maps.append((f"{t5}/out/kernel", f"{hf}.o.weight", lambda w: w.T.reshape(out_shape),
+                 lambda k: k.reshape(h * dh, d).T))
     return maps
 
 

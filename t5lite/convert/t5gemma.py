@@ -52,11 +52,12 @@ def _attention_maps(t5: str, hf: str, cfg: T5Config) -> List[Mapping]:
     d, h, hkv, dh = cfg.emb_dim, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     maps: List[Mapping] = []
     for ours, theirs, heads in (("query", "q", h), ("key", "k", hkv), ("value", "v", hkv)):
-        # [D, heads, Dh] <-> (heads * Dh, D)
+        # [D, heads * Dh] (or [D, heads, Dh]) <-> (heads * Dh, D)
         maps.append((f"{t5}/{ours}/kernel", f"{hf}.{theirs}_proj.weight",
-                     lambda w, n=heads: w.T.reshape(d, n, dh), lambda k, n=heads: k.reshape(d, n * dh).T))
-    # [H, Dh, D] <-> (D, H * Dh)
-    maps.append((f"{t5}/out/kernel", f"{hf}.o_proj.weight", lambda w: w.T.reshape(h, dh, d),
+                     lambda w, n=heads: w.T.reshape(cfg.attention_kernel_shape(n)),
+                     lambda k, n=heads: k.reshape(d, n * dh).T))
+    # [H * Dh, D] (or [H, Dh, D]) <-> (D, H * Dh)
+    maps.append((f"{t5}/out/kernel", f"{hf}.o_proj.weight", lambda w: w.T.reshape(cfg.attention_kernel_shape(h, out=True)),
                  lambda k: k.reshape(h * dh, d).T))
     return maps
 

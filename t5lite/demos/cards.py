@@ -169,7 +169,7 @@ def run(args) -> dict:
     pre = base_stage(args)
     stages = {name: card_stage(name, gin_file, pre["model_dir"], args) for name, gin_file, _, _ in CARDS}
     config, params, vocab, _ = load_for_inference(pre["model_dir"])
-    base, fingerprint = (config, params, vocab), lora.fingerprint(params)
+    base, fingerprint = (config, params, vocab), lora.fingerprint(params, config)
     settings = _eval_settings(args)
     cards, scored = [], []
     for name, _, task_name, metric in CARDS:

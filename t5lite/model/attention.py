@@ -82,11 +82,13 @@ class MultiHeadAttention(nn.Module):
         fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
         # T5 folds the 1/sqrt(head_dim) score scaling into the query initializer.
         query_init = lambda *a: fan_in(*a) / math.sqrt(cfg.head_dim)  # noqa: E731
+        joined = cfg.attention_layout == "joined"  # kernels [embed, heads * Dh]: see T5Config.attention_layout
         q = DenseGeneral((cfg.num_heads, cfg.head_dim), ("embed", "heads", "kv"), dtype=dtype, kernel_init=query_init,
-                         name="query")(inputs_q)  # [B, q, H, Dh]
+                         joined_axes=("embed", "heads") if joined else None, name="query")(inputs_q)  # [B, q, H, Dh]
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         project = functools.partial(DenseGeneral, (cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "kv"),
-                                    dtype=dtype, kernel_init=fan_in)
+                                    dtype=dtype, kernel_init=fan_in,
+                                    joined_axes=("embed", "kv_heads") if joined else None)
         key, value = project(name="key"), project(name="value")
         cached_cross = self.decode and self.is_cross and self.has_variable("cache", "cross_key")
         if cached_cross:
@@ -129,8 +131,9 @@ class MultiHeadAttention(nn.Module):
     def _project_out(self, out: jax.Array, emb_dim: int, dtype, kernel_init) -> jax.Array:
         """[B, q, H, Dh] -> [B, q, D]."""
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+        joined = ("heads", "embed") if self.config.attention_layout == "joined" else None
         return DenseGeneral(emb_dim, ("heads", "kv", "embed"), num_contracting=2, dtype=dtype,
-                            kernel_init=kernel_init, name="out")(out)
+                            kernel_init=kernel_init, joined_axes=joined, name="out")(out)
 
     def scores(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """q [B, q, H, Dh] . k [B, k, Hkv, Dh] -> float32 scores [B, H, q, k]; each key head serves H/Hkv queries."""

@@ -15,6 +15,7 @@ from t5lite.errors import UserError
 from t5lite import registry
 
 # What each name means, in one place: config validation, the layers and the HF converter read these.
+ATTENTION_LAYOUTS = ("joined", "split")
 REMAT_POLICIES = {  # name -> what a rematerialised layer keeps for the backward pass
     "none": None,  # no remat: every activation is kept
     "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -59,6 +60,11 @@ class T5Config:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = False
     remat_policy: str = "none"  # one of REMAT_POLICIES
+    # How attention kernels are stored (the same model either way): "joined" keeps heads x head_dim as one
+    # axis ([embed, heads * head_dim]; out: [heads * head_dim, embed]), so an FSDP shard of a kernel fills
+    # TPU (8, 128) memory tiles; "split" ([embed, heads, head_dim]) is the layout of checkpoints saved before
+    # this field existed, whose shards ([embed / 64, 32, 64] on 64 chips) are padded to twice their size.
+    attention_layout: str = "joined"
     # Decoder-only models: True lets the inputs prefix attend bidirectionally (prefix LM).
     decoder_only_prefix_lm: bool = False
 
@@ -130,6 +136,9 @@ class T5Config:
         for act in self.mlp_activations:
             if act not in ACTIVATIONS:
                 raise UserError(f"unknown mlp activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
+        if self.attention_layout not in ATTENTION_LAYOUTS:
+            raise UserError(f"unknown attention_layout {self.attention_layout!r}; choose from "
+                            f"{', '.join(ATTENTION_LAYOUTS)}")
         if self.remat_policy not in REMAT_POLICIES:
             raise UserError(f"unknown remat_policy {self.remat_policy!r}; choose from {', '.join(REMAT_POLICIES)}")
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "relative_attention_num_buckets",
@@ -251,6 +260,12 @@ class T5Config:
         """Key/value heads: num_kv_heads, or num_heads when it is None."""
         return self.num_kv_heads or self.num_heads
 
+    def attention_kernel_shape(self, heads: int, out: bool = False) -> Tuple[int, ...]:
+        """How an attention kernel with `heads` heads is stored: query/key/value [embed, heads(, head_dim)],
+        out [heads(, head_dim), embed]; joined (attention_layout) heads x head_dim is one axis."""
+        per_head = (heads * self.head_dim,) if self.attention_layout == "joined" else (heads, self.head_dim)
+        return per_head + (self.emb_dim,) if out else (self.emb_dim,) + per_head
+
     @property
     def rotary_dim(self) -> int:
         """Dims of each head that RoPE rotates: the even number nearest below rope_fraction * head_dim."""
@@ -288,9 +303,10 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
-        """The inverse of to_dict; fields a dict lacks (one saved before they existed) take their defaults."""
+        """The inverse of to_dict; fields a dict lacks (one saved before they existed) take their defaults,
+        except attention_layout: a config saved before it existed describes split attention kernels."""
         _check_fields(d)
-        return cls(**d)
+        return cls(**{"attention_layout": "split", **d})
 
 
 def _check_fields(d: dict) -> None:

@@ -28,7 +28,8 @@ import numpy as np
 from t5lite.errors import UserError
 from t5lite.model.config import T5Config
 from t5lite.model.layers import DenseGeneral
-from t5lite.model.params import dummy_inputs, flat_paths, model_class, nest_paths, scan_params, unscan_params
+from t5lite.model.params import (attention_in_layout, dummy_inputs, flat_paths, model_class, nest_paths,
+                                 scan_params, unscan_params)
 
 COLLECTION = "lora"
 # PEFT's names of T5's projections, as aliases of t5lite's module names.
@@ -235,7 +236,7 @@ def merge(params: dict, card: dict, spec: LoraConfig) -> dict:
             continue
         module = path[:-len("/lora_a")]
         kernel, b = flat_params[f"{module}/kernel"], flat_card[f"{module}/lora_b"]
-        lead = a.ndim + b.ndim - kernel.ndim - 2  # the scanned layers axis, if any
+        lead = 1 if "layers" in module.split("/") else 0  # scanned stacks (".../layers/...") lead with layers
         a2 = jnp.reshape(a, a.shape[:lead] + (-1, a.shape[-1]))  # [..., I, r]
         b2 = jnp.reshape(b, b.shape[:lead + 1] + (-1,))  # [..., r, O]
         merged[f"{module}/kernel"] = kernel + (a2 @ b2).reshape(kernel.shape) * spec.scale
@@ -281,21 +282,25 @@ def stack_cards(cards: Sequence[Tuple[LoraConfig, dict]], config: T5Config) -> C
 FINGERPRINT_SAMPLES = 256
 
 
-def fingerprint(params: dict) -> str:
+def fingerprint(params: dict, config: T5Config) -> str:
     """Identifies a base model: sha256 over every tensor's path, shape and FINGERPRINT_SAMPLES values at
-    evenly spaced positions, in the unscanned layout (so scanned and unscanned copies, on any mesh, agree).
+    evenly spaced positions, in the unscanned layout with split attention kernels (so scanned and unscanned
+    copies, in either attention layout (`config`'s), on any mesh, agree, and cards saved before the joined
+    layout keep their base's fingerprint).
 
     Cheap on any size (a gather of a few values per tensor, no full pass) and exact (no float sums that
     depend on reduction order). It tells apart other models and other trainings of the same model; an
     edit of a few weights that misses every sampled position would go unnoticed.
     """
-    shapes = jax.eval_shape(unscan_params, params)
+    split = config.replace(attention_layout="split", scan_layers=False)
+    canonical = lambda p: attention_in_layout(unscan_params(p), split)  # noqa: E731
+    shapes = jax.eval_shape(canonical, params)
 
     def sample(x):
         flat = jnp.reshape(x, (-1,))
         return flat[np.linspace(0, flat.shape[0] - 1, min(FINGERPRINT_SAMPLES, flat.shape[0])).astype(np.int64)]
 
-    samples = jax.jit(lambda p: jax.tree.map(sample, unscan_params(p)))(params)
+    samples = jax.jit(lambda p: jax.tree.map(sample, canonical(p)))(params)
     digest = hashlib.sha256()
     flat_shapes, flat_samples = flat_paths(shapes), flat_paths(jax.device_get(samples))
     for path in sorted(flat_shapes):

@@ -119,3 +119,23 @@ def nest_paths(flat: Dict[str, object]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return tree
+
+
+_ATTENTION_KERNEL = re.compile(r"(?:^|/)(query|key|value|out)/kernel$")
+
+
+def attention_in_layout(params: Params, config: T5Config) -> Params:
+    """Params whose attention kernels are in either layout -> in `config.attention_layout` (a reshape: both
+    layouts hold the same matrix in the same order), so checkpoints saved in the other layout load.
+    Scanned kernels keep their leading layers axis."""
+    other = config.replace(attention_layout="split" if config.attention_layout == "joined" else "joined")
+    flat = flat_paths(params)
+    for path, kernel in flat.items():
+        match = _ATTENTION_KERNEL.search(path)
+        if match is None:
+            continue
+        heads = config.kv_heads if match.group(1) in ("key", "value") else config.num_heads
+        wanted, stored = (c.attention_kernel_shape(heads, out=match.group(1) == "out") for c in (config, other))
+        if tuple(kernel.shape[-len(wanted):]) != wanted and tuple(kernel.shape[-len(stored):]) == stored:
+            flat[path] = jnp.reshape(kernel, tuple(kernel.shape[:-len(stored)]) + wanted)
+    return nest_paths(flat)

@@ -110,7 +110,7 @@ def check_base(card: Card, base_fingerprint: str, base_path: str) -> None:
 
 def card_for(card: Card, config: T5Config, params: dict, base_path: str) -> dict:
     """The card's params in `config`'s layer layout, after checking it belongs to this base."""
-    check_base(card, lora.fingerprint(params), base_path)
+    check_base(card, lora.fingerprint(params, config), base_path)
     return lora.in_layout(card.params, config)
 
 
@@ -239,7 +239,7 @@ def prepare_card_training(steps: CardSteps, *, config: T5Config, base_shardings,
     to the card's steps."""
     _, base = load_any_params(init_checkpoint, config)
     base = jax.device_put(base, base_shardings)
-    fingerprint = lora.fingerprint(base)
+    fingerprint = lora.fingerprint(base, config)
     _check_resume(model_dir, fingerprint)
     return CardTraining(
         spec=steps.spec, base_checkpoint=init_checkpoint, base_fingerprint=fingerprint,

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from t5lite.errors import UserError
 from t5lite.fileio import nearest_existing, new_directory
 from t5lite.model import T5Config, abstract_params, scan_params, unscan_params
+from t5lite.model.params import attention_in_layout
 from t5lite.train.data_checkpoint import (DataPositionMismatch, DataPositionRestore, DataPositionSave, data_changes,
                                           data_mismatch)
 
@@ -145,9 +146,12 @@ def load_params(path: str, config: T5Config = None) -> Tuple[T5Config, dict]:
 
 
 def _in_layout(config: T5Config, stored: T5Config, params: dict) -> Tuple[T5Config, dict]:
-    """Restacks the layers when the wanted config's scan_layers differs from the stored one."""
+    """Restacks the layers when the wanted config's scan_layers differs from the stored one, and reshapes the
+    attention kernels when its attention_layout does (checkpoints saved before the joined layout)."""
     if config.scan_layers != stored.scan_layers:
         params = scan_params(params, config.layers_per_scan_block) if config.scan_layers else unscan_params(params)
+    if config.attention_layout != stored.attention_layout:
+        params = attention_in_layout(params, config)
     return config, params
 
 

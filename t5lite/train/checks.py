@@ -9,6 +9,7 @@ data position depends on (data_settings): a checkpoint records it, and a resume 
 import base64
 import hashlib
 import json
+import logging
 import os
 from typing import Optional
 
@@ -16,7 +17,9 @@ from t5lite.data.vocab import Vocabulary
 from t5lite.errors import UserError
 from t5lite.fileio import nearest_existing
 from t5lite.model import T5Config, abstract_params
-from t5lite.train.checkpoint import check_fits, flat_shapes, stored_model
+from t5lite.train.checkpoint import check_fits, flat_shapes, read_meta, step_dirs, stored_model
+
+log = logging.getLogger(__name__)
 
 def check_model_dir(model_dir: str) -> None:
     """model_dir is a directory, or can be created as one, and is writable: found before any work."""
@@ -29,6 +32,23 @@ def check_model_dir(model_dir: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--model_dir {path} is not writable ({existing} is read-only for this user); fix its "
                         "permissions or choose another --model_dir")
+
+
+def resumed_attention_layout(model_dir: str, config: T5Config) -> T5Config:
+    """The config a run in `model_dir` trains with: a run that resumes keeps the attention layout its
+    checkpoints were saved in (the same model either way, but an optimizer's factored second moments of a
+    kernel cannot be reshaped into the other layout's, so resuming must not convert)."""
+    for step_dir in step_dirs(model_dir) if os.path.isdir(model_dir) else []:
+        try:
+            stored = T5Config.from_dict(read_meta(step_dir)["model"]).attention_layout
+        except Exception:  # noqa: BLE001 - an unreadable step: the resume itself reports or skips it
+            continue
+        if stored != config.attention_layout:
+            log.info("resuming in the checkpoints' attention_layout %r (the configured one is %r)", stored,
+                     config.attention_layout)
+            return config.replace(attention_layout=stored)
+        return config
+    return config
 
 
 def check_model_and_features(config: T5Config, vocab: Vocabulary, feature_lengths, decoder_only: bool) -> None:
@@ -56,7 +76,8 @@ def check_model_and_features(config: T5Config, vocab: Vocabulary, feature_length
 def check_init_checkpoint(path: str, config: T5Config, decoder_only: bool, vocab: Vocabulary) -> None:
     """The initial checkpoint exists, holds this model's shapes and (if it stored one) this vocabulary."""
     stored, stored_decoder_only, meta = stored_model(path)
-    unscanned = lambda c: c.replace(scan_layers=False)  # noqa: E731 - layouts are restacked on load
+    # Layouts are converted on load (layers restacked, attention kernels reshaped): compare in one layout.
+    unscanned = lambda c: c.replace(scan_layers=False, attention_layout="joined")  # noqa: E731
     check_fits(f"initial checkpoint {path}", flat_shapes(abstract_params(unscanned(stored), stored_decoder_only)),
                flat_shapes(abstract_params(unscanned(config), decoder_only)), stored.to_dict(), config,
                "fine-tune with the model config the checkpoint was trained with (e.g. include its model gin file)")

@@ -172,7 +172,7 @@ class Run:
         check_loss_and_teacher(loss, train.loss, train.teacher_checkpoint)
         task = tasks_lib.get(train.task)
         vocab = Vocabulary(train.vocab_path) if train.vocab_path else tasks_lib.default_vocabulary()
-        config = train.model_config()
+        config = checks.resumed_attention_layout(train.model_dir, train.model_config())
         checks.check_model_and_features(config, vocab, train.feature_lengths, train.decoder_only)
         if train.init_checkpoint:
             checks.check_init_checkpoint(train.init_checkpoint, config, train.decoder_only, vocab)

@@ -25,3 +25,4 @@ if __name__ == "__main__":
     for name in PRESETS:
         write(f"{name}.json", golden_shapes(name))
     write("tiny_scanned.json", golden_shapes("tiny", scan_layers=True))
+    write("tiny_split.json", golden_shapes("tiny", attention_layout="split"))  # checkpoints saved before joined

@@ -148,9 +148,9 @@ def test_num_kv_heads_equal_to_num_heads_is_todays_model():
 def test_grouped_query_attention_sizes_projections_and_cache():
     cfg = get_config("tiny", num_kv_heads=2)  # 4 query heads, 2 key/value heads of 16 dims
     shapes = param_shapes(abstract_params(cfg))
-    assert shapes["encoder/layers_0/attention/query/kernel"] == [64, 4, 16]
-    assert shapes["encoder/layers_0/attention/key/kernel"] == [64, 2, 16]
-    assert shapes["decoder/layers_1/encoder_decoder_attention/value/kernel"] == [64, 2, 16]
+    assert shapes["encoder/layers_0/attention/query/kernel"] == [64, 4 * 16]  # [embed, heads x head_dim]
+    assert shapes["encoder/layers_0/attention/key/kernel"] == [64, 2 * 16]
+    assert shapes["decoder/layers_1/encoder_decoder_attention/value/kernel"] == [64, 2 * 16]
     model = EncoderDecoder(cfg)
     params = nn.meta.unbox(abstract_params(cfg))
     encoded = jax.ShapeDtypeStruct((1, 3, 64), jnp.float32)
@@ -167,8 +167,9 @@ def test_grouped_query_equals_multi_head_with_repeated_key_value_heads():
     """GQA is MHA whose k/v heads are copies: repeat each kv head over its query group and compare."""
     gqa = get_config("tiny", num_kv_heads=2)
     params = init_params(gqa, jax.random.key(4))
-    mha_params = jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.repeat(x, 2, axis=1) if path[-2].key in ("key", "value") else x, params)
+    repeat_heads = lambda x: jnp.repeat(x.reshape(x.shape[0], 2, -1), 2, axis=1).reshape(x.shape[0], -1)  # noqa: E731
+    mha_params = jax.tree_util.tree_map_with_path(  # kernels [embed, kv_heads x head_dim]
+        lambda path, x: repeat_heads(x) if path[-2].key in ("key", "value") else x, params)
     enc, dec = _random_rows(np.random.default_rng(3), 2, 7, 5)
     forward = lambda cfg, p: jax.jit(lambda p: EncoderDecoder(cfg).apply({"params": p}, enc, dec))(p)  # noqa: E731
     np.testing.assert_allclose(forward(gqa, params), forward(get_config("tiny"), mha_params), rtol=1e-5, atol=1e-5)
@@ -192,7 +193,7 @@ def test_every_parameter_of_a_variant_has_logical_axes(name):
         if "/expert/" in key:
             assert spec[1] == "expert"
         if key.endswith(("/key/kernel", "/value/kernel")):
-            assert tuple(spec)[-3:] == ("embed", "kv_heads", "kv")
+            assert tuple(spec)[-2:] == ("embed", "kv_heads")  # joined [embed, kv_heads x kv]
 
 
 def test_norm_layouts_name_their_norms_like_t5x():

@@ -67,7 +67,7 @@ def test_grouped_query_and_mixture_of_experts_model_matches_one_device():
     for name in ("1x1x1", "2x2x2"):
         assert result[name]["aux_losses"][0] > 0
     specs = result["2x2x2"]["all_specs"]
-    assert specs["decoder/layers_0/self_attention/key/kernel"] == ["fsdp", "tensor", None]  # [embed, kv_heads, kv]
+    assert specs["decoder/layers_0/self_attention/key/kernel"] == ["fsdp", "tensor"]  # [embed, kv_heads x kv]
     assert specs["decoder/layers_1/mlp/expert/wi_0/kernel"] == ["fsdp", None, "tensor"]  # [expert, embed, mlp]
     assert specs["decoder/layers_1/mlp/router/kernel"] == [None, "fsdp"]  # [embed, expert]
 
@@ -94,7 +94,7 @@ def test_data_parallel_and_fsdp_meshes_match_one_device():
     dp, fsdp = result["8x1x1"]["specs"], result["2x4x1"]["specs"]
     assert dp["wi_0"] == [None, None] and dp["embedding"] == [None, None]
     assert fsdp["wi_0"] == ["fsdp", None] and fsdp["embedding"] == [None, "fsdp"]
-    assert fsdp["query"] == ["fsdp", None, None]
+    assert fsdp["query"] == ["fsdp", None]  # [embed, heads x kv]
     assert result["2x4x1"]["wi_0_shard_shape"] == [16, 128]
 
 

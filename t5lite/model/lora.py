@@ -292,7 +292,7 @@ def fingerprint(params: dict, config: T5Config) -> str:
     depend on reduction order). It tells apart other models and other trainings of the same model; an
     edit of a few weights that misses every sampled position would go unnoticed.
     """
-    split = config.replace(attention_layout="split", scan_layers=False)
+    split = config.replace(attention_layout="split")
     canonical = lambda p: attention_in_layout(unscan_params(p), split)  # noqa: E731
     shapes = jax.eval_shape(canonical, params)
 

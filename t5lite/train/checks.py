@@ -77,9 +77,9 @@ def check_init_checkpoint(path: str, config: T5Config, decoder_only: bool, vocab
     """The initial checkpoint exists, holds this model's shapes and (if it stored one) this vocabulary."""
     stored, stored_decoder_only, meta = stored_model(path)
     # Layouts are converted on load (layers restacked, attention kernels reshaped): compare in one layout.
-    unscanned = lambda c: c.replace(scan_layers=False, attention_layout="joined")  # noqa: E731
-    check_fits(f"initial checkpoint {path}", flat_shapes(abstract_params(unscanned(stored), stored_decoder_only)),
-               flat_shapes(abstract_params(unscanned(config), decoder_only)), stored.to_dict(), config,
+    canonical = lambda c: c.replace(scan_layers=False, attention_layout="joined")  # noqa: E731
+    check_fits(f"initial checkpoint {path}", flat_shapes(abstract_params(canonical(stored), stored_decoder_only)),
+               flat_shapes(abstract_params(canonical(config), decoder_only)), stored.to_dict(), config,
                "fine-tune with the model config the checkpoint was trained with (e.g. include its model gin file)")
     stored_vocab = (meta or {}).get("vocab")
     if stored_vocab and base64.b64decode(stored_vocab) != vocab.serialized_model:
